@@ -1,0 +1,1 @@
+"""Label Studio ML backend for attention tasks (see the project README)."""

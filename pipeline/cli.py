@@ -1,0 +1,167 @@
+"""``python -m pipeline``: one sub-command per stage of the SLIM loop.
+
+The CLI only turns flags into the run's :class:`~pipeline.config.RunConfig` and calls the stage. A flag left
+out keeps the value the run already has (or the default for a new run), so ``embed --run R`` after ``train``
+needs nothing else. A :class:`~pipeline.errors.PipelineError` becomes one line on stderr and exit status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+from collections.abc import Sequence
+
+from pipeline import __version__
+from pipeline.config import ARCHS, CAM_METHODS, EMBEDDINGS, SAMPLE_SPACES, RunConfig, resolve_path
+from pipeline.errors import PipelineError
+from pipeline.run import Run
+
+
+def _add_common(parser: argparse.ArgumentParser, run_required: bool = True) -> None:
+    parser.add_argument("--run", required=run_required, metavar="DIR",
+                        help="run directory holding the config, checkpoints and artifacts")
+    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default=None,
+                        help="where to compute (default auto: CUDA when present, else CPU)")
+    parser.add_argument("--workers", type=int, default=None, metavar="N",
+                        help="data-loading worker processes (default 0: load in the main process)")
+    parser.add_argument("--force", action="store_true", help="recompute even when the stage's outputs are current")
+    parser.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m pipeline",
+        description="SLIM: find and remove spurious correlations in image classifiers with a few human labels.",
+    )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    synth = sub.add_parser("synth", help="write the embedded synthetic dataset (Waterbirds-like, with masks)",
+                           description="Generate the deterministic synthetic default dataset into OUT.")
+    synth.add_argument("out", metavar="OUT", help="folder to write (images/, masks/, metadata.csv)")
+    synth.add_argument("--n-train", type=int, default=2400, help="training images (default 2400)")
+    synth.add_argument("--n-val", type=int, default=600, help="validation images (default 600)")
+    synth.add_argument("--n-test", type=int, default=1200, help="test images (default 1200)")
+    synth.add_argument("--classes", type=int, default=2, help="number of classes (shapes), 2-6 (default 2)")
+    synth.add_argument("--corr", type=float, default=0.95,
+                       help="P(place agrees with class) in train; val/test are independent (default 0.95)")
+    synth.add_argument("--image-size", type=int, default=64, help="image side in pixels (default 64)")
+    synth.add_argument("--seed", type=int, default=0, help="generator seed (default 0)")
+    synth.add_argument("--quiet", action="store_true", help="no progress bar")
+
+    train = sub.add_parser("train", help="train the ERM reference model and report per-group accuracy",
+                           description="SLIM step 1: ERM reference model on the training split.")
+    _add_common(train)
+    train.add_argument("--data", metavar="DIR", help="dataset folder (metadata.csv or class folders); "
+                       "required for a new run")
+    train.add_argument("--arch", choices=ARCHS, default=None,
+                       help="backbone (default smallcnn: keeps an 8x8 attention map at 64 px)")
+    train.add_argument("--epochs", type=int, default=None, help="training epochs (default 12)")
+    train.add_argument("--batch-size", type=int, default=None, help="batch size (default 64)")
+    train.add_argument("--lr", type=float, default=None, help="SGD learning rate (default 0.01)")
+    train.add_argument("--weight-decay", type=float, default=None, help="weight decay (default 1e-4)")
+    train.add_argument("--image-size", type=int, default=None,
+                       help="resize images to this side (default: the dataset's own, else 224)")
+    train.add_argument("--weights", metavar="PATH", default=None, help="start from this local checkpoint")
+    train.add_argument("--pretrained", action="store_true", default=None,
+                       help="start ResNets from ImageNet weights already in the torch cache (never downloads)")
+    train.add_argument("--seed", type=int, default=None, help="training seed (default 0)")
+
+    embed = sub.add_parser("embed", help="attention stage: GradCAM, attention vectors, AIoU, 2-D map",
+                           description="SLIM steps 2-3 over the training split.")
+    _add_common(embed)
+    embed.add_argument("--cam", choices=CAM_METHODS, default=None,
+                       help="CAM method (default gradcam: closed form in the forward pass; others use "
+                            "pytorch-grad-cam)")
+    embed.add_argument("--batch-size", type=int, default=None, help="images per batch (default 128)")
+    embed.add_argument("--threshold", type=float, default=None,
+                       help="CAM level of 'looked hardest' for AIoU and overlays (default 0.8)")
+    embed.add_argument("--embedding", choices=EMBEDDINGS, default=None, help="2-D embedding (default umap)")
+
+    sample = sub.add_parser("sample", help="choose images to annotate and render their overlays",
+                            description="SLIM step 4: per-class k-means on the attention representation.")
+    _add_common(sample)
+    budget = sample.add_mutually_exclusive_group()
+    budget.add_argument("--per-class", type=int, default=None, metavar="N", help="images per class")
+    budget.add_argument("--fraction", type=float, default=None, metavar="F",
+                        help="fraction of each class (default 0.02)")
+    sample.add_argument("--space", choices=SAMPLE_SPACES, default=None,
+                        help="cluster the full attention vectors (default) or their 2-D embedding")
+    sample.add_argument("--round", type=int, default=None, help="annotation round (default 1)")
+    sample.add_argument("--seed", type=int, default=None, help="k-means seed (default 0)")
+    return parser
+
+
+def _override(section: object, args: argparse.Namespace, names: Sequence[str]) -> None:
+    """Copy flags the user gave (not None) onto a config section."""
+    for name in names:
+        value = getattr(args, name, None)
+        if value is not None:
+            setattr(section, name, value)
+
+
+def _config_for(args: argparse.Namespace, run: Run) -> RunConfig:
+    config = run.load_config() if run.exists() else None
+    if config is None:
+        if args.command != "train":
+            run.load_config()  # raises the "not a run directory" error
+        if not args.data:
+            raise PipelineError(f"{run.root} is a new run; pass --data DIR (the dataset to train on)")
+        config = RunConfig()
+    if getattr(args, "data", None):
+        config.data.root = resolve_path(args.data)
+    _override(config.data, args, ["workers", "image_size"] if args.command == "train" else ["workers"])
+    if args.device:
+        config.device = args.device
+    if args.command == "train":
+        _override(config.train, args, ["arch", "epochs", "batch_size", "lr", "weight_decay", "weights",
+                                       "pretrained", "seed"])
+        if config.train.weights:
+            config.train.weights = resolve_path(config.train.weights)
+    elif args.command == "embed":
+        _override(config.embed, args, ["cam", "batch_size", "threshold", "embedding"])
+    elif args.command == "sample":
+        _override(config.sample, args, ["per_class", "fraction", "space", "round", "seed"])
+        if args.fraction is not None:
+            config.sample.per_class = None
+    return config
+
+
+def _run_command(args: argparse.Namespace) -> None:
+    progress = not args.quiet
+    if args.command == "synth":
+        from pipeline.synth import SynthSpec, generate
+
+        spec = SynthSpec(n_train=args.n_train, n_val=args.n_val, n_test=args.n_test, classes=args.classes,
+                         corr=args.corr, image_size=args.image_size, seed=args.seed)
+        out = generate(args.out, spec, progress=progress)
+        print(f"synth: dataset in {out} ({dataclasses.asdict(spec)})")
+        return
+    run = Run(args.run)
+    config = _config_for(args, run)
+    if args.command == "train":
+        from pipeline.train import train_reference
+
+        train_reference(run, config, force=args.force, progress=progress)
+    elif args.command == "embed":
+        from pipeline.embed import embed_run
+
+        embed_run(run, config, force=args.force, progress=progress)
+    elif args.command == "sample":
+        from pipeline.sample import sample_run
+
+        sample_run(run, config, force=args.force, progress=progress)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        _run_command(args)
+    except PipelineError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted; finished stages are kept, re-run the command to continue", file=sys.stderr)
+        return 130
+    return 0

@@ -1,0 +1,51 @@
+"""What an annotator looks at: the image, its GradCAM overlay, and where the model looked hardest.
+
+One PNG per image with three panels side by side. Small images are enlarged so the panels stay legible in a
+browser (Label Studio shows them at their own size).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, ImageDraw
+from pytorch_grad_cam.utils.image import show_cam_on_image
+
+from pipeline.cam import upsample_cams
+from pipeline.data import load_rgb
+from pipeline.run import atomic_write
+
+MIN_DISPLAY_SIDE = 224
+GAP = 6
+
+
+def full_cam(low_res_cam: np.ndarray, size: int) -> np.ndarray:
+    """A stored low-resolution map at ``size x size``, scaled exactly as the attention stage scales it."""
+    return upsample_cams(torch.from_numpy(low_res_cam.astype(np.float32))[None], size)[0].numpy()
+
+
+def panels(rgb: np.ndarray, cam: np.ndarray, threshold: float) -> list[np.ndarray]:
+    """Original, GradCAM overlay (pytorch-grad-cam's colouring), and the thresholded view (rest dimmed)."""
+    overlay = show_cam_on_image(rgb, cam, use_rgb=True, image_weight=0.5)
+    hot = (cam >= threshold)[..., None]
+    dimmed = rgb.mean(axis=2, keepdims=True) * 0.25
+    top = np.where(hot, rgb, dimmed)
+    return [(rgb * 255).astype(np.uint8), overlay, (top * 255).astype(np.uint8)]
+
+
+def render_overlay(image_path: Path, low_res_cam: np.ndarray, threshold: float, out: Path) -> None:
+    """Write the three-panel PNG for one image (atomically)."""
+    with Image.open(image_path) as probe:
+        side = max(max(probe.size), MIN_DISPLAY_SIDE)
+    rgb = load_rgb(image_path, side)
+    cam = full_cam(low_res_cam, side)
+    titles = ("image", "GradCAM", f"CAM >= {threshold:g}")
+    canvas = Image.new("RGB", (3 * side + 2 * GAP, side + 18), "white")
+    draw = ImageDraw.Draw(canvas)
+    for i, (panel, title) in enumerate(zip(panels(rgb, cam, threshold), titles)):
+        x = i * (side + GAP)
+        canvas.paste(Image.fromarray(panel), (x, 18))
+        draw.text((x + 4, 3), title, fill="black")
+    atomic_write(out, lambda handle: canvas.save(handle, format="PNG"))
