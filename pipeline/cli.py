@@ -90,6 +90,15 @@ def build_parser() -> argparse.ArgumentParser:
                         help="cluster the full attention vectors (default) or their 2-D embedding")
     sample.add_argument("--round", type=int, default=None, help="annotation round (default 1)")
     sample.add_argument("--seed", type=int, default=None, help="k-means seed (default 0)")
+
+    demo = sub.add_parser("demo", help="the whole loop on the synthetic default (synth, train, embed, sample)",
+                          description="Run every stage on the embedded synthetic dataset; re-runs reuse results.")
+    demo.add_argument("--data", default="data/synth", metavar="DIR", help="where to write the dataset "
+                      "(default data/synth)")
+    demo.add_argument("--run", default="runs/demo", metavar="DIR", help="run directory (default runs/demo)")
+    demo.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
+                      help="where to compute (default auto)")
+    demo.add_argument("--quiet", action="store_true", help="no progress bars")
     return parser
 
 
@@ -137,6 +146,11 @@ def _run_command(args: argparse.Namespace) -> None:
                          corr=args.corr, image_size=args.image_size, seed=args.seed)
         out = generate(args.out, spec, progress=progress)
         print(f"synth: dataset in {out} ({dataclasses.asdict(spec)})")
+        return
+    if args.command == "demo":
+        from pipeline.demo import run_demo
+
+        run_demo(args.data, args.run, device=args.device, progress=progress)
         return
     run = Run(args.run)
     config = _config_for(args, run)

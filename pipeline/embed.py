@@ -10,6 +10,8 @@ and low-resolution maps; full-resolution maps live one batch at a time. A 2-D em
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import torch
 from tqdm import tqdm
@@ -52,7 +54,9 @@ def embed_2d(vectors: np.ndarray, method: str, seed: int) -> np.ndarray:
         import umap
 
         reducer = umap.UMAP(n_components=2, n_neighbors=15, min_dist=0.1, random_state=seed)
-        return reducer.fit_transform(unit).astype(np.float32)
+        with warnings.catch_warnings():  # "n_jobs overridden by random_state": determinism is the point
+            warnings.filterwarnings("ignore", message="n_jobs value", category=UserWarning)
+            return reducer.fit_transform(unit).astype(np.float32)
     components = min(2, *unit.shape)
     coords = PCA(n_components=components, random_state=seed).fit_transform(unit)
     return np.pad(coords, ((0, 0), (0, 2 - components))).astype(np.float32)

@@ -62,10 +62,6 @@ def pick_near_centroids(points: np.ndarray, k: int, seed: int) -> list[tuple[int
 
 def select(arrays: dict[str, np.ndarray], config: SampleConfig, exclude: set[int]) -> list[tuple[int, int, float]]:
     """(row in ``arrays``, cluster, distance) for every class, never an image id in ``exclude``."""
-    if config.per_class is not None and config.per_class < 1:
-        raise PipelineError(f"--per-class must be at least 1, got {config.per_class}")
-    if config.per_class is None and not 0.0 < config.fraction <= 1.0:
-        raise PipelineError(f"--fraction must be in (0, 1], got {config.fraction}")
     points = attention_representation(arrays, config.space)
     picks = []
     for y in np.unique(arrays["y"]):
@@ -76,6 +72,15 @@ def select(arrays: dict[str, np.ndarray], config: SampleConfig, exclude: set[int
         for row, cluster, distance in pick_near_centroids(points[rows], budget, config.seed):
             picks.append((int(rows[row]), cluster, distance))
     return picks
+
+
+def validate(config: SampleConfig) -> None:
+    if config.per_class is not None and config.per_class < 1:
+        raise PipelineError(f"--per-class must be at least 1, got {config.per_class}")
+    if config.per_class is None and not 0.0 < config.fraction <= 1.0:
+        raise PipelineError(f"--fraction must be in (0, 1], got {config.fraction}")
+    if config.round < 1:
+        raise PipelineError(f"--round must be 1 or more, got {config.round}")
 
 
 def earlier_picks(run: Run, round_: int) -> set[int]:
@@ -89,9 +94,8 @@ def earlier_picks(run: Run, round_: int) -> set[int]:
 
 def sample_run(run: Run, config: RunConfig, force: bool = False, progress: bool = True) -> list[dict[str, str]]:
     """Write ``selection_round{R}.csv`` and one overlay PNG per selected image; reuse them if current."""
+    validate(config.sample)
     round_ = config.sample.round
-    if round_ < 1:
-        raise PipelineError(f"--round must be 1 or more, got {round_}")
     arrays = run.load_arrays(run.attention_path, "embed --run RUN")
     exclude = earlier_picks(run, round_)
     selection_path, overlay_dir = run.selection_path(round_), run.overlay_dir(round_)

@@ -1,0 +1,266 @@
+"""Throughput of the attention stage against a plain forward pass and against pytorch-grad-cam.
+
+One run, one model, one set of images, four measurements (images per second):
+
+1. ``forward``: ``model(images)`` under ``torch.no_grad`` with the pipeline's inference precision (bf16
+   autocast on CUDA, fp32 on CPU, as :func:`pipeline.evaluate.predict` runs it). The ceiling: the attention
+   stage cannot be cheaper than the forward pass it is built on.
+2. ``attention``: the real stage code, :func:`pipeline.embed.compute_attention` with ``cam="gradcam"`` (the
+   closed-form path), masks included, so AIoU is computed too.
+3. ``gradcam_lib``: pytorch-grad-cam's ``GradCAM`` on ``model.target_layer``, batched, one
+   ``ClassifierOutputTarget`` per image (through :meth:`pipeline.cam.LibraryCAM.full_resolution`).
+4. ``reference_loop``: how the original SLIM code processed images: batch size 1, pytorch-grad-cam's
+   ``GradCAM``, and one overlay PNG (``show_cam_on_image``, written with PIL) per image. It is slow, so it
+   may run on a prefix of the images (``--reference-images``); images/s is per image, so the rate compares.
+
+The model is randomly initialised (:func:`pipeline.models.build_model`; nothing is downloaded): throughput
+does not depend on the weights. Images come from ``--data DIR`` (its training split) or from a synthetic
+dataset generated once into ``bench-out/``. All batches are loaded once through
+:func:`pipeline.train.make_loader` (with masks) and kept in memory, on the device, before anything is timed:
+data loading is excluded from all four measurements alike, so the comparison is about compute. Each
+measurement runs one warm-up batch (one image for the reference loop) first; on CUDA the clock is read only
+after ``torch.cuda.synchronize()``.
+
+Run from the repository root::
+
+    python benchmarks/attention.py --out bench-out/attention.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import tempfile
+import time
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from typing import TypeVar
+
+import numpy as np
+import torch
+from PIL import Image
+from pytorch_grad_cam.utils.image import show_cam_on_image
+
+from pipeline.cam import LibraryCAM
+from pipeline.data import IMAGENET_MEAN, IMAGENET_STD, TRAIN, load_dataset
+from pipeline.embed import compute_attention
+from pipeline.models import Classifier, build_model, resolve_device
+from pipeline.synth import SynthSpec, generate
+from pipeline.train import make_loader
+
+CACHE_ROOT = Path("bench-out")
+AIOU_THRESHOLD = 0.5
+# attention_ips divided by each baseline's images/s; set for CPU, ResNet-18, 224 px
+TARGETS = {"attention_over_forward": 0.8, "attention_over_gradcam_lib": 4.0,
+           "attention_over_reference_loop": 10.0}
+
+T = TypeVar("T")
+Batch = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]  # images, labels, indices, masks
+
+
+class PreloadedLoader:
+    """What :func:`compute_attention` uses of a DataLoader (iteration, ``len(.dataset)``), in memory."""
+
+    def __init__(self, batches: Sequence[Batch]) -> None:
+        self.batches = list(batches)
+        self.dataset = range(count_images(self.batches))
+
+    def __iter__(self) -> Iterator[Batch]:
+        return iter(self.batches)
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+
+def count_images(batches: Sequence[Batch]) -> int:
+    return sum(len(batch[0]) for batch in batches)
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--arch", default="resnet18", choices=("smallcnn", "resnet18", "resnet50"))
+    parser.add_argument("--image-size", type=int, default=224)
+    parser.add_argument("--n-images", type=int, default=256)
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--reference-images", type=int, default=64,
+                        help="images for the batch-1 reference loop (a prefix of the others; it is slow)")
+    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    parser.add_argument("--data", type=Path, default=None,
+                        help="dataset folder (its training split); default: a generated synthetic one")
+    parser.add_argument("--out", type=Path, default=CACHE_ROOT / "attention.json")
+    args = parser.parse_args(argv)
+    for name in ("image_size", "n_images", "batch_size", "reference_images"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name.replace('_', '-')} must be at least 1")
+    return args
+
+
+def dataset_root(data: Path | None, image_size: int, n_images: int) -> Path:
+    """``data`` itself, or a synthetic dataset of ``n_images`` training images (generated once, reused)."""
+    if data is not None:
+        return data
+    spec = SynthSpec(n_train=n_images, n_val=2, n_test=2, image_size=image_size)
+    return generate(CACHE_ROOT / f"synth-{image_size}-{n_images}", spec, progress=False)
+
+
+def preload(root: Path, image_size: int, n_images: int, batch_size: int,
+            device: torch.device) -> tuple[list[Batch], int]:
+    """The first ``n_images`` training images as batches on ``device`` (indices stay on the CPU).
+
+    Also returns the class count, which sizes the model's head.
+    """
+    image_set = load_dataset(root)
+    samples = image_set.split(TRAIN)[:n_images]
+    loader = make_loader(image_set, samples, image_size, batch_size, workers=0, with_masks=True)
+    batches = [(images.to(device), labels.to(device), index, masks.to(device))
+               for images, labels, index, masks in loader]
+    return batches, image_set.num_classes
+
+
+def single_images(batches: Sequence[Batch], limit: int) -> list[Batch]:
+    """The first ``limit`` images as batches of one."""
+    singles = [(images[i:i + 1], labels[i:i + 1], index[i:i + 1], masks[i:i + 1])
+               for images, labels, index, masks in batches for i in range(len(images))]
+    return singles[:limit]
+
+
+def to_rgb(image: torch.Tensor) -> np.ndarray:
+    """A normalised CHW image back to the HWC float32 [0, 1] array an overlay is drawn on."""
+    mean = torch.tensor(IMAGENET_MEAN, device=image.device).view(3, 1, 1)
+    std = torch.tensor(IMAGENET_STD, device=image.device).view(3, 1, 1)
+    return (image * std + mean).clamp(0, 1).permute(1, 2, 0).cpu().numpy().astype(np.float32)
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def images_per_second(run: Callable[[Sequence[Batch]], T], batches: Sequence[Batch],
+                      device: torch.device) -> tuple[float, T]:
+    """``run`` once on the first batch (warm-up), then timed on all ``batches``: the rate and its result."""
+    run(batches[:1])
+    synchronize(device)
+    start = time.perf_counter()
+    result = run(batches)
+    synchronize(device)
+    return count_images(batches) / (time.perf_counter() - start), result
+
+
+def forward_only(model: Classifier, device: torch.device) -> Callable[[Sequence[Batch]], None]:
+    @torch.no_grad()
+    def run(batches: Sequence[Batch]) -> None:
+        for images, *_ in batches:
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+                model(images)
+    return run
+
+
+def attention_stage(model: Classifier, device: torch.device,
+                    image_size: int) -> Callable[[Sequence[Batch]], dict[str, np.ndarray]]:
+    def run(batches: Sequence[Batch]) -> dict[str, np.ndarray]:
+        return compute_attention(model, PreloadedLoader(batches), device, "gradcam", AIOU_THRESHOLD,
+                                 image_size, progress=False)
+    return run
+
+
+def gradcam_batched(cam: LibraryCAM) -> Callable[[Sequence[Batch]], None]:
+    def run(batches: Sequence[Batch]) -> None:
+        for images, labels, _, _ in batches:
+            cam.full_resolution(images, labels)
+    return run
+
+
+def reference_loop(cam: LibraryCAM, rgbs: dict[int, np.ndarray],
+                   out_dir: Path) -> Callable[[Sequence[Batch]], None]:
+    """SLIM's original per-image loop: GradCAM on one image, then its overlay PNG (``rgbs`` by index)."""
+    def run(singles: Sequence[Batch]) -> None:
+        for image, label, index, _ in singles:
+            grayscale = cam.full_resolution(image, label)[0].cpu().numpy()
+            overlay = show_cam_on_image(rgbs[int(index)], grayscale, use_rgb=True)
+            Image.fromarray(overlay).save(out_dir / f"{int(index):05d}.png")
+    return run
+
+
+@contextmanager
+def library_gradcam(model: Classifier) -> Iterator[LibraryCAM]:
+    """pytorch-grad-cam's GradCAM; its hooks are removed on exit so they never slow the other measurements."""
+    cam = LibraryCAM(model, "gradcam")
+    try:
+        yield cam
+    finally:
+        cam.cam.activations_and_grads.release()
+
+
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def environment(device: torch.device) -> dict[str, object]:
+    return {"torch": torch.__version__, "threads": torch.get_num_threads(), "cpu_model": cpu_model(),
+            "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None}
+
+
+def benchmark(args: argparse.Namespace) -> dict[str, object]:
+    device = resolve_device(args.device)
+    torch.manual_seed(0)
+    root = dataset_root(args.data, args.image_size, args.n_images)
+    batches, num_classes = preload(root, args.image_size, args.n_images, args.batch_size, device)
+    singles = single_images(batches, args.reference_images)
+    rgbs = {int(index): to_rgb(image[0]) for image, _, index, _ in singles}
+    model = build_model(args.arch, num_classes).to(device).eval()
+
+    forward_ips, _ = images_per_second(forward_only(model, device), batches, device)
+    attention = attention_stage(model, device, args.image_size)
+    attention_ips, arrays = images_per_second(attention, batches, device)
+    with library_gradcam(model) as cam, tempfile.TemporaryDirectory(prefix="slim-bench-") as tmp:
+        gradcam_lib_ips, _ = images_per_second(gradcam_batched(cam), batches, device)
+        reference_ips, _ = images_per_second(reference_loop(cam, rgbs, Path(tmp)), singles, device)
+        pngs_written = len(list(Path(tmp).glob("*.png")))
+
+    ratios = {"attention_over_forward": attention_ips / forward_ips,
+              "attention_over_gradcam_lib": attention_ips / gradcam_lib_ips,
+              "attention_over_reference_loop": attention_ips / reference_ips}
+    return {
+        "forward_ips": forward_ips,
+        "attention_ips": attention_ips,
+        "gradcam_lib_ips": gradcam_lib_ips,
+        "reference_loop_ips": reference_ips,
+        **ratios,
+        "targets": TARGETS,
+        "targets_met": {name: ratios[name] >= target for name, target in TARGETS.items()},
+        "device": str(device),
+        "arch": args.arch,
+        "image_size": args.image_size,
+        "n_images": count_images(batches),
+        "batch_size": args.batch_size,
+        "reference_images": len(singles),
+        "reference_pngs_written": pngs_written,
+        "attention_computes_aiou": "aiou" in arrays,
+        "data": str(root),
+        "data_loading": "excluded (batches preloaded)",
+        "forward_precision": "bf16 autocast" if device.type == "cuda" else "fp32",
+        **environment(device),
+    }
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    result = benchmark(args)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=2) + "\n")
+    print(json.dumps(result, indent=2))
+    print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,86 @@
+"""The attention stage over a trained run: what it stores, that it streams, that re-runs are reused."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from pipeline.cli import main
+from pipeline.data import TRAIN, load_dataset
+from pipeline.embed import compute_attention, embed_2d
+from pipeline.evaluate import predict
+from pipeline.models import load_checkpoint
+from pipeline.train import make_loader
+
+
+def test_attention_arrays_cover_every_training_image(trained_run: Path, tiny_data: Path) -> None:
+    arrays = dict(np.load(trained_run / "attention.npz"))
+    image_set = load_dataset(tiny_data)
+    train = image_set.split(TRAIN)
+    n = len(train)
+    assert sorted(arrays["index"].tolist()) == [s.index for s in train]
+    assert arrays["y"].tolist() == [image_set.samples[i].y for i in arrays["index"]]
+    assert arrays["cam"].shape == (n, 4, 4)
+    assert arrays["f_att"].shape == arrays["f_rev"].shape == arrays["features"].shape == (n, 128)
+    assert arrays["emb_att"].shape == arrays["emb_rev"].shape == (n, 2)
+    assert ((arrays["cam"] >= 0) & (arrays["cam"] <= 1)).all()
+    assert ((arrays["aiou"] >= 0) & (arrays["aiou"] <= 1)).all()
+    assert np.allclose(arrays["f_att"] + arrays["f_rev"], arrays["features"], atol=1e-4)
+    model, _ = load_checkpoint(trained_run / "model.pt")
+    probs, order = predict(model, make_loader(image_set, train, 32, 50, 0), torch.device("cpu"), progress=False)
+    assert order.tolist() == arrays["index"].tolist()
+    assert np.array_equal(arrays["pred"], probs.argmax(1))
+    assert np.allclose(arrays["confidence"], probs.max(1), atol=1e-5)
+    assert (arrays["entropy"] >= 0).all() and (arrays["entropy"] <= np.log(2) + 1e-6).all()
+
+
+def test_results_do_not_depend_on_batch_size(trained_run: Path, tiny_data: Path) -> None:
+    """Streaming in batches of 7 or 64 gives the same rows: nothing depends on what else is in memory."""
+    image_set = load_dataset(tiny_data)
+    model, meta = load_checkpoint(trained_run / "model.pt")
+    results = []
+    for batch_size in (7, 64):
+        loader = make_loader(image_set, image_set.split(TRAIN), 32, batch_size, 0, with_masks=True)
+        results.append(compute_attention(model, loader, torch.device("cpu"), "gradcam", 0.8, 32, progress=False))
+    for key in ("index", "pred", "aiou", "f_att", "cam"):
+        assert np.allclose(results[0][key].astype(np.float64), results[1][key].astype(np.float64), atol=1e-4), key
+
+
+def test_embed_again_reuses_and_force_recomputes(trained_run: Path, capsys) -> None:
+    stamp = (trained_run / "attention.npz").stat().st_mtime_ns
+    assert main(["embed", "--run", str(trained_run), "--quiet"]) == 0
+    assert "reusing" in capsys.readouterr().out
+    assert (trained_run / "attention.npz").stat().st_mtime_ns == stamp
+
+
+def test_library_cam_method_runs_end_to_end(trained_run: Path, tmp_path: Path) -> None:
+    import shutil
+
+    run = tmp_path / "copy"
+    shutil.copytree(trained_run, run)
+    assert main(["embed", "--run", str(run), "--cam", "gradcam++", "--embedding", "pca", "--quiet"]) == 0
+    arrays = dict(np.load(run / "attention.npz"))
+    assert arrays["cam"].shape[1:] == (4, 4) and np.isfinite(arrays["f_att"]).all()
+
+
+def test_umap_embedding_separates_two_clusters() -> None:
+    rng = np.random.default_rng(0)
+    vectors = np.vstack([rng.normal(0, 0.05, (40, 8)) + 1, rng.normal(0, 0.05, (40, 8)) - 1])
+    vectors[:40, 0] += 3
+    coords = embed_2d(vectors, "umap", seed=0)
+    assert coords.shape == (80, 2)
+    gap = np.linalg.norm(coords[:40].mean(0) - coords[40:].mean(0))
+    spread = max(coords[:40].std(0).max(), coords[40:].std(0).max())
+    assert gap > 3 * spread
+
+
+def test_embed_before_train_says_what_to_run(tmp_path: Path, capsys) -> None:
+    assert main(["embed", "--run", str(tmp_path / "none"), "--quiet"]) == 2
+    assert "not a run directory" in capsys.readouterr().err
+
+
+def test_bad_threshold_is_refused(trained_run: Path, capsys) -> None:
+    assert main(["embed", "--run", str(trained_run), "--threshold", "1.5", "--quiet"]) == 2
+    assert "--threshold must be in (0, 1]" in capsys.readouterr().err

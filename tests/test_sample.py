@@ -1,0 +1,90 @@
+"""Choosing images to annotate: budgets, cluster coverage, overlays, rounds, reuse."""
+
+from __future__ import annotations
+
+import csv
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from pipeline.cli import main
+from pipeline.config import SampleConfig
+from pipeline.sample import class_budget, pick_near_centroids
+
+
+@pytest.fixture()
+def run(trained_run: Path, tmp_path: Path) -> Path:
+    """A private copy of the trained run, so each test starts with no selection."""
+    return Path(shutil.copytree(trained_run, tmp_path / "run"))
+
+
+def read_selection(run: Path, round_: int = 1) -> list[dict[str, str]]:
+    with (run / f"selection_round{round_}.csv").open() as handle:
+        return list(csv.DictReader(handle))
+
+
+def test_per_class_budget_unique_images_and_overlays(run: Path) -> None:
+    assert main(["sample", "--run", str(run), "--per-class", "5", "--quiet"]) == 0
+    rows = read_selection(run)
+    assert len(rows) == 10
+    assert sorted(r["class_name"] for r in rows) == ["disc"] * 5 + ["triangle"] * 5
+    assert len({r["image_id"] for r in rows}) == 10
+    arrays = dict(np.load(run / "attention.npz"))
+    label_of = dict(zip(arrays["index"].tolist(), arrays["y"].tolist()))
+    for r in rows:
+        assert label_of[int(r["image_id"])] == int(r["y"])
+        with Image.open(run / r["overlay"]) as overlay:
+            width, height = overlay.size
+        assert width > 3 * 224 and height > 224  # three enlarged panels side by side
+
+
+def test_fraction_budget(run: Path) -> None:
+    assert main(["sample", "--run", str(run), "--fraction", "0.1", "--quiet"]) == 0
+    rows = read_selection(run)
+    arrays = dict(np.load(run / "attention.npz"))
+    expected = sum(int(np.ceil(0.1 * (arrays["y"] == y).sum())) for y in (0, 1))
+    assert len(rows) == expected
+
+
+def test_second_round_never_repeats_the_first(run: Path) -> None:
+    assert main(["sample", "--run", str(run), "--per-class", "4", "--quiet"]) == 0
+    assert main(["sample", "--run", str(run), "--per-class", "4", "--round", "2", "--quiet"]) == 0
+    first = {r["image_id"] for r in read_selection(run, 1)}
+    second = {r["image_id"] for r in read_selection(run, 2)}
+    assert len(second) == 8 and not first & second
+    assert (run / "overlays" / "round2").is_dir()
+
+
+def test_sample_again_reuses_the_selection(run: Path, capsys) -> None:
+    assert main(["sample", "--run", str(run), "--per-class", "3", "--quiet"]) == 0
+    stamp = (run / "selection_round1.csv").stat().st_mtime_ns
+    capsys.readouterr()
+    assert main(["sample", "--run", str(run), "--quiet"]) == 0  # the run remembers --per-class 3
+    assert "reusing" in capsys.readouterr().out
+    assert (run / "selection_round1.csv").stat().st_mtime_ns == stamp
+
+
+def test_bad_budget_is_refused_without_touching_the_run(run: Path, capsys) -> None:
+    config_before = (run / "config.json").read_text()
+    assert main(["sample", "--run", str(run), "--per-class", "0", "--quiet"]) == 2
+    assert "--per-class must be at least 1" in capsys.readouterr().err
+    assert (run / "config.json").read_text() == config_before
+    assert not (run / "selection_round1.csv").exists()
+
+
+def test_centroid_picks_cover_every_cluster() -> None:
+    rng = np.random.default_rng(0)
+    centres = np.array([[0, 0], [10, 0], [0, 10]], float)
+    points = np.vstack([c + rng.normal(0, 0.3, (30, 2)) for c in centres])
+    picks = pick_near_centroids(points, 3, seed=0)
+    assert sorted(row // 30 for row, _, _ in picks) == [0, 1, 2]
+    assert all(distance < 1.0 for _, _, distance in picks)
+
+
+def test_class_budget_rules() -> None:
+    assert class_budget(1000, SampleConfig(fraction=0.02)) == 20
+    assert class_budget(10, SampleConfig(fraction=0.02)) == 1
+    assert class_budget(5, SampleConfig(per_class=20)) == 5
