@@ -11,15 +11,24 @@ One run, one model, one set of images, four measurements (images per second):
    ``ClassifierOutputTarget`` per image (through :meth:`pipeline.cam.LibraryCAM.full_resolution`).
 4. ``reference_loop``: how the original SLIM code processed images: batch size 1, pytorch-grad-cam's
    ``GradCAM``, and one overlay PNG (``show_cam_on_image``, written with PIL) per image. It is slow, so it
-   may run on a prefix of the images (``--reference-images``); images/s is per image, so the rate compares.
+   runs on a prefix of the images (``--reference-images``); images/s is per image, so the rates compare.
+
+Why the speed-up should exist: for a global-average-pool + linear head, GradCAM's weights are the head's
+weights, so the stage needs one no-grad forward pass and no backward pass, and it writes no files.
 
 The model is randomly initialised (:func:`pipeline.models.build_model`; nothing is downloaded): throughput
 does not depend on the weights. Images come from ``--data DIR`` (its training split) or from a synthetic
 dataset generated once into ``bench-out/``. All batches are loaded once through
 :func:`pipeline.train.make_loader` (with masks) and kept in memory, on the device, before anything is timed:
-data loading is excluded from all four measurements alike, so the comparison is about compute. Each
-measurement runs one warm-up batch (one image for the reference loop) first; on CUDA the clock is read only
-after ``torch.cuda.synchronize()``.
+data loading is excluded from all four measurements alike, so the comparison is about compute.
+
+Timing is built for shared machines, whose speed drifts over seconds to minutes (on a small cloud VM, 2-5x):
+the work is cut into chunks (one batch; ``--batch-size`` images of the reference loop), and the methods take
+turns chunk by chunk, in rotating order, for ``--rounds`` rounds. So every method sees the same machine, and a
+method's rate is its median seconds per image over its chunks, which a stall during one chunk does not move.
+(The attention stage is called once per chunk: the same code, its per-call set-up included.) Each method runs
+one warm-up chunk first; on CUDA the clock is read only after ``torch.cuda.synchronize()``. The JSON also
+keeps the plain rate (all images over all time) and the spread of the per-chunk rates.
 
 Run from the repository root::
 
@@ -29,14 +38,15 @@ Run from the repository root::
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import platform
+import statistics
 import tempfile
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
-from typing import TypeVar
 
 import numpy as np
 import torch
@@ -52,12 +62,13 @@ from pipeline.train import make_loader
 
 CACHE_ROOT = Path("bench-out")
 AIOU_THRESHOLD = 0.5
-# attention_ips divided by each baseline's images/s; set for CPU, ResNet-18, 224 px
-TARGETS = {"attention_over_forward": 0.8, "attention_over_gradcam_lib": 4.0,
-           "attention_over_reference_loop": 10.0}
+BASELINES = ("forward", "gradcam_lib", "reference_loop")
+# attention_ips / <baseline>_ips must reach these; set for CPU, ResNet-18, 224 px
+TARGETS = {"forward": 0.8, "gradcam_lib": 4.0, "reference_loop": 10.0}
 
-T = TypeVar("T")
 Batch = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]  # images, labels, indices, masks
+Runner = Callable[[Sequence[Batch]], object]  # processes every batch it is given
+Chunk = Sequence[Batch]  # the unit that is timed
 
 
 class PreloadedLoader:
@@ -86,12 +97,13 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--reference-images", type=int, default=64,
                         help="images for the batch-1 reference loop (a prefix of the others; it is slow)")
+    parser.add_argument("--rounds", type=int, default=3, help="timed passes over the images per method")
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     parser.add_argument("--data", type=Path, default=None,
                         help="dataset folder (its training split); default: a generated synthetic one")
     parser.add_argument("--out", type=Path, default=CACHE_ROOT / "attention.json")
     args = parser.parse_args(argv)
-    for name in ("image_size", "n_images", "batch_size", "reference_images"):
+    for name in ("image_size", "n_images", "batch_size", "reference_images", "rounds"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be at least 1")
     return args
@@ -133,23 +145,7 @@ def to_rgb(image: torch.Tensor) -> np.ndarray:
     return (image * std + mean).clamp(0, 1).permute(1, 2, 0).cpu().numpy().astype(np.float32)
 
 
-def synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def images_per_second(run: Callable[[Sequence[Batch]], T], batches: Sequence[Batch],
-                      device: torch.device) -> tuple[float, T]:
-    """``run`` once on the first batch (warm-up), then timed on all ``batches``: the rate and its result."""
-    run(batches[:1])
-    synchronize(device)
-    start = time.perf_counter()
-    result = run(batches)
-    synchronize(device)
-    return count_images(batches) / (time.perf_counter() - start), result
-
-
-def forward_only(model: Classifier, device: torch.device) -> Callable[[Sequence[Batch]], None]:
+def forward_only(model: Classifier, device: torch.device) -> Runner:
     @torch.no_grad()
     def run(batches: Sequence[Batch]) -> None:
         for images, *_ in batches:
@@ -158,40 +154,79 @@ def forward_only(model: Classifier, device: torch.device) -> Callable[[Sequence[
     return run
 
 
-def attention_stage(model: Classifier, device: torch.device,
-                    image_size: int) -> Callable[[Sequence[Batch]], dict[str, np.ndarray]]:
+def attention_stage(model: Classifier, device: torch.device, image_size: int) -> Runner:
     def run(batches: Sequence[Batch]) -> dict[str, np.ndarray]:
         return compute_attention(model, PreloadedLoader(batches), device, "gradcam", AIOU_THRESHOLD,
                                  image_size, progress=False)
     return run
 
 
-def gradcam_batched(cam: LibraryCAM) -> Callable[[Sequence[Batch]], None]:
-    def run(batches: Sequence[Batch]) -> None:
-        for images, labels, _, _ in batches:
-            cam.full_resolution(images, labels)
-    return run
-
-
-def reference_loop(cam: LibraryCAM, rgbs: dict[int, np.ndarray],
-                   out_dir: Path) -> Callable[[Sequence[Batch]], None]:
-    """SLIM's original per-image loop: GradCAM on one image, then its overlay PNG (``rgbs`` by index)."""
-    def run(singles: Sequence[Batch]) -> None:
-        for image, label, index, _ in singles:
-            grayscale = cam.full_resolution(image, label)[0].cpu().numpy()
-            overlay = show_cam_on_image(rgbs[int(index)], grayscale, use_rgb=True)
-            Image.fromarray(overlay).save(out_dir / f"{int(index):05d}.png")
-    return run
-
-
 @contextmanager
 def library_gradcam(model: Classifier) -> Iterator[LibraryCAM]:
-    """pytorch-grad-cam's GradCAM; its hooks are removed on exit so they never slow the other measurements."""
+    """pytorch-grad-cam's GradCAM; its hooks come off on exit, so they never slow the other measurements."""
     cam = LibraryCAM(model, "gradcam")
     try:
         yield cam
     finally:
         cam.cam.activations_and_grads.release()
+
+
+def gradcam_batched(model: Classifier) -> Runner:
+    def run(batches: Sequence[Batch]) -> None:
+        with library_gradcam(model) as cam:
+            for images, labels, _, _ in batches:
+                cam.full_resolution(images, labels)
+    return run
+
+
+def reference_loop(model: Classifier, rgbs: dict[int, np.ndarray], out_dir: Path) -> Runner:
+    """SLIM's original per-image loop: GradCAM on one image, then its overlay PNG (``rgbs`` by index)."""
+    def run(singles: Sequence[Batch]) -> None:
+        with library_gradcam(model) as cam:
+            for image, label, index, _ in singles:
+                grayscale = cam.full_resolution(image, label)[0].cpu().numpy()
+                overlay = show_cam_on_image(rgbs[int(index)], grayscale, use_rgb=True)
+                Image.fromarray(overlay).save(out_dir / f"{int(index):05d}.png")
+    return run
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def seconds(run: Runner, chunk: Chunk, device: torch.device) -> float:
+    synchronize(device)
+    start = time.perf_counter()
+    run(chunk)
+    synchronize(device)
+    return time.perf_counter() - start
+
+
+def time_chunks(methods: dict[str, tuple[Runner, list[Chunk]]], rounds: int,
+                device: torch.device) -> dict[str, list[tuple[int, float]]]:
+    """(images, seconds) of every chunk of every method, the methods taking turns chunk by chunk."""
+    for run, chunks in methods.values():
+        run(chunks[0][:1])  # warm-up: one batch, or one image of the reference loop
+    names = list(methods)
+    timings: dict[str, list[tuple[int, float]]] = {name: [] for name in names}
+    turns = max(len(chunks) for _, chunks in methods.values())
+    for turn in range(rounds * turns):
+        shift = turn % len(names)
+        for name in names[shift:] + names[:shift]:
+            run, chunks = methods[name]
+            if turn % turns < len(chunks):
+                chunk = chunks[turn % turns]
+                timings[name].append((count_images(chunk), seconds(run, chunk, device)))
+    return timings
+
+
+def rates(timings: list[tuple[int, float]]) -> dict[str, float | int]:
+    """Images/s: from the median seconds per image (robust), over all time (plain), and the spread."""
+    per_chunk = [images / elapsed for images, elapsed in timings]
+    return {"median": 1.0 / statistics.median(elapsed / images for images, elapsed in timings),
+            "plain": sum(images for images, _ in timings) / sum(elapsed for _, elapsed in timings),
+            "min": min(per_chunk), "max": max(per_chunk), "chunks": len(timings)}
 
 
 def cpu_model() -> str:
@@ -217,26 +252,33 @@ def benchmark(args: argparse.Namespace) -> dict[str, object]:
     singles = single_images(batches, args.reference_images)
     rgbs = {int(index): to_rgb(image[0]) for image, _, index, _ in singles}
     model = build_model(args.arch, num_classes).to(device).eval()
-
-    forward_ips, _ = images_per_second(forward_only(model, device), batches, device)
-    attention = attention_stage(model, device, args.image_size)
-    attention_ips, arrays = images_per_second(attention, batches, device)
-    with library_gradcam(model) as cam, tempfile.TemporaryDirectory(prefix="slim-bench-") as tmp:
-        gradcam_lib_ips, _ = images_per_second(gradcam_batched(cam), batches, device)
-        reference_ips, _ = images_per_second(reference_loop(cam, rgbs, Path(tmp)), singles, device)
+    # the stage gets its own copy (same weights): it may change a model's layout or precision in place, and
+    # the baselines must run the model as built
+    attention = attention_stage(copy.deepcopy(model), device, args.image_size)
+    per_batch = [[batch] for batch in batches]
+    reference_chunks = [singles[i:i + args.batch_size] for i in range(0, len(singles), args.batch_size)]
+    with tempfile.TemporaryDirectory(prefix="slim-bench-") as tmp:
+        timings = time_chunks({
+            "forward": (forward_only(model, device), per_batch),
+            "attention": (attention, per_batch),
+            "gradcam_lib": (gradcam_batched(model), per_batch),
+            "reference_loop": (reference_loop(model, rgbs, Path(tmp)), reference_chunks),
+        }, args.rounds, device)
         pngs_written = len(list(Path(tmp).glob("*.png")))
+    computes_aiou = "aiou" in attention(batches[:1])
 
-    ratios = {"attention_over_forward": attention_ips / forward_ips,
-              "attention_over_gradcam_lib": attention_ips / gradcam_lib_ips,
-              "attention_over_reference_loop": attention_ips / reference_ips}
+    stats = {name: rates(chunk_timings) for name, chunk_timings in timings.items()}
+    ips = {f"{name}_ips": stat["median"] for name, stat in stats.items()}
+    ratios = {f"attention_over_{name}": ips["attention_ips"] / ips[f"{name}_ips"] for name in BASELINES}
     return {
-        "forward_ips": forward_ips,
-        "attention_ips": attention_ips,
-        "gradcam_lib_ips": gradcam_lib_ips,
-        "reference_loop_ips": reference_ips,
+        **ips,
         **ratios,
-        "targets": TARGETS,
-        "targets_met": {name: ratios[name] >= target for name, target in TARGETS.items()},
+        "targets": {f"attention_over_{name}": target for name, target in TARGETS.items()},
+        "targets_met": {f"attention_over_{name}": ratios[f"attention_over_{name}"] >= target
+                        for name, target in TARGETS.items()},
+        "ips_stats": stats,
+        "timing": f"median s/image over chunks (a batch, or {args.batch_size} reference images), methods "
+                  f"taking turns chunk by chunk, {args.rounds} rounds, one warm-up chunk each",
         "device": str(device),
         "arch": args.arch,
         "image_size": args.image_size,
@@ -244,7 +286,7 @@ def benchmark(args: argparse.Namespace) -> dict[str, object]:
         "batch_size": args.batch_size,
         "reference_images": len(singles),
         "reference_pngs_written": pngs_written,
-        "attention_computes_aiou": "aiou" in arrays,
+        "attention_computes_aiou": computes_aiou,
         "data": str(root),
         "data_loading": "excluded (batches preloaded)",
         "forward_precision": "bf16 autocast" if device.type == "cuda" else "fp32",

@@ -29,6 +29,12 @@ def _add_common(parser: argparse.ArgumentParser, run_required: bool = True) -> N
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
+def _add_labelstudio(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--url", default=None, help="Label Studio URL (default $LABEL_STUDIO_URL)")
+    parser.add_argument("--api-key", default=None,
+                        help="Label Studio access token, legacy or personal (default $LABEL_STUDIO_API_KEY)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m pipeline",
@@ -91,6 +97,46 @@ def build_parser() -> argparse.ArgumentParser:
     sample.add_argument("--round", type=int, default=None, help="annotation round (default 1)")
     sample.add_argument("--seed", type=int, default=None, help="k-means seed (default 0)")
 
+    push = sub.add_parser("push", help="send the selected images to Label Studio as tasks with pre-annotations",
+                          description="Create (or reuse) the run's Label Studio project and import the selection; "
+                                      "pushing again creates no duplicates.")
+    push.add_argument("--run", required=True, metavar="DIR", help="run directory")
+    _add_labelstudio(push)
+    push.add_argument("--project", type=int, default=None, metavar="ID",
+                      help="use this existing project (default: the run's own, created on first push)")
+    push.add_argument("--new-project", action="store_true", help="create a new project even if the run has one")
+    push.add_argument("--round", type=int, default=None, help="selection round to push (default: the latest)")
+    push.add_argument("--storage", choices=("upload", "local-files"), default="upload",
+                      help="upload the pictures through the import API (default; works with remote and docker "
+                           "servers) or serve them as Label Studio local files")
+    push.add_argument("--document-root", default=None, metavar="DIR",
+                      help="with --storage local-files: the server's LABEL_STUDIO_LOCAL_FILES_DOCUMENT_ROOT")
+    push.add_argument("--quiet", action="store_true", help="no progress bars")
+
+    pull = sub.add_parser("pull", help="store the run's Label Studio annotations in the run",
+                          description="Mirror new, edited, deleted and skipped annotations into labels.sqlite; "
+                                      "only changed tasks are fetched.")
+    pull.add_argument("--run", required=True, metavar="DIR", help="run directory")
+    _add_labelstudio(pull)
+    pull.add_argument("--accept-deleted", action="store_true",
+                      help="record tasks deleted in Label Studio as deleted instead of stopping")
+
+    simulate = sub.add_parser("simulate-annotator", help="answer open tasks from the true masks (for demos, "
+                              "tests and benchmarks)",
+                              description="Answer core when AIoU >= 0.5, else spurious, through Label Studio's API.")
+    simulate.add_argument("--run", required=True, metavar="DIR", help="run directory")
+    _add_labelstudio(simulate)
+    simulate.add_argument("--noise", type=float, default=0.0, help="fraction of answers flipped (default 0)")
+    simulate.add_argument("--seed", type=int, default=0, help="seed of the noise and lead times (default 0)")
+    simulate.add_argument("--quiet", action="store_true", help="no progress bar")
+
+    server = sub.add_parser("labelstudio", help="run a local Label Studio (SQLite, 127.0.0.1) until Ctrl-C",
+                            description="Start the local Label Studio the demo uses, with a known login and token.")
+    server.add_argument("--data-dir", default=None, metavar="DIR",
+                        help="Label Studio data folder (default: RUN/label-studio with --run)")
+    server.add_argument("--run", default=None, metavar="DIR", help="serve this run's local Label Studio")
+    server.add_argument("--port", type=int, default=8080, help="port on 127.0.0.1 (default 8080)")
+
     demo = sub.add_parser("demo", help="the whole loop on the synthetic default (synth, train, embed, sample)",
                           description="Run every stage on the embedded synthetic dataset; re-runs reuse results.")
     demo.add_argument("--data", default="data/synth", metavar="DIR", help="where to write the dataset "
@@ -98,6 +144,10 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--run", default="runs/demo", metavar="DIR", help="run directory (default runs/demo)")
     demo.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
                       help="where to compute (default auto)")
+    demo.add_argument("--noise", type=float, default=0.0, help="simulated annotator's noise (default 0)")
+    demo.add_argument("--serve", choices=("auto", "yes", "no"), default="auto",
+                      help="keep the local Label Studio running at the end until Ctrl-C (default: when run "
+                           "from a terminal)")
     demo.add_argument("--quiet", action="store_true", help="no progress bars")
     return parser
 
@@ -138,7 +188,7 @@ def _config_for(args: argparse.Namespace, run: Run) -> RunConfig:
 
 
 def _run_command(args: argparse.Namespace) -> None:
-    progress = not args.quiet
+    progress = not getattr(args, "quiet", False)
     if args.command == "synth":
         from pipeline.synth import SynthSpec, generate
 
@@ -150,7 +200,18 @@ def _run_command(args: argparse.Namespace) -> None:
     if args.command == "demo":
         from pipeline.demo import run_demo
 
-        run_demo(args.data, args.run, device=args.device, progress=progress)
+        serve = sys.stdin.isatty() if args.serve == "auto" else args.serve == "yes"
+        run_demo(args.data, args.run, device=args.device, noise=args.noise, serve=serve, progress=progress)
+        return
+    if args.command == "labelstudio":
+        from pipeline.demo import serve_forever
+
+        if not (args.data_dir or args.run):
+            raise PipelineError("pass --run DIR (its label-studio folder) or --data-dir DIR")
+        serve_forever(args.data_dir or Run(args.run).labelstudio_dir, args.port)
+        return
+    if args.command in ("push", "pull", "simulate-annotator"):
+        _run_labelstudio_command(args, progress)
         return
     run = Run(args.run)
     config = _config_for(args, run)
@@ -166,6 +227,27 @@ def _run_command(args: argparse.Namespace) -> None:
         from pipeline.sample import sample_run
 
         sample_run(run, config, force=args.force, progress=progress)
+
+
+def _run_labelstudio_command(args: argparse.Namespace, progress: bool) -> None:
+    from pipeline.labelstudio import Settings
+
+    run = Run(args.run)
+    run.load_config()  # a clear error when --run is not a run
+    settings = Settings.resolve(args.url, args.api_key)
+    if args.command == "push":
+        from pipeline.push import push_run
+
+        push_run(run, settings, project_id=args.project, new_project=args.new_project, round_=args.round,
+                 storage=args.storage, document_root=args.document_root, progress=progress)
+    elif args.command == "pull":
+        from pipeline.pull import pull_run
+
+        pull_run(run, settings, accept_deleted=args.accept_deleted)
+    else:
+        from pipeline.annotator import simulate_annotator
+
+        simulate_annotator(run, settings, noise=args.noise, seed=args.seed, progress=progress)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

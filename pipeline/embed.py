@@ -115,6 +115,7 @@ def embed_run(run: Run, config: RunConfig, force: bool = False, progress: bool =
                                meta["image_size"], progress)
     arrays["emb_att"] = embed_2d(arrays["f_att"], config.embed.embedding, config.embed.seed)
     arrays["emb_rev"] = embed_2d(arrays["f_rev"], config.embed.embedding, config.embed.seed)
+    arrays["class_names"] = np.array(meta["class_names"])
     run.save_arrays(run.attention_path, arrays)
     run.mark_done("embed", stamp)
     _print_summary(arrays)

@@ -19,6 +19,7 @@ from pipeline.run import atomic_write
 
 MIN_DISPLAY_SIDE = 224
 GAP = 6
+VIEWS = ("overview", "image", "attention")
 
 
 def full_cam(low_res_cam: np.ndarray, size: int) -> np.ndarray:
@@ -35,17 +36,33 @@ def panels(rgb: np.ndarray, cam: np.ndarray, threshold: float) -> list[np.ndarra
     return [(rgb * 255).astype(np.uint8), overlay, (top * 255).astype(np.uint8)]
 
 
-def render_overlay(image_path: Path, low_res_cam: np.ndarray, threshold: float, out: Path) -> None:
-    """Write the three-panel PNG for one image (atomically)."""
-    with Image.open(image_path) as probe:
-        side = max(max(probe.size), MIN_DISPLAY_SIDE)
-    rgb = load_rgb(image_path, side)
-    cam = full_cam(low_res_cam, side)
-    titles = ("image", "GradCAM", f"CAM >= {threshold:g}")
-    canvas = Image.new("RGB", (3 * side + 2 * GAP, side + 18), "white")
+def _strip(views: list[tuple[np.ndarray, str]]) -> Image.Image:
+    """Panels side by side, each with a small title above it."""
+    side = views[0][0].shape[0]
+    canvas = Image.new("RGB", (len(views) * side + (len(views) - 1) * GAP, side + 18), "white")
     draw = ImageDraw.Draw(canvas)
-    for i, (panel, title) in enumerate(zip(panels(rgb, cam, threshold), titles)):
+    for i, (panel, title) in enumerate(views):
         x = i * (side + GAP)
         canvas.paste(Image.fromarray(panel), (x, 18))
         draw.text((x + 4, 3), title, fill="black")
-    atomic_write(out, lambda handle: canvas.save(handle, format="PNG"))
+    return canvas
+
+
+def write_overlays(image_path: Path, low_res_cam: np.ndarray, threshold: float, targets: dict[str, Path]) -> None:
+    """Write the views of one image (atomically) to ``targets[kind]``.
+
+    ``overview``: image | GradCAM | thresholded, for people browsing a run. ``image`` and ``attention``
+    (GradCAM | thresholded): the two pictures of a Label Studio task; boxes are drawn on ``image``.
+    """
+    with Image.open(image_path) as probe:
+        side = max(max(probe.size), MIN_DISPLAY_SIDE)
+    rgb = load_rgb(image_path, side)
+    original, overlay, hot = panels(rgb, full_cam(low_res_cam, side), threshold)
+    hot_title = f"CAM >= {threshold:g}"
+    pictures = {
+        "overview": _strip([(original, "image"), (overlay, "GradCAM"), (hot, hot_title)]),
+        "image": Image.fromarray(original),
+        "attention": _strip([(overlay, "GradCAM"), (hot, hot_title)]),
+    }
+    for kind, picture in pictures.items():
+        atomic_write(targets[kind], lambda handle, picture=picture: picture.save(handle, format="PNG"))

@@ -80,11 +80,26 @@ class Run:
     def attention_path(self) -> Path:
         return self.root / "attention.npz"
 
+    @property
+    def labels_path(self) -> Path:
+        """SQLite database of Label Studio tasks and annotations (see :mod:`pipeline.store`)."""
+        return self.root / "labels.sqlite"
+
+    @property
+    def labelstudio_dir(self) -> Path:
+        """Data folder of the local Label Studio that ``demo`` starts for this run."""
+        return self.root / "label-studio"
+
     def selection_path(self, round_: int) -> Path:
         return self.root / f"selection_round{round_}.csv"
 
     def overlay_dir(self, round_: int) -> Path:
         return self.root / "overlays" / f"round{round_}"
+
+    def view_path(self, round_: int, image_id: int, kind: str) -> Path:
+        """An image's rendered view: ``overview`` (three panels), or a task's ``image`` / ``attention``."""
+        suffix = "" if kind == "overview" else f"_{kind}"
+        return self.overlay_dir(round_) / f"{image_id:06d}{suffix}.png"
 
     # --- config -------------------------------------------------------------------------------------
     def exists(self) -> bool:

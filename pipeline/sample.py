@@ -17,7 +17,7 @@ from tqdm import tqdm
 from pipeline.config import RunConfig, SampleConfig, fingerprint
 from pipeline.data import load_dataset
 from pipeline.errors import PipelineError
-from pipeline.overlays import render_overlay
+from pipeline.overlays import VIEWS, write_overlays
 from pipeline.run import Run
 
 SELECTION_COLUMNS = ("image_id", "img_filename", "y", "class_name", "pred", "confidence", "round", "cluster",
@@ -98,7 +98,7 @@ def sample_run(run: Run, config: RunConfig, force: bool = False, progress: bool 
     round_ = config.sample.round
     arrays = run.load_arrays(run.attention_path, "embed --run RUN")
     exclude = earlier_picks(run, round_)
-    selection_path, overlay_dir = run.selection_path(round_), run.overlay_dir(round_)
+    selection_path = run.selection_path(round_)
     stamp = fingerprint("sample", run.stage_fingerprint("embed"), config.sample, sorted(exclude))
     run.save_config(config)
     if not force and run.is_done(f"sample_round{round_}", stamp, [selection_path]):
@@ -109,8 +109,9 @@ def sample_run(run: Run, config: RunConfig, force: bool = False, progress: bool 
     rows = []
     for row, cluster, distance in tqdm(picks, desc="overlays", disable=not progress, unit="img"):
         sample = image_set.samples[int(arrays["index"][row])]
-        overlay = overlay_dir / f"{sample.index:06d}.png"
-        render_overlay(image_set.root / sample.filename, arrays["cam"][row], config.embed.threshold, overlay)
+        views = {kind: run.view_path(round_, sample.index, kind) for kind in VIEWS}
+        write_overlays(image_set.root / sample.filename, arrays["cam"][row], config.embed.threshold, views)
+        overlay = views["overview"]
         rows.append([sample.index, sample.filename, sample.y, image_set.class_names[sample.y],
                      int(arrays["pred"][row]), f"{float(arrays['confidence'][row]):.4f}", round_, cluster,
                      f"{distance:.4f}", str(overlay.relative_to(run.root))])

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Set up everything on a fresh machine: a virtual environment in .venv with torch, this project and its
-# test tools. Safe to re-run. Override the torch build with TORCH_PACKAGES="torch==X torchvision==Y".
+# Set up everything on a fresh machine: .venv with torch, this project and its test tools, and
+# .venv-labelstudio with the Label Studio server the demo and the tests start locally. Safe to re-run.
+# Override the torch build with TORCH_PACKAGES="torch==X torchvision==Y".
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -19,4 +20,10 @@ fi
 # shellcheck disable=SC2086
 .venv/bin/pip install --quiet --disable-pip-version-check $TORCH_PACKAGES
 .venv/bin/pip install --quiet --disable-pip-version-check -e '.[test]'
+# Label Studio runs as a separate process from its own venv: its pinned web stack need not agree with torch's.
+if [ ! -x .venv-labelstudio/bin/label-studio ]; then
+    "$python" -m venv .venv-labelstudio
+fi
+.venv-labelstudio/bin/pip install --quiet --disable-pip-version-check "label-studio==${LABEL_STUDIO_VERSION:-1.23.2}"
 .venv/bin/python -c "import torch, torchvision, pipeline; print('setup: ok, torch', torch.__version__)"
+.venv-labelstudio/bin/label-studio --version 2>/dev/null | head -n 1 || true

@@ -24,3 +24,31 @@ def trained_run(tiny_data: Path, tmp_path_factory: pytest.TempPathFactory) -> Pa
     assert main(["train", "--data", str(tiny_data), "--run", str(run), "--epochs", "2", "--quiet"]) == 0
     assert main(["embed", "--run", str(run), "--embedding", "pca", "--quiet"]) == 0
     return run
+
+
+@pytest.fixture(scope="session")
+def labelstudio(tmp_path_factory: pytest.TempPathFactory):
+    """A real Label Studio (SQLite, 127.0.0.1) for the whole session; local files served below the temp root."""
+    from pipeline.labelstudio_server import LocalLabelStudio
+
+    server = LocalLabelStudio(tmp_path_factory.mktemp("label-studio"), files_root=tmp_path_factory.getbasetemp())
+    credentials = server.start()
+    yield credentials
+    server.stop()
+
+
+@pytest.fixture()
+def settings(labelstudio):
+    from pipeline.labelstudio import Settings
+
+    return Settings(labelstudio.url, labelstudio.token)
+
+
+@pytest.fixture()
+def sampled_run(trained_run: Path, tmp_path: Path) -> Path:
+    """A private copy of the trained run with 4 images per class selected."""
+    import shutil
+
+    run = Path(shutil.copytree(trained_run, tmp_path / "run"))
+    assert main(["sample", "--run", str(run), "--per-class", "4", "--quiet"]) == 0
+    return run

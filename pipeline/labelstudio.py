@@ -1,0 +1,256 @@
+"""The one place that talks to Label Studio, through ``label-studio-sdk``.
+
+:class:`Studio` wraps the SDK client with the few operations the pipeline needs and turns every failure into
+a one-line :class:`~pipeline.errors.PipelineError` (server down, wrong key, project or task gone). It also
+owns the vocabulary of the labeling config in ``label_config/attention.xml``: the control names that
+predictions and annotations must use, and how an annotation's result list maps to a stored answer.
+
+The API key is handed to the SDK and never formatted into a message or a log line.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypeVar
+
+import httpx
+from label_studio_sdk import LabelStudio
+from label_studio_sdk.core.api_error import ApiError
+
+import label_config
+from pipeline.errors import PipelineError
+from pipeline.store import CHOICES, Annotation
+
+# control names in label_config/attention.xml
+ANSWER, ATTENTION_VIEW, IMAGE_VIEW, BOXES, NOTE = "answer", "attention", "image", "object", "note"
+UPLOAD_BATCH = 100  # Django's DATA_UPLOAD_MAX_NUMBER_FILES
+# Label Studio parses every uploaded file as a task and refuses that for configs with several data keys, so
+# pictures are uploaded into a companion project with this one-image config and referenced by URL.
+MEDIA_CONFIG = '<View><Image name="image" value="$image"/></View>'
+
+IMPORT_BATCH = 500
+PAGE_SIZE = 1000
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Where Label Studio is and how to authenticate; the key is kept out of ``repr``."""
+
+    url: str
+    api_key: str
+
+    def __repr__(self) -> str:
+        return f"Settings(url={self.url!r}, api_key=<hidden>)"
+
+    @classmethod
+    def resolve(cls, url: str | None, api_key: str | None) -> Settings:
+        """Flags first, then ``LABEL_STUDIO_URL`` / ``LABEL_STUDIO_API_KEY``."""
+        url = url or os.environ.get("LABEL_STUDIO_URL")
+        api_key = api_key or os.environ.get("LABEL_STUDIO_API_KEY")
+        if not url:
+            raise PipelineError("no Label Studio URL: set LABEL_STUDIO_URL or pass --url (e.g. http://localhost:8080)")
+        if not api_key:
+            raise PipelineError(
+                "no Label Studio API key: set LABEL_STUDIO_API_KEY or pass --api-key "
+                "(Label Studio > Account & Settings > Access Token)"
+            )
+        if not re.match(r"^https?://", url):
+            raise PipelineError(f"Label Studio URL must start with http:// or https://, got {url!r}")
+        return cls(url.rstrip("/"), api_key.strip())
+
+
+def is_personal_access_token(key: str) -> bool:
+    """Personal access tokens are JWTs (three base64url parts); legacy tokens are plain hex strings."""
+    return key.startswith("eyJ") and key.count(".") == 2
+
+
+def choice_result(choice: str) -> list[dict]:
+    """The ``result`` list of a core/spurious/unsure answer, as the labeling UI submits it."""
+    return [{"from_name": ANSWER, "to_name": ATTENTION_VIEW, "type": "choices", "value": {"choices": [choice]}}]
+
+
+def parse_annotation(raw: dict, task_id: int, image_id: int, users: dict[int, str]) -> Annotation:
+    """A Label Studio annotation (task listing or webhook shape) as a stored :class:`Annotation`."""
+    choice, boxes, note = None, [], None
+    for item in raw.get("result") or []:
+        value = item.get("value") or {}
+        if item.get("from_name") == ANSWER and value.get("choices"):
+            picked = value["choices"][0]
+            choice = picked if picked in CHOICES else None
+        elif item.get("from_name") == BOXES and item.get("type") == "rectanglelabels":
+            boxes.append({k: value[k] for k in ("x", "y", "width", "height", "rotation") if k in value})
+        elif item.get("from_name") == NOTE and value.get("text"):
+            note = "\n".join(value["text"])
+    author = raw.get("completed_by")
+    if isinstance(author, dict):
+        annotator = author.get("email") or str(author.get("id"))
+    else:
+        annotator = users.get(author, str(author)) if author is not None else None
+    return Annotation(
+        annotation_id=int(raw["id"]), task_id=task_id, image_id=image_id, annotator=annotator, choice=choice,
+        skipped=bool(raw.get("was_cancelled")), boxes=boxes, note=note, created_at=raw.get("created_at"),
+        updated_at=raw.get("updated_at"), lead_time=raw.get("lead_time"),
+    )
+
+
+class Studio:
+    """A connected, authenticated Label Studio."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        with self._errors("connect"):  # the SDK already checks a personal access token's expiry here
+            self.client = LabelStudio(base_url=settings.url, api_key=settings.api_key, timeout=120)
+            self.user = self.client.users.whoami()
+
+    # --- errors -------------------------------------------------------------------------------------
+    def _call(self, action: str, fn: Callable[[], T], project_id: int | None = None) -> T:
+        with self._errors(action, project_id):
+            return fn()
+
+    @contextmanager
+    def _errors(self, action: str, project_id: int | None = None) -> Iterator[None]:
+        url = self.settings.url
+        try:
+            yield
+        except (httpx.ConnectError, httpx.ConnectTimeout, httpx.RemoteProtocolError, httpx.ReadTimeout) as exc:
+            raise PipelineError(
+                f"cannot reach Label Studio at {url} ({exc.__class__.__name__}) while trying to {action}; "
+                "is it running? check LABEL_STUDIO_URL or --url"
+            ) from None
+        except ApiError as exc:
+            raise PipelineError(self._explain(exc, action, project_id)) from None
+
+    def _explain(self, exc: ApiError, action: str, project_id: int | None) -> str:
+        url, status = self.settings.url, exc.status_code
+        if status == 401:
+            if is_personal_access_token(self.settings.api_key):
+                return (f"Label Studio at {url} rejected the personal access token (401): it is expired, revoked "
+                        "or from another server; create a new one under Account & Settings")
+            return (f"Label Studio at {url} rejected the legacy API token (401): the token is wrong, or legacy "
+                    "tokens are disabled for this organization (enable them under Organization > API Tokens "
+                    "Settings, or use a personal access token)")
+        if status == 403:
+            return f"Label Studio at {url} refused to {action} (403): this user lacks permission for it"
+        if status == 404 and project_id is not None:
+            return (f"project {project_id} does not exist in Label Studio at {url} (deleted?); "
+                    "push again with --new-project or --project ID of an existing project")
+        detail = exc.body if isinstance(exc.body, str) else json.dumps(exc.body)[:300]
+        return f"Label Studio at {url} failed to {action} (HTTP {status}): {detail}"
+
+    # --- projects -----------------------------------------------------------------------------------
+    def create_project(self, title: str, description: str, config: str | None = None) -> int:
+        """A project with the SLIM labeling config (or ``config``)."""
+        project = self._call("create a project", lambda: self.client.projects.create(
+            title=title, description=description, label_config=config or label_config.load()))
+        return int(project.id)
+
+    def project(self, project_id: int) -> Any:
+        return self._call(f"open project {project_id}", lambda: self.client.projects.get(id=project_id), project_id)
+
+    def check_project(self, project_id: int) -> None:
+        """The project exists and its labeling config has our answer control with the three choices."""
+        config = self.project(project_id).label_config or ""
+        if f'name="{ANSWER}"' not in config or not all(f'value="{c}"' in config for c in CHOICES):
+            raise PipelineError(
+                f"project {project_id} does not use the SLIM labeling config (no '{ANSWER}' choices core/spurious/"
+                "unsure); pass --project of a project made by `push`, or leave it out to create one"
+            )
+
+    def project_url(self, project_id: int) -> str:
+        return f"{self.settings.url}/projects/{project_id}/data"
+
+    # --- files and tasks ----------------------------------------------------------------------------
+    def upload_files(self, project_id: int, paths: Sequence[Path]) -> dict[str, str]:
+        """Upload files without creating tasks; returns {file name: URL Label Studio serves it at}.
+
+        The SDK has no typed call for multipart uploads, so this uses its authenticated HTTP client.
+        """
+        http = self.client._client_wrapper.httpx_client
+        urls: dict[str, str] = {}
+        for start in range(0, len(paths), UPLOAD_BATCH):
+            batch = paths[start:start + UPLOAD_BATCH]
+            files = {f"file{i}": (p.name, p.read_bytes(), "image/png") for i, p in enumerate(batch)}
+            with self._errors("upload images", project_id):
+                response = http.request(f"api/projects/{project_id}/import", method="POST",
+                                        params={"commit_to_project": "false"}, files=files)
+                self._raise_for(response)
+                ids = response.json()["file_upload_ids"]
+                listing = http.request(f"api/projects/{project_id}/file-uploads", method="GET",
+                                       params={"ids": json.dumps(ids)})
+                self._raise_for(listing)
+            by_id = {item["id"]: item["file"] for item in listing.json()}
+            for path, upload_id in zip(batch, ids):
+                urls[path.name] = "/data/" + by_id[upload_id].lstrip("/")
+        return urls
+
+    def ensure_local_storage(self, project_id: int, folders: Sequence[str]) -> None:
+        """Local-files serving only hands out files below a local storage of the project: make one per
+        folder (never synced: tasks are imported by ``push``, not created from the folder's files)."""
+        existing = {s.path for s in self._call("list local storages", lambda: self.client.import_storage.local.list(
+            project=project_id), project_id)}
+        for folder in folders:
+            if folder not in existing:
+                self._call("create a local-files storage", lambda folder=folder: self.client.import_storage.local.create(
+                    project=project_id, path=folder, title=f"SLIM overlays {Path(folder).name}",
+                    use_blob_urls=True, regex_filter=r".*\.png"), project_id)
+
+    @staticmethod
+    def _raise_for(response: httpx.Response) -> None:
+        if response.status_code >= 400:
+            try:
+                body: Any = response.json()
+            except ValueError:
+                body = response.text[:300]
+            raise ApiError(status_code=response.status_code, body=body)
+
+    def import_tasks(self, project_id: int, tasks: Sequence[dict]) -> list[int]:
+        """Create tasks (with their predictions); returns their ids in order."""
+        ids: list[int] = []
+        for start in range(0, len(tasks), IMPORT_BATCH):
+            batch = list(tasks[start:start + IMPORT_BATCH])
+            response = self._call("import tasks", lambda: self.client.projects.import_tasks(
+                id=project_id, request=batch, return_task_ids=True), project_id)
+            ids.extend(int(t) for t in response.task_ids)
+        return ids
+
+    def list_tasks(self, project_id: int, fields: str = "task_only", task_ids: Sequence[int] | None = None,
+                   ) -> Iterator[dict]:
+        """Every task of the project as a plain dict, optionally only ``task_ids`` (with annotations when
+        ``fields='all'``)."""
+        query = None
+        if task_ids is not None:
+            if not task_ids:
+                return
+            query = json.dumps({"selectedItems": {"all": False, "included": list(task_ids)}})
+        with self._errors("list tasks", project_id):
+            pager = self.client.tasks.list(project=project_id, fields=fields, query=query, page_size=PAGE_SIZE)
+            for task in pager:
+                yield task.model_dump(mode="json") if hasattr(task, "model_dump") else dict(task)
+
+    def users(self) -> dict[int, str]:
+        """User id -> email, to name annotators."""
+        return {int(u.id): u.email or u.username for u in self._call("list users", lambda: self.client.users.list())}
+
+    # --- annotations --------------------------------------------------------------------------------
+    def submit_annotation(self, task_id: int, project_id: int, result: list[dict], lead_time: float) -> int:
+        """Submit an answer through the same endpoint the labeling UI posts to."""
+        annotation = self._call(f"annotate task {task_id}", lambda: self.client.annotations.create(
+            id=task_id, project=project_id, result=result, lead_time=lead_time, was_cancelled=False), project_id)
+        return int(annotation.id)
+
+    def update_annotation(self, annotation_id: int, result: list[dict]) -> None:
+        self._call(f"update annotation {annotation_id}",
+                   lambda: self.client.annotations.update(id=annotation_id, result=result))
+
+    def delete_annotation(self, annotation_id: int) -> None:
+        self._call(f"delete annotation {annotation_id}", lambda: self.client.annotations.delete(id=annotation_id))
+
+    def delete_task(self, task_id: int) -> None:
+        self._call(f"delete task {task_id}", lambda: self.client.tasks.delete(id=task_id))

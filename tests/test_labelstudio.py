@@ -1,0 +1,233 @@
+"""push / simulate-annotator / pull against a real Label Studio server (started once per session)."""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import sqlite3
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from pipeline.annotator import decide, simulate_annotator
+from pipeline.cli import main
+from pipeline.data import load_dataset, load_mask
+from pipeline.errors import PipelineError
+from pipeline.labelstudio import ANSWER, Settings, Studio, choice_result
+from pipeline.labelstudio_server import free_port
+from pipeline.pull import pull_run
+from pipeline.push import push_run
+from pipeline.run import Run
+from pipeline.store import AnnotationStore
+
+
+def selection(run: Path) -> list[dict[str, str]]:
+    with (run / "selection_round1.csv").open() as handle:
+        return list(csv.DictReader(handle))
+
+
+def project_of(run: Path) -> int:
+    store = AnnotationStore(run / "labels.sqlite")
+    try:
+        return int(store.get_meta("project_id"))
+    finally:
+        store.close()
+
+
+def stored(run: Path) -> list[tuple]:
+    with sqlite3.connect(run / "labels.sqlite") as db:
+        return db.execute("SELECT * FROM annotations ORDER BY annotation_id").fetchall()
+
+
+def digest(path: Path) -> str:
+    with sqlite3.connect(path) as db:
+        dump = "\n".join(db.iterdump())
+    return hashlib.sha256(dump.encode()).hexdigest()
+
+
+def expected_answers(run: Path) -> dict[int, str]:
+    """What the mask rule says for each selected image, computed independently of Label Studio."""
+    config = Run(run).load_config()
+    image_set = load_dataset(config.data.root)
+    arrays = dict(np.load(run / "attention.npz"))
+    row_of = {int(i): r for r, i in enumerate(arrays["index"])}
+    answers = {}
+    for row in selection(run):
+        image_id = int(row["image_id"])
+        mask = load_mask(image_set.root / image_set.samples[image_id].mask_filename, 32)
+        answers[image_id] = decide(arrays["cam"][row_of[image_id]], mask, 0.8)[0]
+    return answers
+
+
+def test_push_creates_exactly_the_selection_with_predictions(sampled_run: Path, settings: Settings) -> None:
+    summary = push_run(Run(sampled_run), settings, progress=False)
+    assert summary["created"] == 8 and summary["already_present"] == 0
+    studio = Studio(settings)
+    tasks = list(studio.list_tasks(summary["project_id"], fields="all"))
+    assert sorted(t["data"]["image_id"] for t in tasks) == sorted(int(r["image_id"]) for r in selection(sampled_run))
+    for task in tasks:
+        assert task["data"]["class_name"] in ("disc", "triangle") and task["data"]["round"] == 1
+        (prediction,) = task["predictions"]
+        (item,) = prediction["result"]
+        assert item["from_name"] == ANSWER and item["value"]["choices"][0] in ("core", "spurious")
+        assert 0.5 <= prediction["score"] <= 1.0
+        assert prediction["model_version"].startswith("slim-prior-")
+        for key in ("image", "attention"):  # the pictures are served by Label Studio itself
+            response = studio.client._client_wrapper.httpx_client.request(task["data"][key].lstrip("/"), method="GET")
+            assert response.status_code == 200 and response.content[:4] == b"\x89PNG"
+
+
+def test_push_twice_adds_no_task_and_no_upload(sampled_run: Path, settings: Settings) -> None:
+    first = push_run(Run(sampled_run), settings, progress=False)
+    uploads = AnnotationStore(sampled_run / "labels.sqlite").uploads(first["project_id"])
+    second = push_run(Run(sampled_run), settings, progress=False)
+    assert second["created"] == 0 and second["already_present"] == 8
+    assert AnnotationStore(sampled_run / "labels.sqlite").uploads(first["project_id"]) == uploads
+    assert len(list(Studio(settings).list_tasks(first["project_id"]))) == 8
+
+
+def test_push_recovers_tasks_it_imported_but_never_recorded(sampled_run: Path, settings: Settings) -> None:
+    first = push_run(Run(sampled_run), settings, progress=False)
+    with sqlite3.connect(sampled_run / "labels.sqlite") as db:  # as if killed right after the import
+        db.execute("DELETE FROM tasks")
+    again = push_run(Run(sampled_run), settings, progress=False)
+    assert again["created"] == 0 and again["adopted"] == 8
+    assert len(list(Studio(settings).list_tasks(first["project_id"]))) == 8
+
+
+def test_simulated_answers_are_pulled_exactly_and_pull_is_idempotent(sampled_run: Path, settings: Settings) -> None:
+    run = Run(sampled_run)
+    push_run(run, settings, progress=False)
+    counts = simulate_annotator(run, settings, progress=False)
+    assert counts["core"] + counts["spurious"] == 8 and counts["flipped"] == 0
+    summary = pull_run(run, settings)
+    assert summary["added"] == 8 and summary["annotated_tasks"] == 8
+    pulled = {a.image_id: a.choice for a in AnnotationStore(run.labels_path).annotations()}
+    assert pulled == expected_answers(sampled_run)
+    assert all(a.annotator == "admin@slim.local" and 2 <= a.lead_time <= 8
+               for a in AnnotationStore(run.labels_path).annotations())
+    before = digest(run.labels_path)
+    again = pull_run(run, settings)
+    assert again["changed_tasks"] == 0 and digest(run.labels_path) == before
+    assert simulate_annotator(run, settings, progress=False)["core"] == 0  # nothing left open
+
+
+def test_noise_flips_the_asked_fraction(sampled_run: Path, settings: Settings) -> None:
+    run = Run(sampled_run)
+    push_run(run, settings, progress=False)
+    counts = simulate_annotator(run, settings, noise=1.0, progress=False)
+    assert counts["flipped"] == 8
+    pull_run(run, settings)
+    pulled = {a.image_id: a.choice for a in AnnotationStore(run.labels_path).annotations()}
+    flip = {"core": "spurious", "spurious": "core"}
+    assert pulled == {k: flip[v] for k, v in expected_answers(sampled_run).items()}
+
+
+def test_edited_deleted_and_skipped_annotations_are_mirrored(sampled_run: Path, settings: Settings) -> None:
+    run = Run(sampled_run)
+    push_run(run, settings, progress=False)
+    studio = Studio(settings)
+    project = project_of(sampled_run)
+    task_ids = [t.task_id for t in AnnotationStore(run.labels_path).tasks(project)]
+    edited = studio.submit_annotation(task_ids[0], project, choice_result("core"), 4.0)
+    removed = studio.submit_annotation(task_ids[1], project, choice_result("spurious"), 4.0)
+    box = {"from_name": "object", "to_name": "image", "type": "rectanglelabels",
+           "value": {"x": 10.0, "y": 20.0, "width": 30.0, "height": 40.0, "rotation": 0,
+                     "rectanglelabels": ["core object"]}}
+    note = {"from_name": "note", "to_name": "image", "type": "textarea", "value": {"text": ["tail only"]}}
+    studio.submit_annotation(task_ids[2], project, choice_result("core") + [box, note], 4.0)
+    studio.client.annotations.create(id=task_ids[3], project=project, result=[], was_cancelled=True)
+    assert pull_run(run, settings)["added"] == 4
+
+    studio.update_annotation(edited, choice_result("unsure"))
+    studio.delete_annotation(removed)
+    summary = pull_run(run, settings)
+    assert (summary["added"], summary["updated"], summary["removed"]) == (0, 1, 1)
+    by_task = {a.task_id: a for a in AnnotationStore(run.labels_path).annotations()}
+    assert by_task[task_ids[0]].choice == "unsure"
+    assert task_ids[1] not in by_task
+    assert by_task[task_ids[2]].boxes == [{"x": 10.0, "y": 20.0, "width": 30.0, "height": 40.0, "rotation": 0}]
+    assert by_task[task_ids[2]].note == "tail only"
+    assert by_task[task_ids[3]].skipped and by_task[task_ids[3]].choice is None
+    assert summary["choices"] == {"core": 1, "spurious": 0, "unsure": 1} and summary["skipped"] == 1
+
+
+def test_deleted_task_stops_pull_until_accepted_and_push_recreates_it(sampled_run: Path, settings: Settings) -> None:
+    run = Run(sampled_run)
+    push_run(run, settings, progress=False)
+    simulate_annotator(run, settings, progress=False)
+    pull_run(run, settings)
+    project = project_of(sampled_run)
+    victim = AnnotationStore(run.labels_path).tasks(project)[0]
+    Studio(settings).delete_task(victim.task_id)
+    before = digest(run.labels_path)
+    with pytest.raises(PipelineError, match=r"1 task\(s\) of this run were deleted"):
+        pull_run(run, settings)
+    assert digest(run.labels_path) == before
+    summary = pull_run(run, settings, accept_deleted=True)
+    assert summary["deleted_tasks"] == 1 and summary["tasks"] == 7
+    assert any(a.task_id == victim.task_id for a in AnnotationStore(run.labels_path).annotations())  # kept
+    assert push_run(run, settings, progress=False)["created"] == 1
+
+
+def test_deleted_project_is_a_clear_error_and_changes_nothing(sampled_run: Path, settings: Settings, capsys) -> None:
+    run = Run(sampled_run)
+    push_run(run, settings, progress=False)
+    Studio(settings).client.projects.delete(id=project_of(sampled_run))
+    before = digest(run.labels_path)
+    code = main(["pull", "--run", str(sampled_run), "--url", settings.url, "--api-key", settings.api_key])
+    err = capsys.readouterr().err
+    assert code == 2 and "does not exist in Label Studio" in err and err.count("\n") == 1
+    assert digest(run.labels_path) == before
+
+
+def test_wrong_keys_and_stopped_server_give_one_clear_line(sampled_run: Path, settings: Settings, capsys) -> None:
+    cases = [
+        (settings.url, "not-the-token-1234", "rejected the legacy API token"),
+        (settings.url, "eyJhbGciOiJIUzI1NiJ9.eyJzdWIiOiIxIn0.c2lnbmF0dXJl", "rejected the personal access token"),
+        (f"http://127.0.0.1:{free_port(1)}", settings.api_key, "cannot reach Label Studio"),
+    ]
+    for url, key, message in cases:
+        code = main(["push", "--run", str(sampled_run), "--url", url, "--api-key", key, "--quiet"])
+        err = capsys.readouterr().err
+        assert code == 2 and message in err and err.count("\n") == 1
+        assert key not in err
+    assert not (sampled_run / "labels.sqlite").exists() or not AnnotationStore(sampled_run / "labels.sqlite").tasks()
+
+
+def test_personal_access_token_works(sampled_run: Path, settings: Settings) -> None:
+    client = Studio(settings).client
+    client.jwt_settings.update(api_token_ttl_days=30, api_tokens_enabled=True, legacy_api_tokens_enabled=True)
+    token = client.tokens.create().token
+    assert token.startswith("eyJ")
+    assert push_run(Run(sampled_run), Settings(settings.url, token), progress=False)["created"] == 8
+
+
+def test_missing_settings_and_foreign_project_are_refused(sampled_run: Path, settings: Settings, monkeypatch) -> None:
+    monkeypatch.delenv("LABEL_STUDIO_URL", raising=False)
+    monkeypatch.delenv("LABEL_STUDIO_API_KEY", raising=False)
+    with pytest.raises(PipelineError, match="no Label Studio URL"):
+        Settings.resolve(None, None)
+    with pytest.raises(PipelineError, match="no Label Studio API key"):
+        Settings.resolve("http://localhost:8080", None)
+    assert "hidden" in repr(Settings.resolve("http://h:1", "secret-key")) and "secret" not in repr(
+        Settings.resolve("http://h:1", "secret-key"))
+    studio = Studio(settings)
+    foreign = studio.create_project("someone else's", "", config='<View><Text name="t" value="$t"/>'
+                                    '<Choices name="c" toName="t"><Choice value="a"/></Choices></View>')
+    with pytest.raises(PipelineError, match="does not use the SLIM labeling config"):
+        push_run(Run(sampled_run), settings, project_id=foreign, progress=False)
+
+
+def test_local_files_storage_serves_the_pictures(sampled_run: Path, settings: Settings, tmp_path_factory) -> None:
+    summary = push_run(Run(sampled_run), settings, storage="local-files",
+                       document_root=tmp_path_factory.getbasetemp(), progress=False)
+    studio = Studio(settings)
+    task = next(iter(studio.list_tasks(summary["project_id"])))
+    assert task["data"]["image"].startswith("/data/local-files/?d=")
+    response = studio.client._client_wrapper.httpx_client.request(task["data"]["image"].lstrip("/"), method="GET")
+    assert response.status_code == 200 and response.content[:4] == b"\x89PNG"
+    with pytest.raises(PipelineError, match="is not below --document-root"):
+        push_run(Run(sampled_run), settings, storage="local-files", document_root="/nonexistent",
+                 new_project=True, progress=False)
