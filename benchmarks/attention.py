@@ -22,13 +22,14 @@ dataset generated once into ``bench-out/``. All batches are loaded once through
 :func:`pipeline.train.make_loader` (with masks) and kept in memory, on the device, before anything is timed:
 data loading is excluded from all four measurements alike, so the comparison is about compute.
 
-Timing is built for shared machines, whose speed drifts over seconds to minutes (on a small cloud VM, 2-5x):
-the work is cut into chunks (one batch; ``--batch-size`` images of the reference loop), and the methods take
-turns chunk by chunk, in rotating order, for ``--rounds`` rounds. So every method sees the same machine, and a
-method's rate is its median seconds per image over its chunks, which a stall during one chunk does not move.
-(The attention stage is called once per chunk: the same code, its per-call set-up included.) Each method runs
-one warm-up chunk first; on CUDA the clock is read only after ``torch.cuda.synchronize()``. The JSON also
-keeps the plain rate (all images over all time) and the spread of the per-chunk rates.
+Timing is built for shared machines, whose speed drifts over seconds to minutes (on a small cloud VM, 2-5x).
+The work is cut into chunks (one batch; for the reference loop, its images split into as many chunks as
+there are batches), and the methods take turns chunk by chunk, in rotating order, for ``--rounds`` rounds, so
+every method sees the same machine. A method's rate is its median seconds per image over its chunks, which a
+stall during one chunk does not move. (The attention stage is called once per chunk: the same code, its
+per-call set-up included.) Each method runs one warm-up chunk first; on CUDA the clock is read only after
+``torch.cuda.synchronize()``. The JSON also keeps the plain rate (all images over all time) and the spread of
+the per-chunk rates.
 
 Run from the repository root::
 
@@ -42,6 +43,7 @@ import copy
 import json
 import platform
 import statistics
+import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -53,15 +55,16 @@ import torch
 from PIL import Image
 from pytorch_grad_cam.utils.image import show_cam_on_image
 
-from pipeline.cam import LibraryCAM
+from pipeline.cam import LibraryCAM, make_extractor
 from pipeline.data import IMAGENET_MEAN, IMAGENET_STD, TRAIN, load_dataset
 from pipeline.embed import compute_attention
-from pipeline.models import Classifier, build_model, resolve_device
+from pipeline.errors import PipelineError
+from pipeline.models import Classifier, build_model, native_bf16, resolve_device
 from pipeline.synth import SynthSpec, generate
 from pipeline.train import make_loader
 
 CACHE_ROOT = Path("bench-out")
-AIOU_THRESHOLD = 0.5
+CAM_THRESHOLD = 0.8  # "looked hardest" level for AIoU, the stage's default
 BASELINES = ("forward", "gradcam_lib", "reference_loop")
 # attention_ips / <baseline>_ips must reach these; set for CPU, ResNet-18, 224 px
 TARGETS = {"forward": 0.8, "gradcam_lib": 4.0, "reference_loop": 10.0}
@@ -99,6 +102,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                         help="images for the batch-1 reference loop (a prefix of the others; it is slow)")
     parser.add_argument("--rounds", type=int, default=3, help="timed passes over the images per method")
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    parser.add_argument("--precision", choices=("auto", "fp32", "bf16"), default="auto",
+                        help="the attention stage's precision, as `embed --precision` (auto: bf16 where native)")
     parser.add_argument("--data", type=Path, default=None,
                         help="dataset folder (its training split); default: a generated synthetic one")
     parser.add_argument("--out", type=Path, default=CACHE_ROOT / "attention.json")
@@ -154,10 +159,13 @@ def forward_only(model: Classifier, device: torch.device) -> Runner:
     return run
 
 
-def attention_stage(model: Classifier, device: torch.device, image_size: int) -> Runner:
+def attention_stage(model: Classifier, device: torch.device, image_size: int, bf16: bool) -> Runner:
+    """The stage as ``embed`` runs it: one extractor (set up once per run), then the streamed loop."""
+    extractor = make_extractor(model, "gradcam", bf16=bf16)
+
     def run(batches: Sequence[Batch]) -> dict[str, np.ndarray]:
-        return compute_attention(model, PreloadedLoader(batches), device, "gradcam", AIOU_THRESHOLD,
-                                 image_size, progress=False)
+        return compute_attention(extractor, PreloadedLoader(batches), device, CAM_THRESHOLD, image_size,
+                                 progress=False)
     return run
 
 
@@ -252,11 +260,12 @@ def benchmark(args: argparse.Namespace) -> dict[str, object]:
     singles = single_images(batches, args.reference_images)
     rgbs = {int(index): to_rgb(image[0]) for image, _, index, _ in singles}
     model = build_model(args.arch, num_classes).to(device).eval()
-    # the stage gets its own copy (same weights): it may change a model's layout or precision in place, and
-    # the baselines must run the model as built
-    attention = attention_stage(copy.deepcopy(model), device, args.image_size)
+    # the stage gets its own copy (same weights), so nothing it does to a model can speed up the baselines
+    bf16 = args.precision == "bf16" or (args.precision == "auto" and native_bf16(device))
+    attention = attention_stage(copy.deepcopy(model), device, args.image_size, bf16)
     per_batch = [[batch] for batch in batches]
-    reference_chunks = [singles[i:i + args.batch_size] for i in range(0, len(singles), args.batch_size)]
+    per_chunk = -(-len(singles) // len(batches))  # as many reference chunks as batches: one per turn
+    reference_chunks = [singles[i:i + per_chunk] for i in range(0, len(singles), per_chunk)]
     with tempfile.TemporaryDirectory(prefix="slim-bench-") as tmp:
         timings = time_chunks({
             "forward": (forward_only(model, device), per_batch),
@@ -277,7 +286,7 @@ def benchmark(args: argparse.Namespace) -> dict[str, object]:
         "targets_met": {f"attention_over_{name}": ratios[f"attention_over_{name}"] >= target
                         for name, target in TARGETS.items()},
         "ips_stats": stats,
-        "timing": f"median s/image over chunks (a batch, or {args.batch_size} reference images), methods "
+        "timing": f"median s/image over chunks (a batch, or {per_chunk} reference-loop images), methods "
                   f"taking turns chunk by chunk, {args.rounds} rounds, one warm-up chunk each",
         "device": str(device),
         "arch": args.arch,
@@ -290,13 +299,18 @@ def benchmark(args: argparse.Namespace) -> dict[str, object]:
         "data": str(root),
         "data_loading": "excluded (batches preloaded)",
         "forward_precision": "bf16 autocast" if device.type == "cuda" else "fp32",
+        "attention_precision": "bf16 autocast" if bf16 else "fp32",
         **environment(device),
     }
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
-    result = benchmark(args)
+    try:
+        result = benchmark(args)
+    except PipelineError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2) + "\n")
     print(json.dumps(result, indent=2))

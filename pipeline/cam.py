@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from pipeline.errors import PipelineError
-from pipeline.models import Classifier
+from pipeline.models import Classifier, inference_backbone
 
 EPS = 1e-7  # pytorch-grad-cam's epsilon in scale_cam_image
 
@@ -27,6 +27,7 @@ EPS = 1e-7  # pytorch-grad-cam's epsilon in scale_cam_image
 @dataclass
 class AttentionBatch:
     activations: torch.Tensor  # (B, K, h, w), float32
+    features: torch.Tensor  # (B, K): the pooled activations the head sees
     logits: torch.Tensor  # (B, C), float32
     cams: torch.Tensor  # (B, h, w) in [0, 1]
 
@@ -59,18 +60,29 @@ class AttentionExtractor(ABC):
 
 
 class ClosedFormGradCAM(AttentionExtractor):
-    """GradCAM for a GAP + linear head, from the head's weights, inside one no-grad forward pass."""
+    """GradCAM for a GAP + linear head, from the head's weights, inside one no-grad forward pass.
 
-    @torch.no_grad()
+    The forward runs on an inference copy of the backbone (BN folded, channels-last); ``bf16`` autocasts it
+    (the default on CUDA; on CPU only when asked, since maps then differ from fp32 by up to ~0.05).
+    """
+
+    def __init__(self, model: Classifier, bf16: bool = False) -> None:
+        super().__init__(model)
+        self.backbone = inference_backbone(model.backbone)
+        self.bf16 = bf16
+
+    @torch.inference_mode()
     def __call__(self, images: torch.Tensor, targets: torch.Tensor) -> AttentionBatch:
         device = images.device
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-            activations = self.model.backbone(images)
-        activations = activations.float()
-        logits = self.model.head(activations.mean(dim=(2, 3)))
+        self.backbone.to(device)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=self.bf16):
+            activations = self.backbone(images.contiguous(memory_format=torch.channels_last))
+        activations = activations.float().contiguous()
+        features = activations.mean(dim=(2, 3))
+        logits = self.model.head(features)
         weights = self.model.head.weight[targets] / (activations.shape[2] * activations.shape[3])
         cams = torch.relu(torch.einsum("bk,bkhw->bhw", weights, activations))
-        return AttentionBatch(activations, logits, normalize_cams(cams))
+        return AttentionBatch(activations, features, logits, normalize_cams(cams))
 
 
 class LibraryCAM(AttentionExtractor):
@@ -98,13 +110,14 @@ class LibraryCAM(AttentionExtractor):
         full = self.full_resolution(images, targets)
         with torch.no_grad():
             activations = self.model.backbone(images).float()
-            logits = self.model.head(activations.mean(dim=(2, 3)))
+            features = activations.mean(dim=(2, 3))
+            logits = self.model.head(features)
         low = F.adaptive_avg_pool2d(full[:, None].float(), activations.shape[2:])[:, 0]
-        return AttentionBatch(activations, logits, normalize_cams(low))
+        return AttentionBatch(activations, features, logits, normalize_cams(low))
 
 
-def make_extractor(model: Classifier, method: str) -> AttentionExtractor:
+def make_extractor(model: Classifier, method: str, bf16: bool = False) -> AttentionExtractor:
     """Closed form where it is exact (GradCAM on our GAP + linear head), the library otherwise."""
     if method == "gradcam" and isinstance(model, Classifier) and isinstance(model.head, torch.nn.Linear):
-        return ClosedFormGradCAM(model)
+        return ClosedFormGradCAM(model, bf16=bf16)
     return LibraryCAM(model, method)

@@ -18,6 +18,7 @@ ARCHS = ("smallcnn", "resnet18", "resnet50")
 CAM_METHODS = ("gradcam", "gradcam++", "xgradcam", "eigencam", "layercam", "scorecam", "hirescam")
 EMBEDDINGS = ("umap", "pca")
 SAMPLE_SPACES = ("vectors", "embedding")
+PRECISIONS = ("auto", "fp32", "bf16")
 
 
 @dataclass
@@ -51,6 +52,7 @@ class EmbedConfig:
     batch_size: int = 128
     threshold: float = 0.8  # CAM level counted as "where the model looked hardest" (AIoU delta)
     embedding: str = "umap"
+    precision: str = "auto"  # auto: bf16 autocast where the hardware runs bf16 natively, else fp32
     seed: int = 0
 
 

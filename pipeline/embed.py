@@ -16,21 +16,22 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from pipeline.cam import AttentionBatch, make_extractor, upsample_cams
-from pipeline.config import RunConfig, fingerprint
+from pipeline.cam import AttentionBatch, AttentionExtractor, make_extractor, upsample_cams
+from pipeline.config import PRECISIONS, RunConfig, fingerprint
 from pipeline.data import TRAIN, load_dataset
 from pipeline.errors import PipelineError
-from pipeline.models import load_checkpoint, resolve_device
+from pipeline.models import load_checkpoint, native_bf16, resolve_device
 from pipeline.run import Run
 from pipeline.train import make_loader
 
 
 def attention_vectors(batch: AttentionBatch) -> tuple[torch.Tensor, torch.Tensor]:
-    """What the model looked at (f) and what it ignored (f_rev), from activations and [0, 1] maps."""
-    cams = batch.cams[:, None]
-    attended = (batch.activations * cams).mean(dim=(2, 3))
-    ignored = (batch.activations * (1.0 - cams)).mean(dim=(2, 3))
-    return attended, ignored
+    """What the model looked at (f) and what it ignored (f_rev), from activations and [0, 1] maps.
+
+    ``f_rev = mean(A * (1 - m)) = mean(A) - f``: one product over the activations instead of two.
+    """
+    attended = torch.einsum("bkhw,bhw->bk", batch.activations, batch.cams) / batch.cams[0].numel()
+    return attended, batch.features - attended
 
 
 def aiou(full_cams: torch.Tensor, masks: torch.Tensor, threshold: float) -> torch.Tensor:
@@ -62,14 +63,13 @@ def embed_2d(vectors: np.ndarray, method: str, seed: int) -> np.ndarray:
     return np.pad(coords, ((0, 0), (0, 2 - components))).astype(np.float32)
 
 
-def compute_attention(model, loader, device: torch.device, cam: str, threshold: float, image_size: int,
-                      progress: bool = True) -> dict[str, np.ndarray]:
-    """Stream ``loader`` through the attention extractor; returns one row per image (loader order)."""
-    extractor = make_extractor(model.to(device), cam)
+def compute_attention(extractor: AttentionExtractor, loader, device: torch.device, threshold: float,
+                      image_size: int, progress: bool = True) -> dict[str, np.ndarray]:
+    """Stream ``loader`` through ``extractor``; returns one row per image (loader order)."""
     n = len(loader.dataset)
     out: dict[str, np.ndarray] = {}
     row = 0
-    for images, labels, index, masks in tqdm(loader, desc=f"embed ({cam})", disable=not progress, unit="batch"):
+    for images, labels, index, masks in tqdm(loader, desc="embed", disable=not progress, unit="batch"):
         images, labels = images.to(device, non_blocking=True), labels.to(device)
         batch = extractor(images, labels)
         attended, ignored = attention_vectors(batch)
@@ -80,7 +80,7 @@ def compute_attention(model, loader, device: torch.device, cam: str, threshold: 
             "pred": probs.argmax(1).cpu().numpy(),
             "confidence": probs.max(1).values.cpu().numpy(),
             "entropy": entropy(probs).cpu().numpy(),
-            "features": batch.activations.mean(dim=(2, 3)).cpu().numpy(),
+            "features": batch.features.cpu().numpy(),
             "f_att": attended.cpu().numpy(),
             "f_rev": ignored.cpu().numpy(),
             "cam": batch.cams.cpu().numpy().astype(np.float16),
@@ -99,6 +99,8 @@ def compute_attention(model, loader, device: torch.device, cam: str, threshold: 
 def embed_run(run: Run, config: RunConfig, force: bool = False, progress: bool = True) -> dict[str, np.ndarray]:
     """Compute (or reuse) ``attention.npz`` for the run's training split."""
     run.require(run.checkpoint_path, "train --data DIR --run RUN")
+    if config.embed.precision not in PRECISIONS:
+        raise PipelineError(f"unknown --precision {config.embed.precision!r}; choose {', '.join(PRECISIONS)}")
     if not 0.0 < config.embed.threshold <= 1.0:
         raise PipelineError(f"--threshold must be in (0, 1], got {config.embed.threshold}")
     image_set = load_dataset(config.data.root)
@@ -111,8 +113,9 @@ def embed_run(run: Run, config: RunConfig, force: bool = False, progress: bool =
     device = resolve_device(config.device)
     loader = make_loader(image_set, image_set.split(TRAIN), meta["image_size"], config.embed.batch_size,
                          config.data.workers, with_masks=True)
-    arrays = compute_attention(model, loader, device, config.embed.cam, config.embed.threshold,
-                               meta["image_size"], progress)
+    bf16 = config.embed.precision == "bf16" or (config.embed.precision == "auto" and native_bf16(device))
+    extractor = make_extractor(model.to(device), config.embed.cam, bf16=bf16)
+    arrays = compute_attention(extractor, loader, device, config.embed.threshold, meta["image_size"], progress)
     arrays["emb_att"] = embed_2d(arrays["f_att"], config.embed.embedding, config.embed.seed)
     arrays["emb_rev"] = embed_2d(arrays["f_rev"], config.embed.embedding, config.embed.seed)
     arrays["class_names"] = np.array(meta["class_names"])

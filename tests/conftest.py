@@ -19,10 +19,11 @@ def tiny_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="session")
 def trained_run(tiny_data: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A run with a trained model and its attention stage (PCA embedding keeps the session fast)."""
+    """A run with a trained model and its attention stage (PCA embedding keeps the session fast; fp32 makes
+    the attention identical on every machine, whatever its bf16 support)."""
     run = tmp_path_factory.mktemp("runs") / "a"
     assert main(["train", "--data", str(tiny_data), "--run", str(run), "--epochs", "2", "--quiet"]) == 0
-    assert main(["embed", "--run", str(run), "--embedding", "pca", "--quiet"]) == 0
+    assert main(["embed", "--run", str(run), "--embedding", "pca", "--precision", "fp32", "--quiet"]) == 0
     return run
 
 

@@ -9,6 +9,7 @@ import torch
 
 from pipeline.cli import main
 from pipeline.data import TRAIN, load_dataset
+from pipeline.cam import make_extractor
 from pipeline.embed import compute_attention, embed_2d
 from pipeline.evaluate import predict
 from pipeline.models import load_checkpoint
@@ -43,9 +44,20 @@ def test_results_do_not_depend_on_batch_size(trained_run: Path, tiny_data: Path)
     results = []
     for batch_size in (7, 64):
         loader = make_loader(image_set, image_set.split(TRAIN), 32, batch_size, 0, with_masks=True)
-        results.append(compute_attention(model, loader, torch.device("cpu"), "gradcam", 0.8, 32, progress=False))
+        extractor = make_extractor(model, "gradcam")
+        results.append(compute_attention(extractor, loader, torch.device("cpu"), 0.8, 32, progress=False))
     for key in ("index", "pred", "aiou", "f_att", "cam"):
         assert np.allclose(results[0][key].astype(np.float64), results[1][key].astype(np.float64), atol=1e-4), key
+
+
+def test_bf16_attention_stays_close_to_fp32(trained_run: Path, tiny_data: Path) -> None:
+    image_set = load_dataset(tiny_data)
+    model, _ = load_checkpoint(trained_run / "model.pt")
+    loader = make_loader(image_set, image_set.split(TRAIN), 32, 64, 0, with_masks=True)
+    fp32, bf16 = (compute_attention(make_extractor(model, "gradcam", bf16=flag), loader, torch.device("cpu"), 0.8,
+                                    32, progress=False) for flag in (False, True))
+    assert np.abs(fp32["cam"].astype(np.float32) - bf16["cam"].astype(np.float32)).mean() < 0.01
+    assert np.abs(fp32["confidence"] - bf16["confidence"]).max() < 0.02
 
 
 def test_embed_again_reuses_and_force_recomputes(trained_run: Path, capsys) -> None:

@@ -1,0 +1,93 @@
+"""Throughput of ``push`` and ``pull`` against a real local Label Studio.
+
+Builds a run on the synthetic default with ``--tasks`` training images and selects all of them (a quick
+1-epoch model: only the number of tasks matters here), starts a fresh local Label Studio, then times:
+
+* ``push``: creating the project, uploading both pictures of every task and importing the tasks with their
+  predictions (``push_tasks_per_s``);
+* the simulated annotator answering every task through the API (``annotate_tasks_per_s``, for scale);
+* the first ``pull`` of all annotations (``pull_annotations_per_s``) and a second, no-change pull
+  (``pull_noop_s``: what an incremental pull costs when nothing changed).
+
+    python benchmarks/labelstudio.py --out bench-out/labelstudio.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import shutil
+import time
+from pathlib import Path
+
+import torch
+
+from pipeline.annotator import simulate_annotator
+from pipeline.cli import main as pipeline
+from pipeline.labelstudio import Settings
+from pipeline.labelstudio_server import LocalLabelStudio
+from pipeline.pull import pull_run
+from pipeline.push import push_run
+from pipeline.run import Run, atomic_write_json
+
+
+def build_run(work: Path, tasks: int) -> Run:
+    data, run = work / "data", work / "run"
+    commands = [
+        ["synth", str(data), "--n-train", str(tasks), "--n-val", "20", "--n-test", "20", "--quiet"],
+        ["train", "--data", str(data), "--run", str(run), "--epochs", "1", "--quiet"],
+        ["embed", "--run", str(run), "--embedding", "pca", "--quiet"],
+        ["sample", "--run", str(run), "--fraction", "1.0", "--quiet"],
+    ]
+    for command in commands:
+        if pipeline(command) != 0:
+            raise SystemExit(f"pipeline {command[0]} failed")
+    return Run(run)
+
+
+def timed(fn):
+    start = time.perf_counter()
+    result = fn()
+    return result, time.perf_counter() - start
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--tasks", type=int, default=1000, help="tasks to push and annotations to pull")
+    parser.add_argument("--work", default="bench-out/labelstudio", help="run and server data go here")
+    parser.add_argument("--out", default="bench-out/labelstudio.json", help="JSON result file")
+    args = parser.parse_args()
+    work = Path(args.work)
+    run = build_run(work, args.tasks)
+    server_dir = work / "server"
+    shutil.rmtree(server_dir, ignore_errors=True)
+    if run.labels_path.exists():
+        run.labels_path.unlink()
+    with LocalLabelStudio(server_dir) as login:
+        settings = Settings(login.url, login.token)
+        pushed, push_s = timed(lambda: push_run(run, settings, progress=False))
+        _, annotate_s = timed(lambda: simulate_annotator(run, settings, progress=False))
+        pulled, pull_s = timed(lambda: pull_run(run, settings))
+        again, noop_s = timed(lambda: pull_run(run, settings))
+    result = {
+        "tasks": pushed["created"],
+        "push_s": round(push_s, 2),
+        "push_tasks_per_s": round(pushed["created"] / push_s, 1),
+        "annotate_tasks_per_s": round(args.tasks / annotate_s, 1),
+        "annotations_pulled": pulled["added"],
+        "pull_s": round(pull_s, 2),
+        "pull_annotations_per_s": round(pulled["added"] / pull_s, 1),
+        "pull_noop_s": round(noop_s, 2),
+        "pull_noop_changed_tasks": again["changed_tasks"],
+        "label_studio": "local, SQLite, 127.0.0.1 (pipeline.labelstudio_server)",
+        "machine": f"{platform.machine()}, {torch.get_num_threads()} torch threads",
+    }
+    result["targets_met"] = {"push_tasks_per_s >= 100": result["push_tasks_per_s"] >= 100,
+                             "pull_annotations_per_s >= 500": result["pull_annotations_per_s"] >= 500}
+    atomic_write_json(Path(args.out), result)
+    print(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    main()
