@@ -10,7 +10,7 @@ message unless ``--accept-deleted`` says to record that; its stored annotations 
 from __future__ import annotations
 
 from pipeline.errors import PipelineError
-from pipeline.labelstudio import Settings, Studio, parse_annotation
+from pipeline.labelstudio import TASK_ANNOTATIONS, TASK_COUNTS, Settings, Studio, parse_annotation
 from pipeline.run import Run
 from pipeline.store import AnnotationStore
 
@@ -28,7 +28,7 @@ def pull_run(run: Run, settings: Settings, accept_deleted: bool = False) -> dict
         studio = Studio(settings)
         studio.project(project_id)
         known = {t.task_id: t for t in store.tasks(project_id)}
-        listing = {int(t["id"]): t for t in studio.list_tasks(project_id)}
+        listing = {int(t["id"]): t for t in studio.list_tasks(project_id, fields=TASK_COUNTS)}
         gone = sorted(set(known) - set(listing))
         if gone and not accept_deleted:
             shown = ", ".join(map(str, gone[:5])) + (" ..." if len(gone) > 5 else "")
@@ -46,7 +46,7 @@ def pull_run(run: Run, settings: Settings, accept_deleted: bool = False) -> dict
             )
         ]
         users = studio.users() if changed else {}
-        fetched = list(studio.list_tasks(project_id, fields="all", task_ids=changed))
+        fetched = list(studio.list_tasks(project_id, task_ids=changed, fields=TASK_ANNOTATIONS))
         totals = {"added": 0, "updated": 0, "removed": 0}
         if gone:
             store.mark_tasks_deleted(gone)

@@ -8,6 +8,7 @@ killed between import and bookkeeping) are found by their ``run_id`` and adopted
 from __future__ import annotations
 
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from tqdm import tqdm
@@ -19,6 +20,7 @@ from pipeline.run import Run
 from pipeline.store import AnnotationStore, TaskRecord
 
 STORAGES = ("upload", "local-files")
+UPLOAD_THREADS = 2
 
 
 def run_id_of(store: AnnotationStore) -> str:
@@ -115,9 +117,11 @@ def stage_images(studio: Studio, store: AnnotationStore, project_id: int, paths:
     urls = store.uploads(project_id)
     missing = [p for p in paths if p.name not in urls]
     media = media_project(studio, store, project_id) if missing else None
-    with tqdm(total=len(missing), desc="upload", unit="file", disable=not progress or not missing) as bar:
-        for start in range(0, len(missing), UPLOAD_BATCH):
-            uploaded = studio.upload_files(media, missing[start:start + UPLOAD_BATCH])
+    batches = [missing[start:start + UPLOAD_BATCH] for start in range(0, len(missing), UPLOAD_BATCH)]
+    with tqdm(total=len(missing), desc="upload", unit="file", disable=not progress or not missing) as bar, \
+            ThreadPoolExecutor(UPLOAD_THREADS) as pool:
+        # two requests in flight keep the server busy while the other one's response travels
+        for uploaded in pool.map(lambda batch: studio.upload_files(media, batch), batches):
             store.add_uploads(project_id, uploaded)  # remembered at once: a re-run never uploads twice
             urls.update(uploaded)
             bar.update(len(uploaded))

@@ -64,7 +64,8 @@ def test_push_creates_exactly_the_selection_with_predictions(sampled_run: Path, 
     summary = push_run(Run(sampled_run), settings, progress=False)
     assert summary["created"] == 8 and summary["already_present"] == 0
     studio = Studio(settings)
-    tasks = list(studio.list_tasks(summary["project_id"], fields="all"))
+    tasks = list(studio.list_tasks(summary["project_id"],
+                                   fields=("id", "data", "predictions", "result", "score", "model_version")))
     assert sorted(t["data"]["image_id"] for t in tasks) == sorted(int(r["image_id"]) for r in selection(sampled_run))
     for task in tasks:
         assert task["data"]["class_name"] in ("disc", "triangle") and task["data"]["round"] == 1

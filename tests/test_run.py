@@ -25,6 +25,18 @@ def test_interrupted_write_keeps_the_old_file_and_leaves_no_temp(tmp_path: Path)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["metrics.json"]
 
 
+def test_written_files_get_the_usual_permissions(tmp_path: Path) -> None:
+    """Other processes (a Label Studio serving local files, a container) must be able to read artifacts."""
+    import os
+    import stat
+
+    target = tmp_path / "a.json"
+    atomic_write_json(target, {})
+    mask = os.umask(0)
+    os.umask(mask)
+    assert stat.S_IMODE(target.stat().st_mode) == 0o666 & ~mask
+
+
 def test_config_round_trips_and_ignores_unknown_keys(tmp_path: Path) -> None:
     run = Run(tmp_path)
     config = RunConfig()
