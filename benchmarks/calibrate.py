@@ -54,8 +54,8 @@ def main() -> None:
         "wga_at_0.5": min(r["worst_group_acc"] for r in balanced),
         "machine": f"{platform.machine()}, {torch.get_num_threads()} torch threads, torch {torch.__version__}",
     }
-    summary["shortcut_ok"] = summary["gap_mean_minus_wga_at_0.95"] >= 0.25
-    summary["learnable_ok"] = summary["wga_at_0.5"] >= 0.90
+    summary["shortcut_ok"] = bool(summary["gap_mean_minus_wga_at_0.95"] >= 0.25)
+    summary["learnable_ok"] = bool(summary["wga_at_0.5"] >= 0.90)
     atomic_write_json(Path(args.out), summary)
     print(json.dumps(summary, indent=2))
 

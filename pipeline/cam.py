@@ -90,8 +90,15 @@ class LibraryCAM(AttentionExtractor):
 
     def __init__(self, model: Classifier, method: str) -> None:
         super().__init__(model)
-        from pytorch_grad_cam import (EigenCAM, GradCAM, GradCAMPlusPlus, HiResCAM, LayerCAM, ScoreCAM,
-                                      XGradCAM)
+        from pytorch_grad_cam import (
+            EigenCAM,
+            GradCAM,
+            GradCAMPlusPlus,
+            HiResCAM,
+            LayerCAM,
+            ScoreCAM,
+            XGradCAM,
+        )
 
         methods = {"gradcam": GradCAM, "gradcam++": GradCAMPlusPlus, "xgradcam": XGradCAM, "eigencam": EigenCAM,
                    "layercam": LayerCAM, "scorecam": ScoreCAM, "hirescam": HiResCAM}

@@ -51,7 +51,7 @@ def group_metrics(image_set: ImageSet, samples: Sequence[Sample], predictions: n
     accs = [v["acc"] for v in per_group.values()]
     return {
         "worst_group_acc": min(accs),
-        "mean_acc": weighted / weight if weight else float(correct.mean()),
+        "mean_acc": float(weighted / weight) if weight else float(correct.mean()),
         "avg_acc": float(correct.mean()),
         "per_group": per_group,
         "n": len(samples),
@@ -60,8 +60,9 @@ def group_metrics(image_set: ImageSet, samples: Sequence[Sample], predictions: n
 
 def format_metrics(name: str, metrics: dict) -> str:
     """A few human-readable lines for the terminal."""
-    lines = [f"{name}: worst-group {metrics['worst_group_acc']:.1%}  mean {metrics['mean_acc']:.1%}  "
-             f"average {metrics['avg_acc']:.1%}  (n={metrics['n']})"]
+    headline = (f"{name}: worst-group {metrics['worst_group_acc']:.1%}  mean {metrics['mean_acc']:.1%}  "
+                f"average {metrics['avg_acc']:.1%}  (n={metrics['n']})")
+    lines = [headline]
     for group, value in metrics["per_group"].items():
         lines.append(f"    {group:<24} {value['acc']:.1%}  (n={value['n']})")
     return "\n".join(lines)

@@ -220,7 +220,7 @@ class Studio:
         ids: list[int] = []
         for start in range(0, len(tasks), IMPORT_BATCH):
             batch = list(tasks[start:start + IMPORT_BATCH])
-            response = self._call("import tasks", lambda: self.client.projects.import_tasks(
+            response = self._call("import tasks", lambda batch=batch: self.client.projects.import_tasks(
                 id=project_id, request=batch, return_task_ids=True), project_id)
             ids.extend(int(t) for t in response.task_ids)
         return ids

@@ -57,6 +57,7 @@ def free_port(preferred: int = 8080) -> int:
     """``preferred`` when nothing listens there, else any free loopback port."""
     for port in (preferred, 0):
         with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the server will: TIME_WAIT is free
             try:
                 sock.bind(("127.0.0.1", port))
             except OSError:

@@ -98,7 +98,7 @@ def load_weights(model: Classifier, path: str | Path) -> None:
         raise PipelineError(f"--weights {path} does not exist; pass a local .pt/.pth file")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # torch raises many types for a bad file
+    except Exception as exc:  # noqa: BLE001 - a bad file raises pickle, struct, zip or runtime errors alike
         raise PipelineError(f"--weights {path} is not a readable torch checkpoint ({exc.__class__.__name__})") from None
     state = state.get("model", state) if isinstance(state, dict) else state
     own = model.state_dict()

@@ -36,15 +36,16 @@ def panels(rgb: np.ndarray, cam: np.ndarray, threshold: float) -> list[np.ndarra
     return [(rgb * 255).astype(np.uint8), overlay, (top * 255).astype(np.uint8)]
 
 
-def _strip(views: list[tuple[np.ndarray, str]]) -> Image.Image:
-    """Panels side by side, each with a small title above it."""
-    side = views[0][0].shape[0]
-    canvas = Image.new("RGB", (len(views) * side + (len(views) - 1) * GAP, side + 18), "white")
+def _strip(views: list[tuple[np.ndarray, str]], titled: bool = True) -> Image.Image:
+    """Panels side by side, each with a small title above it (Label Studio's config titles its own)."""
+    side, top = views[0][0].shape[0], 18 if titled else 0
+    canvas = Image.new("RGB", (len(views) * side + (len(views) - 1) * GAP, side + top), "white")
     draw = ImageDraw.Draw(canvas)
     for i, (panel, title) in enumerate(views):
         x = i * (side + GAP)
-        canvas.paste(Image.fromarray(panel), (x, 18))
-        draw.text((x + 4, 3), title, fill="black")
+        canvas.paste(Image.fromarray(panel), (x, top))
+        if titled:
+            draw.text((x + 4, 3), title, fill="black")
     return canvas
 
 
@@ -62,7 +63,7 @@ def write_overlays(image_path: Path, low_res_cam: np.ndarray, threshold: float, 
     pictures = {
         "overview": _strip([(original, "image"), (overlay, "GradCAM"), (hot, hot_title)]),
         "image": Image.fromarray(original),
-        "attention": _strip([(overlay, "GradCAM"), (hot, hot_title)]),
+        "attention": _strip([(overlay, "GradCAM"), (hot, hot_title)], titled=False),
     }
     for kind, picture in pictures.items():
         atomic_write(targets[kind], lambda handle, picture=picture: picture.save(handle, format="PNG"))

@@ -5,7 +5,14 @@ from __future__ import annotations
 import pytest
 import torch
 
-from pipeline.cam import AttentionBatch, ClosedFormGradCAM, LibraryCAM, make_extractor, normalize_cams, upsample_cams
+from pipeline.cam import (
+    AttentionBatch,
+    ClosedFormGradCAM,
+    LibraryCAM,
+    make_extractor,
+    normalize_cams,
+    upsample_cams,
+)
 from pipeline.embed import aiou, attention_vectors
 from pipeline.models import build_model
 

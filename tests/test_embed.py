@@ -7,9 +7,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from pipeline.cam import make_extractor
 from pipeline.cli import main
 from pipeline.data import TRAIN, load_dataset
-from pipeline.cam import make_extractor
 from pipeline.embed import compute_attention, embed_2d
 from pipeline.evaluate import predict
 from pipeline.models import load_checkpoint
@@ -40,7 +40,7 @@ def test_attention_arrays_cover_every_training_image(trained_run: Path, tiny_dat
 def test_results_do_not_depend_on_batch_size(trained_run: Path, tiny_data: Path) -> None:
     """Streaming in batches of 7 or 64 gives the same rows: nothing depends on what else is in memory."""
     image_set = load_dataset(tiny_data)
-    model, meta = load_checkpoint(trained_run / "model.pt")
+    model, _ = load_checkpoint(trained_run / "model.pt")
     results = []
     for batch_size in (7, 64):
         loader = make_loader(image_set, image_set.split(TRAIN), 32, batch_size, 0, with_masks=True)

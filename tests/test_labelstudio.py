@@ -232,3 +232,23 @@ def test_local_files_storage_serves_the_pictures(sampled_run: Path, settings: Se
     with pytest.raises(PipelineError, match="is not below --document-root"):
         push_run(Run(sampled_run), settings, storage="local-files", document_root="/nonexistent",
                  new_project=True, progress=False)
+
+
+def test_demo_runs_the_loop_against_the_configured_server(tmp_path: Path, settings: Settings, monkeypatch,
+                                                          capsys) -> None:
+    """With LABEL_STUDIO_URL set, the demo uses that server: synth to pull, every task answered."""
+    from pipeline.config import RunConfig
+    from pipeline.demo import run_demo
+    from pipeline.synth import SynthSpec
+
+    monkeypatch.setenv("LABEL_STUDIO_URL", settings.url)
+    monkeypatch.setenv("LABEL_STUDIO_API_KEY", settings.api_key)
+    config = RunConfig()
+    config.train.epochs, config.embed.embedding, config.sample.per_class = 1, "pca", 3
+    run = run_demo(tmp_path / "data", tmp_path / "run", progress=False, config=config,
+                   spec=SynthSpec(n_train=80, n_val=20, n_test=20, image_size=32))
+    summary = AnnotationStore(run.labels_path).summary()
+    assert summary["tasks"] == summary["annotated_tasks"] == 6
+    out = capsys.readouterr().out
+    assert "push: project" in out and "pull: 6 tasks, 6 annotated" in out
+    assert not run.labelstudio_dir.exists()  # no local server was started
