@@ -30,7 +30,7 @@ def train_on(corr: float, seed: int, work: Path) -> dict:
     config.data.root = resolve_path(data)
     config.train.seed = seed
     started = time.perf_counter()
-    metrics = train_reference(Run(work / f"run-corr{corr}-seed{seed}"), config, progress=False)["erm"]["test"]
+    metrics = train_reference(Run(work / f"run-corr{corr}-seed{seed}"), config, progress=False)["erm"]
     return {
         "corr": corr, "seed": seed, "worst_group_acc": metrics["worst_group_acc"], "mean_acc": metrics["mean_acc"],
         "avg_acc": metrics["avg_acc"], "per_group": {k: v["acc"] for k, v in metrics["per_group"].items()},

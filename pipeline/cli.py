@@ -13,7 +13,16 @@ import sys
 from collections.abc import Sequence
 
 from pipeline import __version__
-from pipeline.config import ARCHS, CAM_METHODS, EMBEDDINGS, PRECISIONS, SAMPLE_SPACES, RunConfig, resolve_path
+from pipeline.config import (
+    ARCHS,
+    CAM_METHODS,
+    EMBEDDINGS,
+    PRECISIONS,
+    RETRAIN_MODES,
+    SAMPLE_SPACES,
+    RunConfig,
+    resolve_path,
+)
 from pipeline.errors import PipelineError
 from pipeline.run import Run
 
@@ -100,6 +109,27 @@ def build_parser() -> argparse.ArgumentParser:
                         help="cluster the full attention vectors (default) or their 2-D embedding")
     sample.add_argument("--round", type=int, default=None, help="annotation round (default 1)")
     sample.add_argument("--seed", type=int, default=None, help="k-means seed (default 0)")
+
+    curate = sub.add_parser("curate", help="spread the answers to every image and curate a balanced subset",
+                            description="SLIM steps 6-7: label spreading per class, then a feature-balanced subset.")
+    _add_common(curate)
+    curate.add_argument("--labels", default=None, metavar="CSV",
+                        help="answers as a CSV of image_id,label (core/spurious/unsure) instead of the pulled ones")
+    curate.add_argument("--subset-size", type=int, default=None, metavar="N",
+                        help="images in the curated subset (default 10%% of the training set, >= 20 per class)")
+    curate.add_argument("--seed", type=int, default=None, help="clustering seed (default 0)")
+
+    retrain = sub.add_parser("retrain", help="retrain on the curated subset",
+                             description="SLIM step 8: last-layer (DFR-style) or full fine-tuning on the subset.")
+    _add_common(retrain)
+    retrain.add_argument("--mode", choices=RETRAIN_MODES, default=None,
+                         help="last-layer (default: logistic regression on frozen features) or full fine-tuning")
+    retrain.add_argument("--epochs", type=int, default=None, help="full mode: epochs over the subset (default 20)")
+    retrain.add_argument("--lr", type=float, default=None, help="full mode: learning rate (default 0.001)")
+
+    report = sub.add_parser("report", help="evaluate ERM and SLIM; write metrics.json and report.html",
+                            description="Per-group accuracy, AIoU, core accuracy and spuriosity for both models.")
+    _add_common(report)
 
     push = sub.add_parser("push", help="send the selected images to Label Studio as tasks with pre-annotations",
                           description="Create (or reuse) the run's Label Studio project and import the selection; "
@@ -188,6 +218,12 @@ def _config_for(args: argparse.Namespace, run: Run) -> RunConfig:
         _override(config.sample, args, ["per_class", "fraction", "space", "round", "seed"])
         if args.fraction is not None:
             config.sample.per_class = None
+    elif args.command == "curate":
+        _override(config.curate, args, ["labels", "subset_size", "seed"])
+        if args.labels:
+            config.curate.labels = resolve_path(args.labels)
+    elif args.command == "retrain":
+        _override(config.retrain, args, ["mode", "epochs", "lr"])
     return config
 
 
@@ -231,6 +267,18 @@ def _run_command(args: argparse.Namespace) -> None:
         from pipeline.sample import sample_run
 
         sample_run(run, config, force=args.force, progress=progress)
+    elif args.command == "curate":
+        from pipeline.curate import curate_run
+
+        curate_run(run, config)
+    elif args.command == "retrain":
+        from pipeline.retrain import retrain_run
+
+        retrain_run(run, config, progress=progress)
+    elif args.command == "report":
+        from pipeline.report import report_run
+
+        report_run(run, config)
 
 
 def _run_labelstudio_command(args: argparse.Namespace, progress: bool) -> None:

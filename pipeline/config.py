@@ -19,6 +19,7 @@ CAM_METHODS = ("gradcam", "gradcam++", "xgradcam", "eigencam", "layercam", "scor
 EMBEDDINGS = ("umap", "pca")
 SAMPLE_SPACES = ("vectors", "embedding")
 PRECISIONS = ("auto", "fp32", "bf16")
+RETRAIN_MODES = ("last-layer", "full")
 
 
 @dataclass
@@ -68,6 +69,25 @@ class SampleConfig:
 
 
 @dataclass
+class CurateConfig:
+    """Propagation and curation (SLIM steps 6-7)."""
+
+    labels: str | None = None  # CSV of image_id,label instead of the run's pulled annotations
+    subset_size: int | None = None  # None: 10 % of the training images
+    seed: int = 0
+
+
+@dataclass
+class RetrainConfig:
+    """Retraining on the curated subset (SLIM step 8)."""
+
+    mode: str = "last-layer"
+    epochs: int = 20  # full mode: passes over the (class-balanced) subset
+    lr: float = 0.001  # full mode
+    seed: int = 0
+
+
+@dataclass
 class RunConfig:
     """All settings of one run; each section belongs to one stage."""
 
@@ -75,6 +95,8 @@ class RunConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     embed: EmbedConfig = field(default_factory=EmbedConfig)
     sample: SampleConfig = field(default_factory=SampleConfig)
+    curate: CurateConfig = field(default_factory=CurateConfig)
+    retrain: RetrainConfig = field(default_factory=RetrainConfig)
     device: str = "auto"
 
     def to_dict(self) -> dict[str, Any]:
@@ -83,7 +105,8 @@ class RunConfig:
     @classmethod
     def from_dict(cls, raw: dict[str, Any]) -> RunConfig:
         """Build from ``config.json``; unknown keys are ignored so old runs stay readable."""
-        sections = {"data": DataConfig, "train": TrainConfig, "embed": EmbedConfig, "sample": SampleConfig}
+        sections = {"data": DataConfig, "train": TrainConfig, "embed": EmbedConfig, "sample": SampleConfig,
+                    "curate": CurateConfig, "retrain": RetrainConfig}
         kwargs: dict[str, Any] = {}
         for name, section_cls in sections.items():
             known = {f.name for f in dataclasses.fields(section_cls)}

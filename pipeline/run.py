@@ -100,6 +100,23 @@ class Run:
         """Data folder of the local Label Studio that ``demo`` starts for this run."""
         return self.root / "label-studio"
 
+    @property
+    def propagation_path(self) -> Path:
+        """Propagated attention-correctness scores and certainties of the training images."""
+        return self.root / "propagation.npz"
+
+    @property
+    def curated_path(self) -> Path:
+        return self.root / "curated.csv"
+
+    @property
+    def slim_checkpoint_path(self) -> Path:
+        return self.root / "slim_model.pt"
+
+    @property
+    def report_path(self) -> Path:
+        return self.root / "report.html"
+
     def selection_path(self, round_: int) -> Path:
         return self.root / f"selection_round{round_}.csv"
 

@@ -20,6 +20,7 @@ from pipeline.errors import PipelineError
 from pipeline.overlays import VIEWS, write_overlays
 from pipeline.run import Run
 
+UNCERTAIN_POOL = 3
 SELECTION_COLUMNS = ("image_id", "img_filename", "y", "class_name", "pred", "confidence", "round", "cluster",
                      "distance", "overlay")
 
@@ -60,8 +61,13 @@ def pick_near_centroids(points: np.ndarray, k: int, seed: int) -> list[tuple[int
     return chosen
 
 
-def select(arrays: dict[str, np.ndarray], config: SampleConfig, exclude: set[int]) -> list[tuple[int, int, float]]:
-    """(row in ``arrays``, cluster, distance) for every class, never an image id in ``exclude``."""
+def select(arrays: dict[str, np.ndarray], config: SampleConfig, exclude: set[int],
+           certainty: np.ndarray | None = None) -> list[tuple[int, int, float]]:
+    """(row in ``arrays``, cluster, distance) for every class, never an image id in ``exclude``.
+
+    With ``certainty`` (a later round, after propagation), only the least certain images compete: the
+    ``UNCERTAIN_POOL`` x budget least certain of each class, clustered so the new questions stay diverse.
+    """
     points = attention_representation(arrays, config.space)
     picks = []
     for y in np.unique(arrays["y"]):
@@ -69,6 +75,8 @@ def select(arrays: dict[str, np.ndarray], config: SampleConfig, exclude: set[int
         if len(rows) == 0:
             continue
         budget = class_budget(int((arrays["y"] == y).sum()), config)
+        if certainty is not None:
+            rows = rows[np.argsort(certainty[rows], kind="stable")[: UNCERTAIN_POOL * budget]]
         for row, cluster, distance in pick_near_centroids(points[rows], budget, config.seed):
             picks.append((int(rows[row]), cluster, distance))
     return picks
@@ -98,14 +106,20 @@ def sample_run(run: Run, config: RunConfig, force: bool = False, progress: bool 
     round_ = config.sample.round
     arrays = run.load_arrays(run.attention_path, "embed --run RUN")
     exclude = earlier_picks(run, round_)
+    certainty = None
+    if round_ > 1 and run.propagation_path.exists():  # ask where the propagated answer is least sure
+        propagation = run.load_arrays(run.propagation_path, "curate --run RUN")
+        if np.array_equal(propagation["index"], arrays["index"]):
+            certainty = propagation["certainty"]
     selection_path = run.selection_path(round_)
-    stamp = fingerprint("sample", run.stage_fingerprint("embed"), config.sample, sorted(exclude))
+    stamp = fingerprint("sample", run.stage_fingerprint("embed"), config.sample, sorted(exclude),
+                        None if certainty is None else certainty.round(6).tolist())
     run.save_config(config)
     if not force and run.is_done(f"sample_round{round_}", stamp, [selection_path]):
         print(f"sample: reusing {selection_path} (same attention and settings; --force re-selects)")
         return run.load_csv(selection_path, "sample")
     image_set = load_dataset(config.data.root)
-    picks = select(arrays, config.sample, exclude)
+    picks = select(arrays, config.sample, exclude, certainty)
     rows = []
     for row, cluster, distance in tqdm(picks, desc="overlays", disable=not progress, unit="img"):
         sample = image_set.samples[int(arrays["index"][row])]

@@ -25,12 +25,14 @@ def seed_everything(seed: int) -> None:
 
 
 def make_loader(image_set: ImageSet, samples: Sequence[Sample], size: int, batch_size: int, workers: int,
-                shuffle: bool = False, with_masks: bool = False, seed: int = 0) -> DataLoader:
+                shuffle: bool = False, with_masks: bool = False, seed: int = 0, sampler=None,
+                core_only: bool = False) -> DataLoader:
     generator = torch.Generator().manual_seed(seed)
     return DataLoader(
-        ImageDataset(image_set, samples, size, with_masks=with_masks), batch_size=batch_size, shuffle=shuffle,
-        num_workers=workers, persistent_workers=workers > 0, pin_memory=torch.cuda.is_available(),
-        generator=generator,
+        ImageDataset(image_set, samples, size, with_masks=with_masks, core_only=core_only), batch_size=batch_size,
+        shuffle=shuffle,
+        sampler=sampler, num_workers=workers, persistent_workers=workers > 0, pin_memory=torch.cuda.is_available(),
+        generator=None if sampler is not None else generator,
     )
 
 
@@ -104,7 +106,8 @@ def train_reference(run: Run, config: RunConfig, force: bool = False, progress: 
             "class_names": image_set.class_names, "fingerprint": stamp}
     save_checkpoint(model.cpu(), run.checkpoint_path, meta)
     results = evaluate_splits(model.to(device), image_set, size, config, device, progress)
-    metrics = {"erm": {**results, "train_loss": losses}}
+    # headline numbers are the test split's; val sits beside them
+    metrics = {"erm": {**results.get("test", {}), "val": results.get("val"), "train_loss": losses}}
     atomic_write_json(run.metrics_path, metrics)
     run.mark_done("train", stamp)
     for name, split_metrics in results.items():

@@ -26,4 +26,4 @@ if [ ! -x .venv-labelstudio/bin/label-studio ]; then
 fi
 .venv-labelstudio/bin/pip install --quiet --disable-pip-version-check "label-studio==${LABEL_STUDIO_VERSION:-1.23.2}"
 .venv/bin/python -c "import torch, torchvision, pipeline; print('setup: ok, torch', torch.__version__)"
-.venv-labelstudio/bin/label-studio --version 2>/dev/null | head -n 1 || true
+.venv-labelstudio/bin/python -c "import label_studio; print('setup: ok, label-studio', label_studio.__version__)"

@@ -1,0 +1,197 @@
+"""Evaluate the reference (ERM) and retrained (SLIM) models side by side; write metrics.json and report.html.
+
+Per model, on val and test: per-group accuracy, mean and worst group; where masks exist, AIoU (how much of
+the strongest attention lies on the object) and core accuracy (accuracy when everything outside the object
+is noise). From the propagated scores, the spuriosity ranking of each class (Moayeri et al.): validation
+images inherit the score of their nearest training images in the attention representation, and the bias gap
+is the accuracy on the most-spurious quartile minus the most-core quartile.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+
+import numpy as np
+import torch
+from PIL import Image
+from sklearn.neighbors import KNeighborsRegressor
+
+from pipeline.cam import make_extractor
+from pipeline.config import RunConfig
+from pipeline.data import TEST, VAL, ImageSet, load_dataset, load_rgb
+from pipeline.embed import compute_attention
+from pipeline.evaluate import group_metrics, predict
+from pipeline.models import Classifier, load_checkpoint, resolve_device
+from pipeline.overlays import full_cam, panels
+from pipeline.run import Run, atomic_write_bytes, atomic_write_json
+from pipeline.sample import attention_representation
+from pipeline.store import AnnotationStore
+from pipeline.train import make_loader
+
+NEIGHBOURS = 10
+GRID = 6
+
+
+def evaluate_model(model: Classifier, image_set: ImageSet, split: int, size: int, config: RunConfig,
+                   device: torch.device) -> tuple[dict, dict[str, np.ndarray]]:
+    """Group metrics (+ AIoU and core accuracy with masks) and the split's attention arrays."""
+    samples = image_set.split(split)
+    loader = make_loader(image_set, samples, size, config.embed.batch_size, config.data.workers, with_masks=True)
+    arrays = compute_attention(make_extractor(model.to(device), "gradcam"), loader, device,
+                               config.embed.threshold, size, progress=False)
+    order = {int(i): r for r, i in enumerate(arrays["index"])}
+    predictions = np.array([arrays["pred"][order[s.index]] for s in samples])
+    metrics = group_metrics(image_set, samples, predictions)
+    if image_set.has_masks:
+        metrics["aiou"] = float(arrays["aiou"].mean())
+        core_loader = make_loader(image_set, samples, size, config.embed.batch_size, config.data.workers,
+                                  core_only=True)
+        probs, _ = predict(model, core_loader, device, progress=False)
+        metrics["core_acc"] = float((probs.argmax(1) == np.array([s.y for s in samples])).mean())
+    return metrics, arrays
+
+
+def bias_gaps(train: dict[str, np.ndarray], scores: np.ndarray, val: dict[str, np.ndarray]) -> dict[str, dict]:
+    """Per class: accuracy on the most-spurious minus the most-core quartile of validation images (a model
+    that leans on the spurious cue does better where it is present: a positive gap)."""
+    train_points, val_points = attention_representation(train, "vectors"), attention_representation(val, "vectors")
+    gaps = {}
+    for y in np.unique(train["y"]):
+        members, targets = train["y"] == y, np.flatnonzero(val["y"] == y)
+        if len(targets) < 4:
+            continue
+        knn = KNeighborsRegressor(n_neighbors=min(NEIGHBOURS, int(members.sum()))).fit(train_points[members],
+                                                                                       scores[members])
+        order = targets[np.argsort(knn.predict(val_points[targets]))]
+        quarter = max(1, len(order) // 4)
+        correct = val["pred"] == val["y"]
+        spurious, core = correct[order[:quarter]].mean(), correct[order[-quarter:]].mean()
+        gaps[str(train["class_names"][y])] = {"most_core_acc": float(core), "most_spurious_acc": float(spurious),
+                                              "bias_gap": float(spurious - core)}
+    return gaps
+
+
+def report_run(run: Run, config: RunConfig) -> dict:
+    """Evaluate both models; write ``metrics.json`` and the self-contained ``report.html``."""
+    train = run.load_arrays(run.attention_path, "embed --run RUN")
+    propagation = run.load_arrays(run.propagation_path, "curate --run RUN")
+    run.require(run.slim_checkpoint_path, "retrain --run RUN")
+    image_set = load_dataset(config.data.root)
+    device = resolve_device(config.device)
+    metrics = run.load_metrics()
+    models = {"erm": load_checkpoint(run.checkpoint_path), "slim": load_checkpoint(run.slim_checkpoint_path)}
+    spuriosity = {}
+    for name, (model, meta) in models.items():
+        test, _ = evaluate_model(model, image_set, TEST, meta["image_size"], config, device)
+        val, val_arrays = evaluate_model(model, image_set, VAL, meta["image_size"], config, device)
+        metrics[name] = {**metrics.get(name, {}), **test, "val": val}
+        spuriosity[name] = bias_gaps(train, propagation["score"], val_arrays)
+    metrics["slim"]["mode"] = models["slim"][1].get("mode")
+    answered = int(propagation["answered"].sum())
+    store = AnnotationStore(run.labels_path) if run.labels_path.exists() else None
+    metrics["annotated"] = len({a.image_id for a in store.annotations()}) if store else answered
+    metrics["annotated_fraction"] = metrics["annotated"] / len(train["y"])
+    metrics["spuriosity"] = spuriosity
+    atomic_write_json(run.metrics_path, metrics)
+    atomic_write_bytes(run.report_path, render_html(run, image_set, train, propagation, metrics).encode())
+    erm, slim = metrics["erm"], metrics["slim"]
+    print(f"report: worst-group {erm['worst_group_acc']:.1%} -> {slim['worst_group_acc']:.1%}, mean "
+          f"{erm['mean_acc']:.1%} -> {slim['mean_acc']:.1%} ({slim['mode']}, {metrics['annotated']} images "
+          f"annotated = {metrics['annotated_fraction']:.1%}); {run.report_path}")
+    return metrics
+
+
+# --- HTML -------------------------------------------------------------------------------------------------
+def _png(figure_or_image) -> str:
+    buffer = io.BytesIO()
+    if isinstance(figure_or_image, Image.Image):
+        figure_or_image.save(buffer, format="PNG")
+    else:
+        figure_or_image.savefig(buffer, format="png", dpi=90, bbox_inches="tight")
+    return f'<img src="data:image/png;base64,{base64.b64encode(buffer.getvalue()).decode()}">'
+
+
+def _maps(train: dict[str, np.ndarray], propagation: dict[str, np.ndarray]) -> str:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    coords, answered = train["emb_att"], propagation["answered"]
+    figure, axes = plt.subplots(1, 2, figsize=(11, 4.5))
+    for y, name in enumerate(train["class_names"]):
+        members = train["y"] == y
+        axes[0].scatter(*coords[members].T, s=4, label=str(name))
+    axes[0].legend(markerscale=3)
+    axes[0].set_title("attention map (UMAP/PCA of f) by class")
+    points = axes[1].scatter(*coords.T, s=4, c=propagation["score"], cmap="RdYlGn", vmin=0, vmax=1)
+    axes[1].scatter(*coords[answered].T, s=40, facecolors="none", edgecolors="black", label="annotated")
+    axes[1].legend()
+    axes[1].set_title("propagated P(core)")
+    figure.colorbar(points, ax=axes[1])
+    html_img = _png(figure)
+    plt.close(figure)
+    return html_img
+
+
+def _bars(metrics: dict) -> str:
+    import matplotlib.pyplot as plt
+
+    groups = list(metrics["erm"]["per_group"])
+    x = np.arange(len(groups))
+    figure, axis = plt.subplots(figsize=(max(6, len(groups) * 1.4), 3.5))
+    for offset, name in ((-0.2, "erm"), (0.2, "slim")):
+        axis.bar(x + offset, [metrics[name]["per_group"][g]["acc"] for g in groups], width=0.4, label=name.upper())
+    axis.set_xticks(x, groups, rotation=20)
+    axis.set_ylim(0, 1)
+    axis.set_ylabel("test accuracy")
+    axis.legend()
+    html_img = _png(figure)
+    plt.close(figure)
+    return html_img
+
+
+def _grid(image_set: ImageSet, train: dict[str, np.ndarray], rows: np.ndarray, threshold: float) -> str:
+    side = 128
+    canvas = Image.new("RGB", (len(rows) * (side + 4), 2 * (side + 4)), "white")
+    for i, row in enumerate(rows):
+        sample = image_set.samples[int(train["index"][row])]
+        rgb = load_rgb(image_set.root / sample.filename, side)
+        original, overlay, _ = panels(rgb, full_cam(train["cam"][row], side), threshold)
+        canvas.paste(Image.fromarray(original), (i * (side + 4), 0))
+        canvas.paste(Image.fromarray(overlay), (i * (side + 4), side + 4))
+    return _png(canvas)
+
+
+def render_html(run: Run, image_set: ImageSet, train: dict[str, np.ndarray], propagation: dict[str, np.ndarray],
+                metrics: dict) -> str:
+    order = np.argsort(propagation["score"])
+    threshold = run.load_config().embed.threshold
+    table = "".join(
+        f"<tr><td>{name.upper()}</td><td>{metrics[name]['worst_group_acc']:.1%}</td>"
+        f"<td>{metrics[name]['mean_acc']:.1%}</td><td>{metrics[name]['avg_acc']:.1%}</td>"
+        f"<td>{metrics[name].get('aiou', float('nan')):.2f}</td><td>{metrics[name].get('core_acc', float('nan')):.1%}</td>"
+        f"<td>{metrics[name]['val']['worst_group_acc']:.1%}</td></tr>" for name in ("erm", "slim"))
+    gaps = "".join(f"<tr><td>{m.upper()}</td><td>{html.escape(c)}</td><td>{g['most_core_acc']:.1%}</td>"
+                   f"<td>{g['most_spurious_acc']:.1%}</td><td>{g['bias_gap']:+.1%}</td></tr>"
+                   for m, per_class in metrics["spuriosity"].items() for c, g in per_class.items())
+    return f"""<!doctype html><html><head><meta charset="utf-8"><title>SLIM report: {html.escape(run.root.name)}</title>
+<style>body{{font-family:sans-serif;max-width:1200px;margin:2em auto}}td,th{{padding:4px 10px;text-align:right}}
+table{{border-collapse:collapse}}tr:nth-child(even){{background:#f3f3f3}}img{{max-width:100%}}</style></head><body>
+<h1>SLIM report — {html.escape(str(run.root))}</h1>
+<p>Retraining mode: <b>{html.escape(str(metrics['slim'].get('mode')))}</b>; curated subset
+{metrics['slim'].get('subset_size', '?')} images; {metrics['annotated']} images annotated
+({metrics['annotated_fraction']:.1%} of the training set).</p>
+<h2>Numbers (test unless marked)</h2>
+<table><tr><th>model</th><th>worst group</th><th>mean</th><th>average</th><th>AIoU</th><th>core acc.</th>
+<th>val worst group</th></tr>{table}</table>
+<h2>Per-group accuracy</h2>{_bars(metrics)}
+<h2>Attention map</h2>{_maps(train, propagation)}
+<h2>Most spurious training images (lowest propagated score)</h2>{_grid(image_set, train, order[:GRID], threshold)}
+<h2>Most core training images (highest propagated score)</h2>{_grid(image_set, train, order[-GRID:][::-1], threshold)}
+<h2>Spuriosity ranking: bias gap on validation (Moayeri et al.)</h2>
+<table><tr><th>model</th><th>class</th><th>most-core quartile</th><th>most-spurious quartile</th><th>gap</th></tr>{gaps}</table>
+</body></html>
+"""

@@ -1,0 +1,209 @@
+"""Closing the loop: propagate answers, curate, retrain, report, and ask again where least certain."""
+
+from __future__ import annotations
+
+import csv
+import json
+import re
+import shutil
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from pipeline.annotator import decide
+from pipeline.cli import main
+from pipeline.curate import allocate, elbow_k
+from pipeline.data import TEST, ImageDataset, load_dataset, load_mask
+from pipeline.errors import PipelineError
+from pipeline.models import load_checkpoint
+from pipeline.propagate import CORE, SPURIOUS, answers_from_csv, consolidate, spread_class
+from pipeline.run import Run
+from pipeline.store import Annotation, AnnotationStore
+
+
+def mask_rule_answers(run: Path, per_class: int = 6) -> Path:
+    """A labels CSV answering ``per_class`` images of each class by the mask rule (as a careful annotator)."""
+    config = Run(run).load_config()
+    image_set = load_dataset(config.data.root)
+    arrays = dict(np.load(run / "attention.npz"))
+    lines = ["image_id,label"]
+    for y in np.unique(arrays["y"]):
+        for row in np.flatnonzero(arrays["y"] == y)[:per_class]:
+            image_id = int(arrays["index"][row])
+            mask = load_mask(image_set.root / image_set.samples[image_id].mask_filename, 32)
+            lines.append(f"{image_id},{decide(arrays['cam'][row], mask, 0.8)[0]}")
+    path = run / "answers.csv"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+@pytest.fixture()
+def run(trained_run: Path, tmp_path: Path) -> Path:
+    return Path(shutil.copytree(trained_run, tmp_path / "run"))
+
+
+def test_consolidate_majority_ties_unsure_and_skips() -> None:
+    def a(i: int, image: int, choice: str | None, skipped: bool = False) -> Annotation:
+        return Annotation(i, image, image, "x", choice, skipped)
+
+    answers = consolidate([a(1, 10, "core"), a(2, 10, "core"), a(3, 10, "spurious"),  # majority core
+                           a(4, 11, "core"), a(5, 11, "spurious"),  # tie: no verdict
+                           a(6, 12, "unsure"),  # unsure: no evidence
+                           a(7, 13, "unsure"), a(8, 13, "spurious"),  # unsure does not vote
+                           a(9, 14, None, skipped=True)])
+    assert answers.labels == {10: CORE, 13: SPURIOUS}
+    assert answers.counts == Counter({"multi_annotated": 3, "unsure_or_tied": 2, "core": 1, "spurious": 1,
+                                      "skipped": 1})
+
+
+def test_spreading_two_answers_follows_the_clusters() -> None:
+    rng = np.random.default_rng(0)
+    points = np.vstack([rng.normal(0, 0.2, (30, 4)), rng.normal(3, 0.2, (30, 4))])
+    scores, certainty = spread_class(points, {0: CORE, 30: SPURIOUS})
+    assert scores[:30].min() > 0.6 and scores[30:].max() < 0.4
+    assert ((0 <= certainty) & (certainty <= 1)).all()
+
+
+def test_spreading_one_kind_of_answer_keeps_a_ranking() -> None:
+    rng = np.random.default_rng(1)
+    points = np.vstack([rng.normal(0, 0.2, (30, 4)), rng.normal(3, 0.2, (30, 4))])
+    scores, _ = spread_class(points, {0: SPURIOUS, 1: SPURIOUS})
+    assert scores[:30].mean() < 0.2  # like the answered ones: spurious
+    assert scores[30:].mean() > scores[:30].mean() + 0.2  # unlike them: closer to undecided
+    assert ((0 <= scores) & (scores <= 0.5)).all()
+    none, certainty = spread_class(points, {})
+    assert (none == 0.5).all() and (certainty == 0).all()
+
+
+def test_elbow_finds_three_blobs_and_allocation_respects_budget() -> None:
+    rng = np.random.default_rng(2)
+    points = np.vstack([c + rng.normal(0, 0.1, (40, 2)) for c in ([0, 0], [5, 0], [0, 5])])
+    assert elbow_k(points, seed=0) == 3
+    allocation = allocate(10, np.array([3.0, 1.0, 1.0]), np.array([100, 100, 2]))
+    assert allocation.sum() == 10 and allocation[2] <= 2 and allocation[0] > allocation[1]
+    assert allocate(50, np.array([1.0, 1.0]), np.array([3, 4])).tolist() == [3, 4]
+
+
+def test_curate_from_csv_answers(run: Path) -> None:
+    labels = mask_rule_answers(run)
+    assert main(["curate", "--run", str(run), "--labels", str(labels), "--subset-size", "40", "--quiet"]) == 0
+    with (run / "curated.csv").open() as handle:
+        rows = list(csv.DictReader(handle))
+    assert len(rows) == 40 and len({r["image_id"] for r in rows}) == 40
+    assert Counter(r["class_name"] for r in rows) == {"disc": 20, "triangle": 20}
+    arrays = dict(np.load(run / "attention.npz"))
+    assert {int(r["image_id"]) for r in rows} <= set(arrays["index"].tolist())
+    propagation = dict(np.load(run / "propagation.npz"))
+    assert propagation["answered"].sum() == 12
+    assert ((propagation["score"] >= 0) & (propagation["score"] <= 1)).all()
+    # curated images come from the better-attended half of their class
+    score_of = dict(zip(propagation["index"].tolist(), propagation["score"].tolist()))
+    for y in (0, 1):
+        members = propagation["score"][arrays["y"] == y]
+        assert all(score_of[int(r["image_id"])] >= np.median(members) - 1e-9 for r in rows if int(r["y"]) == y)
+    composition = json.loads((run / "metrics.json").read_text())["curation"]
+    assert composition["size"] == 40 and sum(composition["by_group"].values()) == 40
+
+
+def test_curate_uses_pulled_answers_from_the_run_database(run: Path) -> None:
+    arrays = dict(np.load(run / "attention.npz"))
+    store = AnnotationStore(run / "labels.sqlite")
+    for n, row in enumerate(range(0, 40, 5)):
+        store.upsert_annotation(Annotation(n + 1, n + 1, int(arrays["index"][row]), "ann@x", "spurious" if n % 2 else "core"))
+    store.close()
+    assert main(["curate", "--run", str(run), "--subset-size", "20", "--quiet"]) == 0
+    assert dict(np.load(run / "propagation.npz"))["answered"].sum() == 8
+
+
+@pytest.mark.parametrize("content, message", [
+    ("id,answer\n1,core\n", "needs columns image_id,label"),
+    ("image_id,label\n1,maybe\n", "label must be core, spurious or unsure"),
+    ("image_id,label\nx,core\n", "image_id must be an integer"),
+])
+def test_bad_labels_csv_is_one_clear_error(tmp_path: Path, content: str, message: str) -> None:
+    path = tmp_path / "labels.csv"
+    path.write_text(content)
+    with pytest.raises(PipelineError, match=message):
+        answers_from_csv(path)
+
+
+def test_answers_for_unknown_images_and_no_answers_are_refused(run: Path, capsys) -> None:
+    (run / "bad.csv").write_text("image_id,label\n999999,core\n")
+    assert main(["curate", "--run", str(run), "--labels", str(run / "bad.csv"), "--quiet"]) == 2
+    assert "not training images of this run" in capsys.readouterr().err
+    (run / "unsure.csv").write_text("image_id,label\n0,unsure\n")
+    assert main(["curate", "--run", str(run), "--labels", str(run / "unsure.csv"), "--quiet"]) == 2
+    assert "no usable answer" in capsys.readouterr().err
+
+
+def test_last_layer_retrain_is_the_logistic_regression(run: Path) -> None:
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.preprocessing import StandardScaler
+
+    labels = mask_rule_answers(run)
+    assert main(["curate", "--run", str(run), "--labels", str(labels), "--subset-size", "40", "--quiet"]) == 0
+    assert main(["retrain", "--run", str(run), "--quiet"]) == 0
+    model, meta = load_checkpoint(run / "slim_model.pt")
+    assert meta["mode"] == "last-layer" and meta["C"] in (0.01, 0.1, 1.0, 10.0, 100.0)
+    arrays = dict(np.load(run / "attention.npz"))
+    with (run / "curated.csv").open() as handle:
+        ids = [int(r["image_id"]) for r in csv.DictReader(handle)]
+    row_of = {int(i): r for r, i in enumerate(arrays["index"])}
+    features, y = arrays["features"][[row_of[i] for i in ids]], arrays["y"][[row_of[i] for i in ids]]
+    scaler = StandardScaler().fit(features)
+    reference = LogisticRegression(C=meta["C"], class_weight="balanced", max_iter=5000).fit(scaler.transform(features), y)
+    everything = arrays["features"]
+    with torch.no_grad():
+        ours = model.head(torch.from_numpy(everything)).argmax(1).numpy()
+    assert (ours == reference.predict(scaler.transform(everything))).mean() > 0.99
+    erm, _ = load_checkpoint(run / "model.pt")
+    assert torch.equal(model.backbone[0][0].weight, erm.backbone[0][0].weight)  # frozen features
+    slim = json.loads((run / "metrics.json").read_text())["slim"]
+    assert slim["mode"] == "last-layer" and {"worst_group_acc", "mean_acc", "per_group", "val"} <= set(slim)
+
+
+def test_full_retrain_and_report(run: Path) -> None:
+    labels = mask_rule_answers(run)
+    assert main(["curate", "--run", str(run), "--labels", str(labels), "--subset-size", "40", "--quiet"]) == 0
+    assert main(["retrain", "--run", str(run), "--mode", "full", "--epochs", "1", "--quiet"]) == 0
+    erm, _ = load_checkpoint(run / "model.pt")
+    slim, meta = load_checkpoint(run / "slim_model.pt")
+    assert meta["mode"] == "full" and not torch.equal(slim.backbone[0][0].weight, erm.backbone[0][0].weight)
+    assert main(["report", "--run", str(run), "--quiet"]) == 0
+    metrics = json.loads((run / "metrics.json").read_text())
+    for name in ("erm", "slim"):
+        assert {"worst_group_acc", "mean_acc", "per_group", "aiou", "core_acc", "val"} <= set(metrics[name])
+        assert 0 <= metrics[name]["core_acc"] <= 1 and 0 <= metrics[name]["aiou"] <= 1
+    assert metrics["annotated"] == 12 and metrics["annotated_fraction"] == pytest.approx(12 / 160)
+    assert set(metrics["spuriosity"]["erm"]) == {"disc", "triangle"}
+    page = (run / "report.html").read_text()
+    assert page.count("data:image/png;base64,") == 4  # bars, attention maps, two overlay grids
+    assert not re.search(r'src="(https?:)?//', page)  # self-contained
+    assert "ERM" in page and "SLIM" in page and "full" in page
+
+
+def test_next_round_asks_where_the_propagation_is_least_certain(run: Path) -> None:
+    assert main(["sample", "--run", str(run), "--per-class", "3", "--quiet"]) == 0
+    labels = mask_rule_answers(run)
+    assert main(["curate", "--run", str(run), "--labels", str(labels), "--subset-size", "20", "--quiet"]) == 0
+    assert main(["sample", "--run", str(run), "--round", "2", "--quiet"]) == 0
+    with (run / "selection_round1.csv").open() as a, (run / "selection_round2.csv").open() as b:
+        first, second = {int(r["image_id"]) for r in csv.DictReader(a)}, [int(r["image_id"]) for r in csv.DictReader(b)]
+    assert len(second) == 6 and not first & set(second)
+    propagation = dict(np.load(run / "propagation.npz"))
+    certainty = dict(zip(propagation["index"].tolist(), propagation["certainty"].tolist()))
+    assert np.mean([certainty[i] for i in second]) < np.mean(list(certainty.values()))
+
+
+def test_core_only_images_keep_the_object_and_replace_the_rest(tiny_data: Path) -> None:
+    image_set = load_dataset(tiny_data)
+    sample = image_set.split(TEST)[0]
+    plain = ImageDataset(image_set, [sample], 32, with_masks=True)[0]
+    core = ImageDataset(image_set, [sample], 32, core_only=True)[0]
+    mask = plain[3]
+    assert torch.equal(core[0][:, mask], plain[0][:, mask])
+    assert not torch.allclose(core[0][:, ~mask], plain[0][:, ~mask])
+    assert torch.equal(core[0], ImageDataset(image_set, [sample], 32, core_only=True)[0][0])  # fixed noise
