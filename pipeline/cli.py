@@ -16,6 +16,7 @@ from pipeline import __version__
 from pipeline.config import (
     ARCHS,
     CAM_METHODS,
+    CURATION_VARIANTS,
     EMBEDDINGS,
     PRECISIONS,
     RETRAIN_MODES,
@@ -117,6 +118,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="answers as a CSV of image_id,label (core/spurious/unsure) instead of the pulled ones")
     curate.add_argument("--subset-size", type=int, default=None, metavar="N",
                         help="images in the curated subset (default 10%% of the training set, >= 20 per class)")
+    curate.add_argument("--variant", choices=CURATION_VARIANTS, default=None,
+                        help="attention (default): all images, cells of attended x ignored features; published: "
+                             "SLIM as written (above-median score, pooled x ignored features)")
     curate.add_argument("--seed", type=int, default=None, help="clustering seed (default 0)")
 
     retrain = sub.add_parser("retrain", help="retrain on the curated subset",
@@ -219,7 +223,7 @@ def _config_for(args: argparse.Namespace, run: Run) -> RunConfig:
         if args.fraction is not None:
             config.sample.per_class = None
     elif args.command == "curate":
-        _override(config.curate, args, ["labels", "subset_size", "seed"])
+        _override(config.curate, args, ["labels", "subset_size", "variant", "seed"])
         if args.labels:
             config.curate.labels = resolve_path(args.labels)
     elif args.command == "retrain":

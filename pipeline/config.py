@@ -20,6 +20,7 @@ EMBEDDINGS = ("umap", "pca")
 SAMPLE_SPACES = ("vectors", "embedding")
 PRECISIONS = ("auto", "fp32", "bf16")
 RETRAIN_MODES = ("last-layer", "full")
+CURATION_VARIANTS = ("attention", "published")
 
 
 @dataclass
@@ -74,6 +75,7 @@ class CurateConfig:
 
     labels: str | None = None  # CSV of image_id,label instead of the run's pulled annotations
     subset_size: int | None = None  # None: 10 % of the training images
+    variant: str = "attention"  # or "published" (SLIM step 7 as written)
     seed: int = 0
 
 

@@ -47,10 +47,15 @@ def choose_c(features: np.ndarray, labels: np.ndarray, seed: int) -> float:
     return C_GRID[int(np.argmax(scores))]  # first best: the strongest regularisation among equals
 
 
-def last_layer_head(features: np.ndarray, labels: np.ndarray, num_classes: int, c: float) -> torch.nn.Linear:
-    """A linear head equal to the standardised logistic regression, in the raw feature space."""
+def last_layer_head(features: np.ndarray, labels: np.ndarray, num_classes: int, c: float,
+                    sample_weight: np.ndarray | None = None) -> torch.nn.Linear:
+    """A linear head equal to the standardised logistic regression, in the raw feature space.
+
+    Classes are balanced by ``class_weight`` unless explicit ``sample_weight`` say otherwise.
+    """
     scaler = StandardScaler().fit(features)
-    model = LogisticRegression(C=c, class_weight="balanced", max_iter=5000).fit(scaler.transform(features), labels)
+    model = LogisticRegression(C=c, class_weight=None if sample_weight is not None else "balanced", max_iter=5000)
+    model.fit(scaler.transform(features), labels, sample_weight=sample_weight)
     coef = model.coef_ / scaler.scale_
     intercept = model.intercept_ - coef @ scaler.mean_
     if num_classes == 2:  # one logit difference -> two symmetric logits (same softmax)

@@ -99,13 +99,22 @@ def test_curate_from_csv_answers(run: Path) -> None:
     propagation = dict(np.load(run / "propagation.npz"))
     assert propagation["answered"].sum() == 12
     assert ((propagation["score"] >= 0) & (propagation["score"] <= 1)).all()
-    # curated images come from the better-attended half of their class
+    composition = json.loads((run / "metrics.json").read_text())["curation"]
+    assert composition["size"] == 40 and sum(composition["by_group"].values()) == 40
+
+
+def test_published_variant_keeps_the_better_attended_half(run: Path) -> None:
+    labels = mask_rule_answers(run)
+    assert main(["curate", "--run", str(run), "--labels", str(labels), "--subset-size", "40", "--variant",
+                 "published", "--quiet"]) == 0
+    with (run / "curated.csv").open() as handle:
+        rows = list(csv.DictReader(handle))
+    arrays, propagation = dict(np.load(run / "attention.npz")), dict(np.load(run / "propagation.npz"))
     score_of = dict(zip(propagation["index"].tolist(), propagation["score"].tolist()))
     for y in (0, 1):
         members = propagation["score"][arrays["y"] == y]
         assert all(score_of[int(r["image_id"])] >= np.median(members) - 1e-9 for r in rows if int(r["y"]) == y)
-    composition = json.loads((run / "metrics.json").read_text())["curation"]
-    assert composition["size"] == 40 and sum(composition["by_group"].values()) == 40
+    assert len(rows) == 40
 
 
 def test_curate_uses_pulled_answers_from_the_run_database(run: Path) -> None:
