@@ -1,6 +1,7 @@
 """``python -m pipeline demo``: the loop on the embedded synthetic default, one command, nothing to download.
 
-synth → train → embed → sample → push → (simulated) annotate → pull. Label Studio is the one named by
+synth → train → embed → sample → push → (simulated) annotate → pull → curate → retrain → report. Label
+Studio is the one named by
 ``LABEL_STUDIO_URL`` / ``LABEL_STUDIO_API_KEY`` when set, otherwise a local one started for the run (SQLite
 in ``RUN/label-studio``, on 127.0.0.1). Every stage reuses what an earlier demo computed, and push/pull are
 idempotent, so running the demo twice costs seconds.
@@ -14,11 +15,14 @@ from pathlib import Path
 
 from pipeline.annotator import simulate_annotator
 from pipeline.config import RunConfig, resolve_path
+from pipeline.curate import curate_run
 from pipeline.embed import embed_run
 from pipeline.labelstudio import Settings
 from pipeline.labelstudio_server import LocalCredentials, LocalLabelStudio
 from pipeline.pull import pull_run
 from pipeline.push import push_run
+from pipeline.report import report_run
+from pipeline.retrain import retrain_run
 from pipeline.run import Run
 from pipeline.sample import sample_run
 from pipeline.synth import SynthSpec, generate
@@ -52,6 +56,9 @@ def run_demo(data_dir: str | Path, run_dir: str | Path, device: str = "auto", no
         push_run(run, settings, progress=progress)
         simulate_annotator(run, settings, noise=noise, progress=progress)
         pull_run(run, settings)
+        curate_run(run, config)
+        retrain_run(run, config, progress=progress)
+        report_run(run, config)
         if local is not None:
             _print_login(local.credentials)
             if serve:

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import json
 import sqlite3
+import time
 from pathlib import Path
 
 import numpy as np
@@ -236,7 +238,7 @@ def test_local_files_storage_serves_the_pictures(sampled_run: Path, settings: Se
 
 def test_demo_runs_the_loop_against_the_configured_server(tmp_path: Path, settings: Settings, monkeypatch,
                                                           capsys) -> None:
-    """With LABEL_STUDIO_URL set, the demo uses that server: synth to pull, every task answered."""
+    """With LABEL_STUDIO_URL set, the demo uses that server: synth to report, every task answered."""
     from pipeline.config import RunConfig
     from pipeline.demo import run_demo
     from pipeline.synth import SynthSpec
@@ -252,3 +254,50 @@ def test_demo_runs_the_loop_against_the_configured_server(tmp_path: Path, settin
     out = capsys.readouterr().out
     assert "push: project" in out and "pull: 6 tasks, 6 annotated" in out
     assert not run.labelstudio_dir.exists()  # no local server was started
+    metrics = json.loads(run.metrics_path.read_text())
+    assert metrics["annotated"] == 6 and {"erm", "slim", "curation"} <= set(metrics)
+    assert run.report_path.exists()
+
+
+def test_ml_backend_end_to_end(sampled_run: Path, settings: Settings) -> None:
+    """Label Studio connects to the backend, stores its predictions, and sends it answers by webhook."""
+    import threading
+
+    from werkzeug.serving import make_server
+
+    from ml_backend._wsgi import create_app
+    from ml_backend.model import SlimAttentionBackend
+
+    run = Run(sampled_run)
+    project = push_run(run, settings, progress=False)["project_id"]
+    backend = SlimAttentionBackend(sampled_run, settings.url, settings.api_key)
+    server = make_server("127.0.0.1", free_port(9090), create_app(backend), threaded=True)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        studio = Studio(settings)
+        studio.client.ml.create(url=f"http://127.0.0.1:{server.server_port}", project=project, title="slim")
+        studio.client.actions.create(id="retrieve_tasks_predictions", project=project,
+                                     selected_items={"all": True, "excluded": []})
+        tasks = list(studio.list_tasks(project, fields=("id", "data", "predictions", "result", "score",
+                                                        "model_version")))
+        expected = backend.predict([{"data": t["data"]} for t in tasks])["results"]
+        for task, want in zip(tasks, expected):
+            ours = [p for p in task["predictions"] if p["model_version"] == backend.version]
+            assert len(ours) == 1, task["predictions"]
+            assert ours[0]["result"][0]["value"] == want["result"][0]["value"]
+            assert ours[0]["score"] == pytest.approx(want["score"], abs=1e-4)
+        # an answer submitted in Label Studio reaches the backend by webhook and moves its predictions
+        first = tasks[0]
+        before = backend.version
+        studio.submit_annotation(first["id"], project, choice_result("spurious"), 3.0)
+        deadline = time.time() + 30
+        while not AnnotationStore(run.labels_path).annotations() and time.time() < deadline:
+            time.sleep(0.2)
+        backend.wait_idle()
+        (stored,) = AnnotationStore(run.labels_path).annotations()
+        assert stored.image_id == first["data"]["image_id"] and stored.choice == "spurious"
+        assert backend.version != before
+        again = backend.predict([{"data": first["data"]}])["results"][0]
+        assert again["result"][0]["value"]["choices"] == ["spurious"]
+    finally:
+        server.shutdown()

@@ -1,0 +1,222 @@
+"""The ML backend over Flask's test client: Label Studio's captured requests, learning, safety, fuzzing."""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import shutil
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from PIL import Image
+
+import label_config
+from ml_backend._wsgi import create_app
+from ml_backend.model import SlimAttentionBackend
+from pipeline.store import AnnotationStore
+
+PAYLOADS = Path(__file__).resolve().parents[2] / "shared" / "labelstudio-payloads"
+RUN_ID = "testrun00001"
+
+
+def payload(name: str) -> dict:
+    return json.loads((PAYLOADS / name).read_text())["json"]
+
+
+@pytest.fixture()
+def backend_run(trained_run: Path, tmp_path: Path) -> Path:
+    run = Path(shutil.copytree(trained_run, tmp_path / "run"))
+    store = AnnotationStore(run / "labels.sqlite")
+    with store.transaction() as db:
+        store.set_meta("run_id", RUN_ID, db)
+    store.close()
+    return run
+
+
+@pytest.fixture()
+def backend(backend_run: Path) -> SlimAttentionBackend:
+    return SlimAttentionBackend(backend_run)
+
+
+@pytest.fixture()
+def client(backend: SlimAttentionBackend):
+    return create_app(backend).test_client()
+
+
+def known_task(backend: SlimAttentionBackend, row: int, task_id: int = 1000) -> dict:
+    image_id = int(backend.arrays["index"][row])
+    return {"id": task_id + row, "data": {"image_id": image_id, "run_id": RUN_ID, "image": "/data/upload/1/x.png"}}
+
+
+def png_data_uri(size: int = 32) -> str:
+    buffer = io.BytesIO()
+    Image.fromarray((np.random.default_rng(0).random((size, size, 3)) * 255).astype(np.uint8)).save(buffer, "PNG")
+    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
+
+
+@pytest.mark.skipif(not PAYLOADS.is_dir(), reason="captured Label Studio payloads not beside the checkout")
+def test_captured_handshake_and_unseen_image_predictions(client) -> None:
+    assert client.get("/health").status_code == 200
+    started = time.perf_counter()
+    first = client.post("/setup", json=payload("002_setup.json"))
+    assert first.status_code == 200 and time.perf_counter() - started < 1.0
+    again = client.post("/setup", json=payload("004_setup.json"))
+    assert first.get_json()["model_version"] == again.get_json()["model_version"]  # stable, not random
+    response = client.post("/predict", json=payload("007_predict.json"))
+    assert response.status_code == 200
+    results = response.get_json()["results"]
+    assert len(results) == 2  # one per task, base64 images never seen by the run
+    for result in results:
+        (item,) = result["result"]
+        assert (item["from_name"], item["to_name"]) == ("attention", "image")  # names from that config
+        assert item["value"]["choices"][0] in ("core", "spurious") and 0.5 <= result["score"] <= 1
+
+
+@pytest.mark.skipif(not PAYLOADS.is_dir(), reason="captured Label Studio payloads not beside the checkout")
+@pytest.mark.parametrize("name", ["008_predict.json", "009_predict.json", "012_predict.json"])
+def test_every_captured_predict_is_answered(client, name: str) -> None:
+    body = payload(name)
+    response = client.post("/predict", json=body)
+    assert response.status_code == 200 and len(response.get_json()["results"]) == len(body["tasks"])
+
+
+@pytest.mark.skipif(not PAYLOADS.is_dir(), reason="captured Label Studio payloads not beside the checkout")
+def test_captured_webhooks_and_versions(client) -> None:
+    for name in ("013_webhook_PROJECT_UPDATED.json", "014_webhook_ANNOTATION_CREATED.json",
+                 "015_webhook_ANNOTATION_UPDATED.json", "020_webhook_ANNOTATIONS_DELETED.json"):
+        assert client.post("/webhook", json=payload(name)).status_code == 201, name
+    assert client.get("/versions").status_code == 200 and client.post("/versions").status_code == 200
+    metrics = client.get("/metrics").get_json()
+    assert metrics["webhook_ANNOTATION_CREATED"] == 1 and "errors_5xx" not in metrics
+
+
+def test_known_tasks_use_the_run_prior_with_our_config_names(client, backend) -> None:
+    tasks = [known_task(backend, row) for row in range(5)]
+    response = client.post("/predict", json={"tasks": tasks, "label_config": label_config.load()})
+    results = response.get_json()["results"]
+    from pipeline.prelabel import attention_prior
+
+    prior = attention_prior(backend.arrays["cam"][:5])
+    for result, p_core in zip(results, prior):
+        (item,) = result["result"]
+        assert (item["from_name"], item["to_name"]) == ("answer", "attention")
+        assert item["value"]["choices"][0] == ("core" if p_core >= 0.5 else "spurious")
+        assert result["score"] == pytest.approx(max(p_core, 1 - p_core), abs=1e-4)
+
+
+def test_answers_by_webhook_are_stored_once_and_move_the_next_prediction(client, backend, backend_run) -> None:
+    before_version = backend.version
+    rows = np.flatnonzero(backend.arrays["y"] == 0)[:4]
+    for n, row in enumerate(rows):
+        task = known_task(backend, int(row))
+        annotation = {"id": 500 + n, "result": [{"from_name": "answer", "to_name": "attention", "type": "choices",
+                                                "value": {"choices": ["spurious"]}}],
+                      "completed_by": 1, "was_cancelled": False, "task": task["id"]}
+        for _ in range(2):  # delivered twice: stored once
+            response = client.post("/webhook", json={"action": "ANNOTATION_CREATED", "annotation": annotation,
+                                                     "task": task, "project": {"id": 1}})
+            assert response.status_code == 201
+    backend.wait_idle()
+    stored = AnnotationStore(backend_run / "labels.sqlite").annotations()
+    assert len(stored) == 4 and {a.choice for a in stored} == {"spurious"}
+    assert (backend_run / "propagation.npz").exists() and backend.version != before_version
+    # the nearest unanswered neighbour of an answered image (same class) is now predicted spurious
+    same_class = np.flatnonzero(backend.arrays["y"] == 0)
+    candidates = np.setdiff1d(same_class, rows)
+    distances = np.linalg.norm(backend.points[candidates] - backend.points[rows[0]], axis=1)
+    neighbour = int(candidates[np.argmin(distances)])
+    result = client.post("/predict", json={"tasks": [known_task(backend, neighbour)]}).get_json()["results"][0]
+    assert result["result"][0]["value"]["choices"] == ["spurious"]
+    deleted = client.post("/webhook", json={"action": "ANNOTATIONS_DELETED", "annotations": [{"id": 500}],
+                                            "project": {"id": 1}})
+    assert deleted.status_code == 201
+    backend.wait_idle()
+    assert len(AnnotationStore(backend_run / "labels.sqlite").annotations()) == 3
+
+
+def test_start_training_curates_retrains_and_serves_a_new_version(client, backend, backend_run) -> None:
+    store = AnnotationStore(backend_run / "labels.sqlite")
+    from pipeline.store import Annotation
+
+    for n, row in enumerate(range(0, 60, 6)):
+        store.upsert_annotation(Annotation(900 + n, 900 + n, int(backend.arrays["index"][row]), "x",
+                                           "core" if n % 2 else "spurious"))
+    store.close()
+    version = backend.version
+    assert client.post("/webhook", json=payload("016_webhook_START_TRAINING.json") if PAYLOADS.is_dir()
+                       else {"action": "START_TRAINING", "project": {"id": 1}}).status_code == 201
+    backend.wait_idle(timeout=120)
+    assert (backend_run / "slim_model.pt").exists() and backend.version != version
+
+
+def test_basic_auth(backend) -> None:
+    client = create_app(backend, ("user", "secret")).test_client()
+    assert client.get("/health").status_code == 200  # Label Studio's probe stays open
+    assert client.post("/setup", json={"project": "1", "schema": None}).status_code == 401
+    auth = {"Authorization": "Basic " + base64.b64encode(b"user:secret").decode()}
+    assert client.post("/setup", json={"project": "1"}, headers=auth).status_code == 200
+
+
+@pytest.mark.parametrize("image, status", [
+    ("http://169.254.169.254/latest/meta-data", 422),  # no Label Studio configured: nothing is fetched
+    ("/data/local-files/?d=../../../../etc/passwd", 403),
+    ("data:image/png;base64,bm90IGFuIGltYWdl", 415),
+    ("data:text/html;base64,PGI+", 400),
+    ("file:///etc/passwd", 400),
+])
+def test_images_come_only_from_label_studio_or_the_run(client, image: str, status: int) -> None:
+    response = client.post("/predict", json={"tasks": [{"id": 1, "data": {"image": image}}]})
+    assert response.status_code == status and "error" in response.get_json()
+
+
+def test_other_hosts_are_refused_even_with_label_studio_configured(backend_run: Path) -> None:
+    backend = SlimAttentionBackend(backend_run, "http://127.0.0.1:1", "key-not-shown")
+    client = create_app(backend).test_client()
+    response = client.post("/predict", json={"tasks": [{"id": 1, "data": {"image": "http://example.org/a.png"}}]})
+    assert response.status_code == 403 and "key-not-shown" not in response.get_data(as_text=True)
+
+
+def test_unseen_image_data_uri_is_placed_among_neighbours(client) -> None:
+    response = client.post("/predict", json={"tasks": [{"id": 7, "data": {"image": png_data_uri()}}]})
+    assert response.status_code == 200 and response.get_json()["results"][0]["result"][0]["value"]["choices"][0] in (
+        "core", "spurious")
+
+
+@pytest.mark.parametrize("path, body, status", [
+    ("/predict", b"{not json", 400),
+    ("/predict", b"[]", 400),
+    ("/predict", b'{"tasks": []}', 400),
+    ("/predict", b'{"tasks": [1]}', 400),
+    ("/setup", b'{"project": "1", "schema": "<View><Broken"}', 400),
+    ("/setup", b'{"project": "1", "schema": "<View><Text name=\\"t\\" value=\\"$t\\"/></View>"}', 400),
+    ("/webhook", b'{"action": "ANNOTATION_CREATED"}', 400),
+    ("/webhook", b'{}', 400),
+    ("/nowhere", b"{}", 404),
+])
+def test_malformed_requests_get_a_clear_4xx(client, path: str, body: bytes, status: int) -> None:
+    response = client.post(path, data=body, content_type="application/json")
+    assert response.status_code == status and response.get_json()["error"]
+
+
+JSON = st.recursive(st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=20),
+                    lambda children: st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=10), children,
+                                                                                      max_size=4), max_leaves=20)
+TASK = st.fixed_dictionaries({"id": st.integers() | st.text(max_size=5),
+                              "data": st.dictionaries(st.sampled_from(["image", "image_id", "run_id", "x"]),
+                                                      JSON, max_size=3) | JSON})
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(path=st.sampled_from(["/predict", "/setup", "/webhook"]),
+       body=JSON | st.fixed_dictionaries({"tasks": st.lists(TASK, max_size=3)})
+       | st.fixed_dictionaries({"action": st.sampled_from(["ANNOTATION_CREATED", "ANNOTATIONS_DELETED",
+                                                             "ANNOTATION_UPDATED", "PROJECT_UPDATED"]),
+                                "annotation": JSON, "task": JSON, "annotations": JSON}))
+def test_fuzzed_bodies_never_cause_a_server_error(client, path: str, body) -> None:
+    response = client.post(path, json=body)
+    assert response.status_code < 500, response.get_data(as_text=True)
