@@ -16,6 +16,7 @@ import io
 import logging
 import re
 import threading
+import time
 import xml.etree.ElementTree as ET
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -97,6 +98,7 @@ class SlimAttentionBackend:
         self.lock = threading.Lock()
         self.worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="slim-learn")
         self.pending = None
+        self.queued: list = []
         self._load_scores()
 
     # --- state ------------------------------------------------------------------------------------------
@@ -158,12 +160,25 @@ class SlimAttentionBackend:
 
     # --- learning ---------------------------------------------------------------------------------------
     def _schedule(self, job) -> None:
-        """One background job at a time; a job asked for while one runs is coalesced into the next."""
+        """Queue ``job`` for the background worker; the same job asked for several times runs once."""
         with self.lock:
-            if self.pending is not None and not self.pending.done():
-                self.pending.add_done_callback(lambda _: self.worker.submit(job))
-                return
-            self.pending = self.worker.submit(job)
+            if job not in self.queued:
+                self.queued.append(job)
+            if self.pending is None:
+                self.pending = self.worker.submit(self._drain)
+
+    def _drain(self) -> None:
+        """Run queued jobs until none is left; a failing job is logged, never fatal to the server."""
+        while True:
+            with self.lock:
+                if not self.queued:
+                    self.pending = None
+                    return
+                job = self.queued.pop(0)
+            try:
+                job()
+            except Exception:
+                log.exception("background job %s failed", getattr(job, "__name__", job))
 
     def _repropagate(self) -> None:
         answers = consolidate(self.store.annotations())
@@ -191,15 +206,13 @@ class SlimAttentionBackend:
 
     def wait_idle(self, timeout: float = 60.0) -> None:
         """Block until background work is done (tests, shutdown)."""
-        while True:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
             with self.lock:
-                pending = self.pending
-            if pending is None:
-                return
-            pending.result(timeout=timeout)
-            with self.lock:
-                if self.pending is pending:
+                if self.pending is None:
                     return
+            time.sleep(0.05)
+        raise TimeoutError("background learning did not finish in time")
 
     # --- predictions ------------------------------------------------------------------------------------
     def _known_image(self, task: dict) -> int | None:

@@ -288,6 +288,11 @@ def test_ml_backend_end_to_end(sampled_run: Path, settings: Settings) -> None:
             assert ours[0]["score"] == pytest.approx(want["score"], abs=1e-4)
         # an answer submitted in Label Studio reaches the backend by webhook and moves its predictions
         first = tasks[0]
+        same_class = [t for t in tasks[1:] if t["data"]["class_name"] == first["data"]["class_name"]]
+        row = backend.row_of[first["data"]["image_id"]]
+        neighbour = min(same_class, key=lambda t: float(np.linalg.norm(
+            backend.points[backend.row_of[t["data"]["image_id"]]] - backend.points[row])))
+        neighbour_before = backend._p_core({"data": neighbour["data"]})
         before = backend.version
         studio.submit_annotation(first["id"], project, choice_result("spurious"), 3.0)
         deadline = time.time() + 30
@@ -297,7 +302,8 @@ def test_ml_backend_end_to_end(sampled_run: Path, settings: Settings) -> None:
         (stored,) = AnnotationStore(run.labels_path).annotations()
         assert stored.image_id == first["data"]["image_id"] and stored.choice == "spurious"
         assert backend.version != before
-        again = backend.predict([{"data": first["data"]}])["results"][0]
+        again = backend.predict([{"data": neighbour["data"]}])["results"][0]
         assert again["result"][0]["value"]["choices"] == ["spurious"]
+        assert backend._p_core({"data": neighbour["data"]}) < min(neighbour_before, 0.5)
     finally:
         server.shutdown()

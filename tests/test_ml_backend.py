@@ -220,3 +220,13 @@ TASK = st.fixed_dictionaries({"id": st.integers() | st.text(max_size=5),
 def test_fuzzed_bodies_never_cause_a_server_error(client, path: str, body) -> None:
     response = client.post(path, json=body)
     assert response.status_code < 500, response.get_data(as_text=True)
+
+
+def test_oversized_images_and_bodies_are_refused(client, monkeypatch) -> None:
+    import ml_backend.model
+
+    monkeypatch.setattr(ml_backend.model, "MAX_IMAGE_BYTES", 1000)
+    response = client.post("/predict", json={"tasks": [{"id": 1, "data": {"image": png_data_uri(64)}}]})
+    assert response.status_code == 413 and "larger than" in response.get_json()["error"]
+    huge = b'{"tasks": [' + b" " * (65 * 1024 * 1024) + b"]}"
+    assert client.post("/predict", data=huge, content_type="application/json").status_code == 413
