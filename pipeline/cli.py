@@ -40,6 +40,8 @@ def _add_common(parser: argparse.ArgumentParser, run_required: bool = True) -> N
 
 
 def _add_labelstudio(parser: argparse.ArgumentParser) -> None:
+    """--run and the connection flags every Label Studio command takes."""
+    parser.add_argument("--run", required=True, metavar="DIR", help="run directory")
     parser.add_argument("--url", default=None, help="Label Studio URL (default $LABEL_STUDIO_URL)")
     parser.add_argument("--api-key", default=None,
                         help="Label Studio access token, legacy or personal (default $LABEL_STUDIO_API_KEY)")
@@ -138,7 +140,6 @@ def build_parser() -> argparse.ArgumentParser:
     push = sub.add_parser("push", help="send the selected images to Label Studio as tasks with pre-annotations",
                           description="Create (or reuse) the run's Label Studio project and import the selection; "
                                       "pushing again creates no duplicates.")
-    push.add_argument("--run", required=True, metavar="DIR", help="run directory")
     _add_labelstudio(push)
     push.add_argument("--project", type=int, default=None, metavar="ID",
                       help="use this existing project (default: the run's own, created on first push)")
@@ -154,7 +155,6 @@ def build_parser() -> argparse.ArgumentParser:
     pull = sub.add_parser("pull", help="store the run's Label Studio annotations in the run",
                           description="Mirror new, edited, deleted and skipped annotations into labels.sqlite; "
                                       "only changed tasks are fetched.")
-    pull.add_argument("--run", required=True, metavar="DIR", help="run directory")
     _add_labelstudio(pull)
     pull.add_argument("--accept-deleted", action="store_true",
                       help="record tasks deleted in Label Studio as deleted instead of stopping")
@@ -162,7 +162,6 @@ def build_parser() -> argparse.ArgumentParser:
     simulate = sub.add_parser("simulate-annotator", help="answer open tasks from the true masks (for demos, "
                               "tests and benchmarks)",
                               description="Answer core when AIoU >= 0.5, else spurious, through Label Studio's API.")
-    simulate.add_argument("--run", required=True, metavar="DIR", help="run directory")
     _add_labelstudio(simulate)
     simulate.add_argument("--noise", type=float, default=0.0, help="fraction of answers flipped (default 0)")
     simulate.add_argument("--seed", type=int, default=0, help="seed of the noise and lead times (default 0)")

@@ -113,12 +113,18 @@ def _png(figure_or_image) -> str:
     return f'<img src="data:image/png;base64,{base64.b64encode(buffer.getvalue()).decode()}">'
 
 
-def _maps(train: dict[str, np.ndarray], propagation: dict[str, np.ndarray]) -> str:
+def _pyplot():
+    """pyplot on the file-only Agg backend (no display needed), whichever figure is drawn first."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    return plt
+
+
+def _maps(train: dict[str, np.ndarray], propagation: dict[str, np.ndarray]) -> str:
+    plt = _pyplot()
     coords, answered = train["emb_att"], propagation["answered"]
     figure, axes = plt.subplots(1, 2, figsize=(11, 4.5))
     for y, name in enumerate(train["class_names"]):
@@ -137,8 +143,7 @@ def _maps(train: dict[str, np.ndarray], propagation: dict[str, np.ndarray]) -> s
 
 
 def _bars(metrics: dict) -> str:
-    import matplotlib.pyplot as plt
-
+    plt = _pyplot()
     groups = list(metrics["erm"]["per_group"])
     x = np.arange(len(groups))
     figure, axis = plt.subplots(figsize=(max(6, len(groups) * 1.4), 3.5))
