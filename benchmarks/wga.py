@@ -10,8 +10,15 @@ on subsets chosen five ways:
   (default variant; ``slim-published`` is SLIM step 7 as written);
 * ``random``: a uniformly random subset of the same size;
 * ``jtt``: Just Train Twice without annotations — all training images, ERM's training errors upweighted
-  (``--jtt-upweight``), class-balanced; with ``last-layer`` this is JTT's second stage on frozen features;
-* ``oracle``: a group-balanced subset of the same size chosen with the true ``place`` labels.
+  (``--jtt-upweight``), class-balanced; with ``last-layer`` this is JTT's second stage on frozen features,
+  with ``full`` a fine-tune of the ERM model on the reweighted images;
+* ``oracle``: a group-balanced subset of the same size chosen with the true ``place`` labels;
+* ``oracle-all``: every training image, weighted so each true group counts the same, retrained exactly as
+  ``jtt`` is: only the weights differ, so it shows what group balancing itself can reach against error
+  upweighting.
+
+It also records how pure SLIM's curated cells are with respect to the true groups (evaluation only): the
+share of curated images that belong to their cell's most common group.
 
 Writes JSON (``--out``) with mean ± std of test worst-group and mean accuracy per method, the annotated
 fraction and the gap closed ``(slim - erm) / (oracle - erm)``, and prints a markdown table.
@@ -32,19 +39,21 @@ import torch
 from pipeline.annotator import decide
 from pipeline.cam import make_extractor
 from pipeline.cli import main as pipeline
-from pipeline.config import RunConfig
-from pipeline.curate import curate, default_subset_size
+from pipeline.config import RETRAIN_MODES, RunConfig
+from pipeline.curate import cell_balanced_weights, curate, default_subset_size, spurious_space_cells
 from pipeline.data import TEST, load_dataset, load_mask
 from pipeline.embed import compute_attention
 from pipeline.evaluate import group_metrics
 from pipeline.models import load_checkpoint
 from pipeline.propagate import CORE, SPURIOUS, Answers, propagate
-from pipeline.retrain import last_layer_head, retrain_full, retrain_last_layer
+from pipeline.retrain import fresh_model, last_layer_head, retrain_full, retrain_last_layer
 from pipeline.run import Run, atomic_write_json
 from pipeline.sample import select
-from pipeline.train import evaluate_splits, make_loader
+from pipeline.train import evaluate_splits, make_loader, seed_everything
 
-METHODS = ("erm", "slim", "slim-published", "random", "jtt", "oracle")
+ALL_IMAGES_EPOCHS = 5  # full mode over all 2,400 images: ~2.5x the gradient steps of 20 passes over 240
+
+METHODS = ("erm", "slim", "slim-published", "random", "jtt", "oracle", "oracle-all")
 
 
 def build(work: Path, seed: int) -> Run:
@@ -74,14 +83,32 @@ def simulated_answers(run: Run, arrays: dict, noise: float, seed: int) -> Answer
     return Answers(labels)
 
 
-def jtt_model(model, arrays: dict, upweight: float):
-    """JTT's second stage on frozen features: ERM's training errors count ``upweight`` times (class-balanced)."""
+def reweighted_model(model, arrays: dict, weights: np.ndarray, mode: str, run: Run, config: RunConfig, meta: dict):
+    """Retrain on every training image under ``weights``, each class's total weight set to one.
+
+    JTT's second stage and the all-images oracle share this, so they differ only in their weights.
+    ``last-layer``: one weighted logistic fit on frozen features (fixed C, as JTT's recipe has no held-out
+    set); ``full``: fine-tuning that draws images by the weights for ``ALL_IMAGES_EPOCHS`` passes.
+    """
     labels = arrays["y"]
-    weights = np.where(arrays["pred"] != labels, upweight, 1.0)
     weights = weights / np.bincount(labels, weights=weights)[labels]
+    if mode == "full":
+        full_config = copy.deepcopy(config)
+        full_config.retrain.epochs = ALL_IMAGES_EPOCHS
+        ids = [int(i) for i in arrays["index"]]
+        return retrain_full(model, run, full_config, ids, torch.device("cpu"), meta["image_size"], False,
+                            sample_weight=weights)[0]
     retrained = copy.deepcopy(model)
     retrained.head = last_layer_head(arrays["features"], labels, model.head.out_features, 1.0, sample_weight=weights)
     return retrained
+
+
+def cell_purity(cells: list, groups: np.ndarray) -> float:
+    """Share of images that belong to their cell's most common true group (evaluation only)."""
+    by_cell: dict = {}
+    for cell, group in zip(cells, groups.tolist()):
+        by_cell.setdefault(cell, []).append(group)
+    return sum(int(np.bincount(members).max()) for members in by_cell.values()) / max(len(cells), 1)
 
 
 def evaluate_on_test(model, run: Run, test_features: np.ndarray | None, mode: str) -> dict:
@@ -94,6 +121,51 @@ def evaluate_on_test(model, run: Run, test_features: np.ndarray | None, mode: st
         return group_metrics(image_set, samples, predictions)
     size = load_checkpoint(run.checkpoint_path)[1]["image_size"]
     return evaluate_splits(model, image_set, size, config, torch.device("cpu"), progress=False)["test"]
+
+
+def fresh_seed(run: Run, seed: int, noise: float, upweight: float, no_answer_results: dict) -> dict:
+    """``--mode fresh``: each method trains a new model with the reference recipe under its own weights.
+
+    ``slim`` balances the cells of the space the answers point at; ``random`` the same cell sizes with members
+    drawn at random; ``jtt`` upweights ERM's errors; ``oracle`` balances the true groups. Methods that use no
+    answers are trained once per seed and reused across noise levels (``no_answer_results``).
+    """
+    config: RunConfig = run.load_config()
+    arrays = run.load_arrays(run.attention_path, "embed")
+    model, meta = load_checkpoint(run.checkpoint_path)
+    image_set = load_dataset(config.data.root)
+    groups = np.array([image_set.group_of(image_set.samples[int(i)]) for i in arrays["index"]])
+    ids = [int(i) for i in arrays["index"]]
+    labels = arrays["y"]
+
+    def trained(weights: np.ndarray) -> dict:
+        seed_everything(seed)
+        fresh, _ = fresh_model(config, len(arrays["class_names"]), ids, weights, torch.device("cpu"),
+                               meta["image_size"], False)
+        return evaluate_on_test(fresh, run, None, "fresh")
+
+    answers = simulated_answers(run, arrays, noise, seed)
+    scores, _ = propagate(arrays, answers)
+    cells = spurious_space_cells(arrays, scores, seed)
+    results = {"slim": trained(cell_balanced_weights(labels, cells))}
+    if not no_answer_results:
+        shuffled = cells.copy()
+        for y in np.unique(labels):  # same cell sizes, members at random
+            members = np.flatnonzero(labels == y)
+            shuffled[members] = np.random.default_rng(seed).permutation(cells[members])
+        no_answer_results["erm"] = evaluate_on_test(model, run, None, "fresh")
+        no_answer_results["random"] = trained(cell_balanced_weights(labels, shuffled))
+        errors = np.where(arrays["pred"] != labels, upweight, 1.0)
+        no_answer_results["jtt"] = trained(errors / np.bincount(labels, weights=errors)[labels])
+        no_answer_results["oracle"] = trained(cell_balanced_weights(labels, groups))
+    results.update(no_answer_results)
+    summary = {name: {"worst_group_acc": r["worst_group_acc"], "mean_acc": r["mean_acc"], "avg_acc": r["avg_acc"]}
+               for name, r in results.items()}
+    summary["cell_purity"] = {"slim": cell_purity(cells.tolist(), groups)}
+    summary["annotated"] = len(answers.labels)
+    summary["annotated_fraction"] = len(answers.labels) / len(labels)
+    summary["subset_size"] = len(labels)
+    return summary
 
 
 def one_seed(run: Run, seed: int, mode: str, noise: float, upweight: float, subset_size: int | None,
@@ -119,9 +191,9 @@ def one_seed(run: Run, seed: int, mode: str, noise: float, upweight: float, subs
 
     answers = simulated_answers(run, arrays, noise, seed)
     scores, _ = propagate(arrays, answers)
+    curated = {("slim" if v == variants[0] else f"slim-{v}"): curate(arrays, scores, size, seed, v) for v in variants}
     subsets = {
-        **{("slim" if v == variants[0] else f"slim-{v}"): np.array([p.row for p in curate(arrays, scores, size, seed, v)])
-           for v in variants},
+        **{name: np.array([p.row for p in picks]) for name, picks in curated.items()},
         "random": rng.choice(len(arrays["y"]), size, replace=False),
         "oracle": np.concatenate([rng.choice(np.flatnonzero(groups == g), min(size // len(np.unique(groups)),
                                   int((groups == g).sum())), replace=False) for g in np.unique(groups)]),
@@ -129,10 +201,15 @@ def one_seed(run: Run, seed: int, mode: str, noise: float, upweight: float, subs
     results = {"erm": evaluate_on_test(model, run, test_features, "last-layer")}
     for name, rows in subsets.items():
         results[name] = evaluate_on_test(retrain(rows), run, test_features, mode)
-    if mode == "last-layer":
-        results["jtt"] = evaluate_on_test(jtt_model(model, arrays, upweight), run, test_features, mode)
+    errors = np.where(arrays["pred"] != arrays["y"], upweight, 1.0)
+    group_balanced = 1.0 / np.bincount(groups)[groups]
+    for name, weights in (("jtt", errors), ("oracle-all", group_balanced)):
+        results[name] = evaluate_on_test(reweighted_model(model, arrays, weights, mode, run, config, meta),
+                                         run, test_features, mode)
     summary = {name: {"worst_group_acc": r["worst_group_acc"], "mean_acc": r["mean_acc"], "avg_acc": r["avg_acc"]}
                for name, r in results.items()}
+    summary["cell_purity"] = {name: cell_purity([(int(arrays["y"][p.row]), *p.cell) for p in picks],
+                                                groups[[p.row for p in picks]]) for name, picks in curated.items()}
     summary["annotated"] = len(answers.labels)
     summary["annotated_fraction"] = len(answers.labels) / len(arrays["y"])
     summary["subset_size"] = size
@@ -154,6 +231,8 @@ def aggregate(per_seed: list[dict]) -> dict:
             / max(s["oracle"]["worst_group_acc"] - s["erm"]["worst_group_acc"], 1e-9) for s in per_seed]
     out["gap_closed"] = {"mean": statistics.mean(gaps), "per_seed": gaps}
     out["annotated_fraction"] = statistics.mean(s["annotated_fraction"] for s in per_seed)
+    out["cell_purity"] = {name: statistics.mean(s["cell_purity"][name] for s in per_seed)
+                          for name in per_seed[0]["cell_purity"]}
     return out
 
 
@@ -169,7 +248,7 @@ def markdown(result: dict, label: str) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="dataset/model seeds")
-    parser.add_argument("--mode", choices=("last-layer", "full"), default="last-layer", help="retraining mode")
+    parser.add_argument("--mode", choices=RETRAIN_MODES, default="last-layer", help="retraining mode")
     parser.add_argument("--noise", type=float, nargs="+", default=[0.0, 0.1], help="annotation noise levels")
     parser.add_argument("--jtt-upweight", type=float, default=50.0, help="JTT's error upweighting")
     parser.add_argument("--subset-size", type=int, default=None, help="curated subset size (default: curate's)")
@@ -180,12 +259,16 @@ def main() -> None:
     args = parser.parse_args()
     runs = {seed: build(Path(args.work), seed) for seed in args.seeds}
     result = {"mode": args.mode, "seeds": args.seeds, "by_noise": {}}
+    no_answer_results: dict[int, dict] = {seed: {} for seed in args.seeds}
     for noise in args.noise:
-        per_seed = [one_seed(runs[s], s, args.mode, noise, args.jtt_upweight, args.subset_size, args.variants)
+        per_seed = [fresh_seed(runs[s], s, noise, args.jtt_upweight, no_answer_results[s]) if args.mode == "fresh"
+                    else one_seed(runs[s], s, args.mode, noise, args.jtt_upweight, args.subset_size, args.variants)
                     for s in args.seeds]
         result["by_noise"][str(noise)] = {**aggregate(per_seed), "per_seed": per_seed}
         print(markdown(result["by_noise"][str(noise)], f"noise {noise:g}, {args.mode}"))
-        print(f"gap closed by SLIM: {result['by_noise'][str(noise)]['gap_closed']['mean']:.0%}\n")
+        summary = result["by_noise"][str(noise)]
+        print(f"gap closed by SLIM: {summary['gap_closed']['mean']:.0%}; curated cells' group purity: "
+              + ", ".join(f"{name} {purity:.1%}" for name, purity in summary["cell_purity"].items()) + "\n")
     atomic_write_json(Path(args.out), result)
 
 

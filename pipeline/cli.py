@@ -125,11 +125,13 @@ def build_parser() -> argparse.ArgumentParser:
                              "SLIM as written (above-median score, pooled x ignored features)")
     curate.add_argument("--seed", type=int, default=None, help="clustering seed (default 0)")
 
-    retrain = sub.add_parser("retrain", help="retrain on the curated subset",
-                             description="SLIM step 8: last-layer (DFR-style) or full fine-tuning on the subset.")
+    retrain = sub.add_parser("retrain", help="retrain with the curation's balance",
+                             description="SLIM step 8: last-layer (DFR-style) or full fine-tuning on the subset, "
+                                         "or a fresh model on all images balanced over the shortcut's cells.")
     _add_common(retrain)
     retrain.add_argument("--mode", choices=RETRAIN_MODES, default=None,
-                         help="last-layer (default: logistic regression on frozen features) or full fine-tuning")
+                         help="last-layer (default: logistic regression on frozen features of the subset), full "
+                              "(fine-tune on the subset) or fresh (the reference recipe again, cell-balanced)")
     retrain.add_argument("--epochs", type=int, default=None, help="full mode: epochs over the subset (default 20)")
     retrain.add_argument("--lr", type=float, default=None, help="full mode: learning rate (default 0.001)")
 

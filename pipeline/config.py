@@ -19,7 +19,7 @@ CAM_METHODS = ("gradcam", "gradcam++", "xgradcam", "eigencam", "layercam", "scor
 EMBEDDINGS = ("umap", "pca")
 SAMPLE_SPACES = ("vectors", "embedding")
 PRECISIONS = ("auto", "fp32", "bf16")
-RETRAIN_MODES = ("last-layer", "full")
+RETRAIN_MODES = ("last-layer", "full", "fresh")
 CURATION_VARIANTS = ("attention", "published")
 
 

@@ -112,6 +112,32 @@ def curate(arrays: dict[str, np.ndarray], scores: np.ndarray, subset_size: int, 
     return picks
 
 
+def spurious_space_cells(arrays: dict[str, np.ndarray], scores: np.ndarray, seed: int = 0) -> np.ndarray:
+    """A cell id per image: per class, clusters of the space where the answers say the shortcut lives.
+
+    A class whose attention the annotators call core (mean propagated score >= 0.5) keeps its shortcut in what
+    the model ignores (f_rev); a class called spurious keeps it in what the model attends to (f_att). Clustering
+    that one space (k by the elbow) splits the class by the shortcut's values — on the synthetic benchmark the
+    rare cell is exactly the minority group — without the finer splits a crossed space adds.
+    """
+    cells = np.zeros(len(arrays["y"]), dtype=int)
+    next_cell = 0
+    for y in np.unique(arrays["y"]):
+        members = np.flatnonzero(arrays["y"] == y)
+        space = arrays["f_rev"] if scores[members].mean() >= 0.5 else arrays["f_att"]
+        points = StandardScaler().fit_transform(space[members])
+        k = elbow_k(points, seed)
+        cells[members] = next_cell + KMeans(n_clusters=k, n_init=4, random_state=seed).fit_predict(points)
+        next_cell += k
+    return cells
+
+
+def cell_balanced_weights(labels: np.ndarray, cells: np.ndarray) -> np.ndarray:
+    """Sampling weight per image: every class the same total, every cell inside a class the same share."""
+    weights = 1.0 / np.bincount(cells)[cells]
+    return weights / np.bincount(labels, weights=weights)[labels]
+
+
 def default_subset_size(n_train: int, n_classes: int) -> int:
     """10 % of the training images, at least 20 per class: enough for a stable last-layer fit."""
     return max(20 * n_classes, round(0.1 * n_train))

@@ -142,6 +142,13 @@ def _maps(train: dict[str, np.ndarray], propagation: dict[str, np.ndarray]) -> s
     return html_img
 
 
+def _trained_on(slim: dict) -> str:
+    """What the retrained model saw: the curated subset, or (``fresh``) every image balanced over the cells."""
+    if slim.get("mode") == "fresh":
+        return f"a new model on all {slim.get('images', '?')} training images, balanced over {slim.get('cells', '?')} cells"
+    return f"curated subset {slim.get('subset_size', '?')} images"
+
+
 def _bars(metrics: dict) -> str:
     plt = _pyplot()
     groups = list(metrics["erm"]["per_group"])
@@ -186,8 +193,8 @@ def render_html(run: Run, image_set: ImageSet, train: dict[str, np.ndarray], pro
 <style>body{{font-family:sans-serif;max-width:1200px;margin:2em auto}}td,th{{padding:4px 10px;text-align:right}}
 table{{border-collapse:collapse}}tr:nth-child(even){{background:#f3f3f3}}img{{max-width:100%}}</style></head><body>
 <h1>SLIM report — {html.escape(str(run.root))}</h1>
-<p>Retraining mode: <b>{html.escape(str(metrics['slim'].get('mode')))}</b>; curated subset
-{metrics['slim'].get('subset_size', '?')} images; {metrics['annotated']} images annotated
+<p>Retraining mode: <b>{html.escape(str(metrics['slim'].get('mode')))}</b>; {_trained_on(metrics['slim'])};
+{metrics['annotated']} images annotated
 ({metrics['annotated_fraction']:.1%} of the training set).</p>
 <h2>Numbers (test unless marked)</h2>
 <table><tr><th>model</th><th>worst group</th><th>mean</th><th>average</th><th>AIoU</th><th>core acc.</th>

@@ -1,10 +1,12 @@
-"""SLIM step 8: retrain on the curated subset.
+"""SLIM step 8: retrain with what the curation found.
 
 ``last-layer`` (DFR-style): class-balanced logistic regression on the reference model's frozen pooled
 features of the subset; the regularisation strength is chosen on a held-out fifth of the subset (never on
 validation groups), then the model is refit on the whole subset and written back as the linear head, so
 the retrained model is an ordinary checkpoint whose GradCAM is still closed-form. ``full``: fine-tune the
-whole reference model on the subset with class-balanced sampling.
+whole reference model on the subset with class-balanced sampling. ``fresh``: train a new model with the
+reference recipe on every training image, drawn so that each cell of the space where the answers place the
+shortcut counts the same (see :func:`pipeline.curate.spurious_space_cells`).
 """
 
 from __future__ import annotations
@@ -19,10 +21,18 @@ from sklearn.preprocessing import StandardScaler
 from torch.utils.data import WeightedRandomSampler
 
 from pipeline.config import RETRAIN_MODES, RunConfig
+from pipeline.curate import cell_balanced_weights, spurious_space_cells
 from pipeline.data import load_dataset
 from pipeline.errors import PipelineError
 from pipeline.evaluate import format_metrics
-from pipeline.models import Classifier, load_checkpoint, resolve_device, save_checkpoint
+from pipeline.models import (
+    Classifier,
+    build_model,
+    load_checkpoint,
+    load_weights,
+    resolve_device,
+    save_checkpoint,
+)
 from pipeline.run import Run, atomic_write_json
 from pipeline.train import evaluate_splits, fit, make_loader, seed_everything
 
@@ -78,27 +88,62 @@ def retrain_last_layer(model: Classifier, features: np.ndarray, labels: np.ndarr
     return retrained, {"C": c}
 
 
-def retrain_full(model: Classifier, run: Run, config: RunConfig, image_ids: list[int], device: torch.device,
-                 size: int, progress: bool) -> tuple[Classifier, dict]:
+def weighted_fit(model: Classifier, config: RunConfig, image_ids: list[int], weights: np.ndarray, epochs: int,
+                 lr: float, device: torch.device, size: int, progress: bool) -> tuple[Classifier, list[float]]:
+    """Train ``model`` on ``image_ids`` drawn with replacement by ``weights`` (one epoch = as many draws)."""
     image_set = load_dataset(config.data.root)
     samples = [image_set.samples[i] for i in image_ids]
-    labels = np.array([s.y for s in samples])
-    weights = 1.0 / np.bincount(labels)[labels]
     generator = torch.Generator().manual_seed(config.retrain.seed)
-    sampler = WeightedRandomSampler(torch.from_numpy(weights), num_samples=len(samples), replacement=True,
-                                    generator=generator)
+    sampler = WeightedRandomSampler(torch.from_numpy(np.asarray(weights, dtype=float)), num_samples=len(samples),
+                                    replacement=True, generator=generator)
     loader = make_loader(image_set, samples, size, config.train.batch_size, config.data.workers, sampler=sampler)
-    retrained = copy.deepcopy(model)
-    losses = fit(retrained, loader, config.retrain.epochs, config.retrain.lr, config.train.weight_decay, device,
-                 progress)
-    return retrained.cpu().eval(), {"train_loss": losses}
+    losses = fit(model, loader, epochs, lr, config.train.weight_decay, device, progress)
+    return model.cpu().eval(), losses
+
+
+def retrain_full(model: Classifier, run: Run, config: RunConfig, image_ids: list[int], device: torch.device,
+                 size: int, progress: bool, sample_weight: np.ndarray | None = None) -> tuple[Classifier, dict]:
+    """Fine-tune the whole model, drawing images by ``sample_weight`` (default: class-balanced)."""
+    if sample_weight is None:
+        labels = np.array([load_dataset(config.data.root).samples[i].y for i in image_ids])
+        sample_weight = 1.0 / np.bincount(labels)[labels]
+    retrained, losses = weighted_fit(copy.deepcopy(model), config, image_ids, sample_weight, config.retrain.epochs,
+                                     config.retrain.lr, device, size, progress)
+    return retrained, {"train_loss": losses}
+
+
+def fresh_model(config: RunConfig, num_classes: int, image_ids: list[int], weights: np.ndarray,
+                device: torch.device, size: int, progress: bool) -> tuple[Classifier, list[float]]:
+    """A new model, trained with the reference recipe (architecture, start weights, epochs, lr) under ``weights``.
+
+    Only the sampling differs from the reference run, so whatever changes is the data's balance.
+    """
+    model = build_model(config.train.arch, num_classes, imagenet=config.train.pretrained)
+    if config.train.weights:
+        load_weights(model, config.train.weights)
+    return weighted_fit(model, config, image_ids, weights, config.train.epochs, config.train.lr, device, size,
+                        progress)
+
+
+def retrain_fresh(arrays: dict[str, np.ndarray], scores: np.ndarray, config: RunConfig, device: torch.device,
+                  size: int, progress: bool) -> tuple[Classifier, dict]:
+    """Every training image, drawn so each class and each cell of its shortcut space count the same.
+
+    Uses all images rather than the curated subset: the cells say how to balance, and a fresh network needs
+    the data volume to learn the core feature (a 240-image subset is too small to train from the start).
+    """
+    cells = spurious_space_cells(arrays, scores, config.curate.seed)
+    weights = cell_balanced_weights(arrays["y"], cells)
+    model, losses = fresh_model(config, len(arrays["class_names"]), [int(i) for i in arrays["index"]], weights,
+                                device, size, progress)
+    return model, {"train_loss": losses, "cells": int(cells.max()) + 1, "images": len(weights)}
 
 
 def retrain_run(run: Run, config: RunConfig, progress: bool = True) -> dict:
     """Retrain on ``curated.csv``; writes ``slim_model.pt`` and ``metrics.json['slim']``."""
     mode = config.retrain.mode
     if mode not in RETRAIN_MODES:
-        raise PipelineError(f"unknown --mode {mode!r}; choose last-layer or full")
+        raise PipelineError(f"unknown --mode {mode!r}; choose {', '.join(RETRAIN_MODES)}")
     curated = run.load_csv(run.curated_path, "curate --run RUN")
     arrays = run.load_arrays(run.attention_path, "embed --run RUN")
     model, meta = load_checkpoint(run.checkpoint_path)
@@ -110,8 +155,11 @@ def retrain_run(run: Run, config: RunConfig, progress: bool = True) -> dict:
     if mode == "last-layer":
         retrained, details = retrain_last_layer(model, arrays["features"][rows], arrays["y"][rows],
                                                 config.retrain.seed)
-    else:
+    elif mode == "full":
         retrained, details = retrain_full(model, run, config, image_ids, device, meta["image_size"], progress)
+    else:
+        scores = run.load_arrays(run.propagation_path, "curate --run RUN")["score"]
+        retrained, details = retrain_fresh(arrays, scores, config, device, meta["image_size"], progress)
     save_checkpoint(retrained, run.slim_checkpoint_path, {**meta, "mode": mode, **details,
                                                           "subset_size": len(image_ids)})
     run.save_config(config)

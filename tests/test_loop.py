@@ -15,8 +15,8 @@ import torch
 
 from pipeline.annotator import decide
 from pipeline.cli import main
-from pipeline.curate import allocate, elbow_k
-from pipeline.data import TEST, ImageDataset, load_dataset, load_mask
+from pipeline.curate import allocate, cell_balanced_weights, elbow_k, spurious_space_cells
+from pipeline.data import TEST, TRAIN, ImageDataset, load_dataset, load_mask
 from pipeline.errors import PipelineError
 from pipeline.models import load_checkpoint
 from pipeline.propagate import CORE, SPURIOUS, answers_from_csv, consolidate, spread_class
@@ -85,6 +85,25 @@ def test_elbow_finds_three_blobs_and_allocation_respects_budget() -> None:
     allocation = allocate(10, np.array([3.0, 1.0, 1.0]), np.array([100, 100, 2]))
     assert allocation.sum() == 10 and allocation[2] <= 2 and allocation[0] > allocation[1]
     assert allocate(50, np.array([1.0, 1.0]), np.array([3, 4])).tolist() == [3, 4]
+
+
+def test_shortcut_cells_follow_the_answers_and_weights_balance_them() -> None:
+    """Attention called core -> cells of what the model ignores; called spurious -> of what it attends to."""
+    rng = np.random.default_rng(0)
+
+    def blobs(centres: list[list[float]], n: int) -> np.ndarray:
+        return np.vstack([np.array(c) + rng.normal(0, 0.1, (n, 2)) for c in centres])
+
+    three, two = blobs([[0, 0], [5, 0], [0, 5]], 40), blobs([[0, 0], [6, 6]], 60)
+    arrays = {"y": np.zeros(120, dtype=int), "f_att": three, "f_rev": two}
+    core = spurious_space_cells(arrays, np.ones(120), seed=0)
+    spurious = spurious_space_cells(arrays, np.zeros(120), seed=0)
+    assert len(np.unique(core)) == 2 and len(np.unique(spurious)) == 3
+    labels = np.array([0] * 90 + [1] * 30)
+    cells = np.array([0] * 80 + [1] * 10 + [2] * 30)  # class 0: a big and a rare cell; class 1: one cell
+    weights = cell_balanced_weights(labels, cells)
+    assert np.bincount(labels, weights=weights) == pytest.approx([1.0, 1.0])
+    assert weights[cells == 0].sum() == pytest.approx(weights[cells == 1].sum()) == pytest.approx(0.5)
 
 
 def test_curate_from_csv_answers(run: Path) -> None:
@@ -192,6 +211,41 @@ def test_full_retrain_and_report(run: Path) -> None:
     assert page.count("data:image/png;base64,") == 4  # bars, attention maps, two overlay grids
     assert not re.search(r'src="(https?:)?//', page)  # self-contained
     assert "ERM" in page and "SLIM" in page and "full" in page
+
+
+def test_full_retrain_draws_images_by_the_given_weights(run: Path) -> None:
+    """Default draws are class-balanced; explicit weights (JTT, all-images oracle) replace them."""
+    from pipeline.retrain import retrain_full
+    from pipeline.train import seed_everything
+
+    config = Run(run).load_config()
+    config.retrain.epochs = 1
+    model, meta = load_checkpoint(run / "model.pt")
+    image_set = load_dataset(config.data.root)
+    ids = [s.index for s in image_set.split(TRAIN)][:64]
+    labels = np.array([image_set.samples[i].y for i in ids])
+
+    def retrained(weights):
+        seed_everything(0)
+        fitted = retrain_full(model, Run(run), config, ids, torch.device("cpu"), meta["image_size"], False,
+                              sample_weight=weights)[0]
+        return torch.cat([p.detach().flatten() for p in fitted.parameters()])
+
+    balanced = retrained(None)
+    assert torch.equal(balanced, retrained(1.0 / np.bincount(labels)[labels]))
+    assert not torch.equal(balanced, retrained((labels == 0).astype(float)))
+
+
+def test_fresh_retrain_trains_a_new_model_on_every_image(run: Path) -> None:
+    labels = mask_rule_answers(run)
+    assert main(["curate", "--run", str(run), "--labels", str(labels), "--subset-size", "40", "--quiet"]) == 0
+    assert main(["retrain", "--run", str(run), "--mode", "fresh", "--quiet"]) == 0
+    erm, _ = load_checkpoint(run / "model.pt")
+    fresh, meta = load_checkpoint(run / "slim_model.pt")
+    assert meta["mode"] == "fresh" and 2 <= meta["cells"] <= 10 and len(meta["train_loss"]) == 2  # reference's epochs
+    assert not torch.equal(fresh.backbone[0][0].weight, erm.backbone[0][0].weight)
+    slim = json.loads((run / "metrics.json").read_text())["slim"]
+    assert slim["mode"] == "fresh" and 0 <= slim["worst_group_acc"] <= 1
 
 
 def test_next_round_asks_where_the_propagation_is_least_certain(run: Path) -> None:
