@@ -40,7 +40,13 @@ from pipeline.annotator import decide
 from pipeline.cam import make_extractor
 from pipeline.cli import main as pipeline
 from pipeline.config import RETRAIN_MODES, RunConfig
-from pipeline.curate import cell_balanced_weights, curate, default_subset_size, spurious_space_cells
+from pipeline.curate import (
+    cell_balanced_weights,
+    curate,
+    default_subset_size,
+    elbow_clusters,
+    spurious_space_cells,
+)
 from pipeline.data import TEST, load_dataset, load_mask
 from pipeline.embed import compute_attention
 from pipeline.evaluate import group_metrics
@@ -53,7 +59,7 @@ from pipeline.train import evaluate_splits, make_loader, seed_everything
 
 ALL_IMAGES_EPOCHS = 5  # full mode over all 2,400 images: ~2.5x the gradient steps of 20 passes over 240
 
-METHODS = ("erm", "slim", "slim-published", "random", "jtt", "oracle", "oracle-all")
+METHODS = ("erm", "slim", "slim-published", "slim-no-answers", "random", "jtt", "oracle", "oracle-all")
 
 
 def build(work: Path, seed: int) -> Run:
@@ -126,8 +132,9 @@ def evaluate_on_test(model, run: Run, test_features: np.ndarray | None, mode: st
 def fresh_seed(run: Run, seed: int, noise: float, upweight: float, no_answer_results: dict) -> dict:
     """``--mode fresh``: each method trains a new model with the reference recipe under its own weights.
 
-    ``slim`` balances the cells of the space the answers point at; ``random`` the same cell sizes with members
-    drawn at random; ``jtt`` upweights ERM's errors; ``oracle`` balances the true groups. Methods that use no
+    ``slim`` balances the cells of the space the answers point at; ``slim-no-answers`` the label-free cells
+    (attended x ignored clusters, what curation crosses) — what the answers add; ``random`` SLIM's cell sizes
+    with members drawn at random; ``jtt`` upweights ERM's errors; ``oracle`` balances the true groups. Methods that use no
     answers are trained once per seed and reused across noise levels (``no_answer_results``).
     """
     config: RunConfig = run.load_config()
@@ -149,6 +156,14 @@ def fresh_seed(run: Run, seed: int, noise: float, upweight: float, no_answer_res
     cells = spurious_space_cells(arrays, scores, seed)
     results = {"slim": trained(cell_balanced_weights(labels, cells))}
     if not no_answer_results:
+        crossed = np.zeros_like(cells)  # label-free attention cells: attended x ignored clusters, per class
+        for y in np.unique(labels):
+            members = np.flatnonzero(labels == y)
+            attended = elbow_clusters(arrays["f_att"][members], seed)[1]
+            ignored = elbow_clusters(arrays["f_rev"][members], seed)[1]
+            crossed[members] = 100 * y + 10 * attended + ignored  # k <= 5: distinct per (class, pair)
+        no_answer_results["slim-no-answers"] = trained(cell_balanced_weights(labels, np.unique(crossed,
+                                                                                           return_inverse=True)[1]))
         shuffled = cells.copy()
         for y in np.unique(labels):  # same cell sizes, members at random
             members = np.flatnonzero(labels == y)

@@ -130,8 +130,9 @@ def build_parser() -> argparse.ArgumentParser:
                                          "or a fresh model on all images balanced over the shortcut's cells.")
     _add_common(retrain)
     retrain.add_argument("--mode", choices=RETRAIN_MODES, default=None,
-                         help="last-layer (default: logistic regression on frozen features of the subset), full "
-                              "(fine-tune on the subset) or fresh (the reference recipe again, cell-balanced)")
+                         help="fresh (default: the reference recipe again on all images, cell-balanced), "
+                              "last-layer (logistic regression on frozen features of the subset) or full "
+                              "(fine-tune on the subset)")
     retrain.add_argument("--epochs", type=int, default=None, help="full mode: epochs over the subset (default 20)")
     retrain.add_argument("--lr", type=float, default=None, help="full mode: learning rate (default 0.001)")
 

@@ -46,6 +46,12 @@ def elbow_k(points: np.ndarray, seed: int) -> int:
     return ks[max(candidates, key=lambda i: below_chord[i])]
 
 
+def elbow_clusters(space: np.ndarray, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Standardise, pick k by the elbow, cluster: returns the standardised points and a cluster per point."""
+    points = StandardScaler().fit_transform(space)
+    return points, KMeans(n_clusters=elbow_k(points, seed), n_init=4, random_state=seed).fit_predict(points)
+
+
 def allocate(budget: int, weights: np.ndarray, sizes: np.ndarray) -> np.ndarray:
     """Split ``budget`` over cells by ``weights`` (largest remainders), never more than a cell holds."""
     allocation = np.zeros(len(weights), dtype=int)
@@ -69,11 +75,8 @@ def allocate(budget: int, weights: np.ndarray, sizes: np.ndarray) -> np.ndarray:
 
 def curate_class(first: np.ndarray, reverse: np.ndarray, budget: int, seed: int) -> list[Pick]:
     """Picks (rows of the inputs) for one class's kept images, balanced over ``first`` x ``reverse`` cells."""
-    first_space = StandardScaler().fit_transform(first)
-    reverse_space = StandardScaler().fit_transform(reverse)
-    k_f, k_r = elbow_k(first_space, seed), elbow_k(reverse_space, seed)
-    by_first = KMeans(n_clusters=k_f, n_init=4, random_state=seed).fit_predict(first_space)
-    by_reverse = KMeans(n_clusters=k_r, n_init=4, random_state=seed).fit_predict(reverse_space)
+    first_space, by_first = elbow_clusters(first, seed)
+    reverse_space, by_reverse = elbow_clusters(reverse, seed)
     joint = np.hstack([first_space, reverse_space])
     cells = sorted(set(zip(by_first.tolist(), by_reverse.tolist())))
     members = [np.flatnonzero((by_first == f) & (by_reverse == r)) for f, r in cells]
@@ -125,10 +128,9 @@ def spurious_space_cells(arrays: dict[str, np.ndarray], scores: np.ndarray, seed
     for y in np.unique(arrays["y"]):
         members = np.flatnonzero(arrays["y"] == y)
         space = arrays["f_rev"] if scores[members].mean() >= 0.5 else arrays["f_att"]
-        points = StandardScaler().fit_transform(space[members])
-        k = elbow_k(points, seed)
-        cells[members] = next_cell + KMeans(n_clusters=k, n_init=4, random_state=seed).fit_predict(points)
-        next_cell += k
+        clusters = elbow_clusters(space[members], seed)[1]
+        cells[members] = next_cell + clusters
+        next_cell += int(clusters.max()) + 1
     return cells
 
 

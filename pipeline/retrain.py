@@ -140,7 +140,7 @@ def retrain_fresh(arrays: dict[str, np.ndarray], scores: np.ndarray, config: Run
 
 
 def retrain_run(run: Run, config: RunConfig, progress: bool = True) -> dict:
-    """Retrain on ``curated.csv``; writes ``slim_model.pt`` and ``metrics.json['slim']``."""
+    """Retrain by ``config.retrain.mode`` from curate's outputs; writes ``slim_model.pt`` and ``metrics.json["slim"]``."""
     mode = config.retrain.mode
     if mode not in RETRAIN_MODES:
         raise PipelineError(f"unknown --mode {mode!r}; choose {', '.join(RETRAIN_MODES)}")

@@ -173,7 +173,7 @@ def test_last_layer_retrain_is_the_logistic_regression(run: Path) -> None:
 
     labels = mask_rule_answers(run)
     assert main(["curate", "--run", str(run), "--labels", str(labels), "--subset-size", "40", "--quiet"]) == 0
-    assert main(["retrain", "--run", str(run), "--quiet"]) == 0
+    assert main(["retrain", "--run", str(run), "--mode", "last-layer", "--quiet"]) == 0
     model, meta = load_checkpoint(run / "slim_model.pt")
     assert meta["mode"] == "last-layer" and meta["C"] in (0.01, 0.1, 1.0, 10.0, 100.0)
     arrays = dict(np.load(run / "attention.npz"))
@@ -239,7 +239,7 @@ def test_full_retrain_draws_images_by_the_given_weights(run: Path) -> None:
 def test_fresh_retrain_trains_a_new_model_on_every_image(run: Path) -> None:
     labels = mask_rule_answers(run)
     assert main(["curate", "--run", str(run), "--labels", str(labels), "--subset-size", "40", "--quiet"]) == 0
-    assert main(["retrain", "--run", str(run), "--mode", "fresh", "--quiet"]) == 0
+    assert main(["retrain", "--run", str(run), "--quiet"]) == 0  # fresh is the default
     erm, _ = load_checkpoint(run / "model.pt")
     fresh, meta = load_checkpoint(run / "slim_model.pt")
     assert meta["mode"] == "fresh" and 2 <= meta["cells"] <= 10 and len(meta["train_loss"]) == 2  # reference's epochs
