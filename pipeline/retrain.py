@@ -129,8 +129,8 @@ def retrain_fresh(arrays: dict[str, np.ndarray], scores: np.ndarray, config: Run
                   size: int, progress: bool) -> tuple[Classifier, dict]:
     """Every training image, drawn so each class and each cell of its shortcut space count the same.
 
-    Uses all images rather than the curated subset: the cells say how to balance, and a fresh network needs
-    the data volume to learn the core feature (a 240-image subset is too small to train from the start).
+    Uses all images rather than the curated subset: the cells say how to balance, and a network trained from
+    the start needs the data volume (the default subset is a tenth of it) to learn the core feature.
     """
     cells = spurious_space_cells(arrays, scores, config.curate.seed)
     weights = cell_balanced_weights(arrays["y"], cells)
