@@ -42,6 +42,7 @@ from pipeline.cli import main as pipeline
 from pipeline.config import RETRAIN_MODES, RunConfig
 from pipeline.curate import (
     cell_balanced_weights,
+    class_normalised,
     curate,
     default_subset_size,
     elbow_clusters,
@@ -97,7 +98,7 @@ def reweighted_model(model, arrays: dict, weights: np.ndarray, mode: str, run: R
     set); ``full``: fine-tuning that draws images by the weights for ``ALL_IMAGES_EPOCHS`` passes.
     """
     labels = arrays["y"]
-    weights = weights / np.bincount(labels, weights=weights)[labels]
+    weights = class_normalised(weights, labels)
     if mode == "full":
         full_config = copy.deepcopy(config)
         full_config.retrain.epochs = ALL_IMAGES_EPOCHS
@@ -171,7 +172,7 @@ def fresh_seed(run: Run, seed: int, noise: float, upweight: float, no_answer_res
         no_answer_results["erm"] = evaluate_on_test(model, run, None, "fresh")
         no_answer_results["random"] = trained(cell_balanced_weights(labels, shuffled))
         errors = np.where(arrays["pred"] != labels, upweight, 1.0)
-        no_answer_results["jtt"] = trained(errors / np.bincount(labels, weights=errors)[labels])
+        no_answer_results["jtt"] = trained(class_normalised(errors, labels))
         no_answer_results["oracle"] = trained(cell_balanced_weights(labels, groups))
     results.update(no_answer_results)
     summary = {name: {"worst_group_acc": r["worst_group_acc"], "mean_acc": r["mean_acc"], "avg_acc": r["avg_acc"]}

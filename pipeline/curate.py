@@ -134,10 +134,15 @@ def spurious_space_cells(arrays: dict[str, np.ndarray], scores: np.ndarray, seed
     return cells
 
 
+def class_normalised(weights: np.ndarray, labels: np.ndarray) -> np.ndarray:
+    """``weights`` rescaled so every class sums to one: the balance each retraining starts from."""
+    weights = np.asarray(weights, dtype=float)
+    return weights / np.bincount(labels, weights=weights)[labels]
+
+
 def cell_balanced_weights(labels: np.ndarray, cells: np.ndarray) -> np.ndarray:
     """Sampling weight per image: every class the same total, every cell inside a class the same share."""
-    weights = 1.0 / np.bincount(cells)[cells]
-    return weights / np.bincount(labels, weights=weights)[labels]
+    return class_normalised(1.0 / np.bincount(cells)[cells], labels)
 
 
 def default_subset_size(n_train: int, n_classes: int) -> int:

@@ -73,9 +73,9 @@ def kernel_gamma(points: np.ndarray) -> float:
 
 def spread_class(points: np.ndarray, labelled: dict[int, int]) -> tuple[np.ndarray, np.ndarray]:
     """(P(core), certainty) for every row of ``points``; ``labelled`` maps row -> 1/0."""
-    gamma = kernel_gamma(points)
     if not labelled:
         return np.full(len(points), 0.5), np.zeros(len(points))
+    gamma = kernel_gamma(points)
     rows = np.fromiter(labelled, dtype=int)
     values = np.array([labelled[r] for r in rows])
     if len(set(values)) == 1:

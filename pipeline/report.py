@@ -89,9 +89,7 @@ def report_run(run: Run, config: RunConfig) -> dict:
         metrics[name] = {**metrics.get(name, {}), **test, "val": val}
         spuriosity[name] = bias_gaps(train, propagation["score"], val_arrays)
     metrics["slim"]["mode"] = models["slim"][1].get("mode")
-    answered = int(propagation["answered"].sum())
-    store = AnnotationStore(run.labels_path) if run.labels_path.exists() else None
-    metrics["annotated"] = len({a.image_id for a in store.annotations()}) if store else answered
+    metrics["annotated"] = annotated_images(run, propagation)
     metrics["annotated_fraction"] = metrics["annotated"] / len(train["y"])
     metrics["spuriosity"] = spuriosity
     atomic_write_json(run.metrics_path, metrics)
@@ -101,6 +99,18 @@ def report_run(run: Run, config: RunConfig) -> dict:
           f"{erm['mean_acc']:.1%} -> {slim['mean_acc']:.1%} ({slim['mode']}, {metrics['annotated']} images "
           f"annotated = {metrics['annotated_fraction']:.1%}); {run.report_path}")
     return metrics
+
+
+def annotated_images(run: Run, propagation: dict[str, np.ndarray]) -> int:
+    """Images with at least one annotation in the run's database (unsure ones too); without a database (CSV
+    answers), the images whose answer was used."""
+    if not run.labels_path.exists():
+        return int(propagation["answered"].sum())
+    store = AnnotationStore(run.labels_path)
+    try:
+        return len({a.image_id for a in store.annotations()})
+    finally:
+        store.close()
 
 
 # --- HTML -------------------------------------------------------------------------------------------------

@@ -21,7 +21,7 @@ from sklearn.preprocessing import StandardScaler
 from torch.utils.data import WeightedRandomSampler
 
 from pipeline.config import RETRAIN_MODES, RunConfig
-from pipeline.curate import cell_balanced_weights, spurious_space_cells
+from pipeline.curate import cell_balanced_weights, class_normalised, spurious_space_cells
 from pipeline.data import load_dataset
 from pipeline.errors import PipelineError
 from pipeline.evaluate import format_metrics
@@ -88,11 +88,15 @@ def retrain_last_layer(model: Classifier, features: np.ndarray, labels: np.ndarr
     return retrained, {"C": c}
 
 
-def weighted_fit(model: Classifier, config: RunConfig, image_ids: list[int], weights: np.ndarray, epochs: int,
-                 lr: float, device: torch.device, size: int, progress: bool) -> tuple[Classifier, list[float]]:
-    """Train ``model`` on ``image_ids`` drawn with replacement by ``weights`` (one epoch = as many draws)."""
+def weighted_fit(model: Classifier, config: RunConfig, image_ids: list[int], weights: np.ndarray | None,
+                 epochs: int, lr: float, device: torch.device, size: int, progress: bool) -> tuple[Classifier, list[float]]:
+    """Train ``model`` on ``image_ids`` drawn with replacement by ``weights`` (one epoch = as many draws);
+    ``None`` draws every class equally often."""
     image_set = load_dataset(config.data.root)
     samples = [image_set.samples[i] for i in image_ids]
+    if weights is None:
+        labels = np.array([s.y for s in samples])
+        weights = class_normalised(np.ones(len(samples)), labels)
     generator = torch.Generator().manual_seed(config.retrain.seed)
     sampler = WeightedRandomSampler(torch.from_numpy(np.asarray(weights, dtype=float)), num_samples=len(samples),
                                     replacement=True, generator=generator)
@@ -104,9 +108,6 @@ def weighted_fit(model: Classifier, config: RunConfig, image_ids: list[int], wei
 def retrain_full(model: Classifier, run: Run, config: RunConfig, image_ids: list[int], device: torch.device,
                  size: int, progress: bool, sample_weight: np.ndarray | None = None) -> tuple[Classifier, dict]:
     """Fine-tune the whole model, drawing images by ``sample_weight`` (default: class-balanced)."""
-    if sample_weight is None:
-        labels = np.array([load_dataset(config.data.root).samples[i].y for i in image_ids])
-        sample_weight = 1.0 / np.bincount(labels)[labels]
     retrained, losses = weighted_fit(copy.deepcopy(model), config, image_ids, sample_weight, config.retrain.epochs,
                                      config.retrain.lr, device, size, progress)
     return retrained, {"train_loss": losses}
