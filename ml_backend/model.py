@@ -37,7 +37,7 @@ from pipeline.errors import PipelineError
 from pipeline.labelstudio import ANSWER, ATTENTION_VIEW, Settings, Studio, parse_annotation
 from pipeline.models import load_checkpoint
 from pipeline.prelabel import attention_prior
-from pipeline.propagate import consolidate, propagate
+from pipeline.propagate import consolidate, propagate, save_propagation
 from pipeline.run import Run
 from pipeline.sample import attention_representation
 from pipeline.store import AnnotationStore
@@ -185,9 +185,7 @@ class SlimAttentionBackend:
         if not answers.labels:
             return
         scores, certainty = propagate(self.arrays, answers)
-        answered = np.array([int(i) in answers.labels for i in self.arrays["index"]])
-        self.run.save_arrays(self.run.propagation_path, {"index": self.arrays["index"], "score": scores,
-                                                         "certainty": certainty, "answered": answered})
+        save_propagation(self.run, self.arrays, scores, certainty, answers)
         self._load_scores()
         log.info("propagation refreshed from %d answers; model version %s", len(answers.labels), self.version)
 

@@ -155,7 +155,13 @@ def propagate_run(run: Run, config: RunConfig) -> tuple[np.ndarray, np.ndarray, 
     if not answers.labels:
         raise PipelineError("no usable answer yet (all unsure, tied or skipped); annotate some tasks first")
     scores, certainty = propagate(arrays, answers)
+    save_propagation(run, arrays, scores, certainty, answers)
+    return scores, certainty, answers
+
+
+def save_propagation(run: Run, arrays: dict[str, np.ndarray], scores: np.ndarray, certainty: np.ndarray,
+                     answers: Answers) -> None:
+    """``propagation.npz``: what curation, the report, the next round and the ML backend read back."""
     answered = np.array([int(i) in answers.labels for i in arrays["index"]])
     run.save_arrays(run.propagation_path, {"index": arrays["index"], "score": scores, "certainty": certainty,
                                            "answered": answered})
-    return scores, certainty, answers
