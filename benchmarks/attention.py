@@ -3,12 +3,12 @@
 One run, one model, one set of images, four measurements (images per second):
 
 1. ``forward``: ``model(images)`` under ``torch.no_grad`` with the pipeline's inference precision (bf16
-   autocast on CUDA, fp32 on CPU, as :func:`pipeline.evaluate.predict` runs it). The ceiling: the attention
-   stage cannot be cheaper than the forward pass it is built on.
-2. ``attention``: the real stage code, :func:`pipeline.embed.compute_attention` with ``cam="gradcam"`` (the
-   closed-form path), masks included, so AIoU is computed too.
+   autocast on CUDA, fp32 on CPU, as :func:`pipeline.model.evaluate.predict` runs it). The ceiling: the
+   attention stage cannot be cheaper than the forward pass it is built on.
+2. ``attention``: the real stage code, :func:`pipeline.model.attention.compute_attention` with
+   ``cam="gradcam"`` (the closed-form path), masks included, so AIoU is computed too.
 3. ``gradcam_lib``: pytorch-grad-cam's ``GradCAM`` on ``model.target_layer``, batched, one
-   ``ClassifierOutputTarget`` per image (through :meth:`pipeline.cam.LibraryCAM.full_resolution`).
+   ``ClassifierOutputTarget`` per image (through :meth:`pipeline.model.cam.LibraryCAM.full_resolution`).
 4. ``reference_loop``: how the original SLIM code processed images: batch size 1, pytorch-grad-cam's
    ``GradCAM``, and one overlay PNG (``show_cam_on_image``, written with PIL) per image. It is slow, so it
    runs on a prefix of the images (``--reference-images``); images/s is per image, so the rates compare.
@@ -16,11 +16,11 @@ One run, one model, one set of images, four measurements (images per second):
 Why the speed-up should exist: for a global-average-pool + linear head, GradCAM's weights are the head's
 weights, so the stage needs one no-grad forward pass and no backward pass, and it writes no files.
 
-The model is randomly initialised (:func:`pipeline.models.build_model`; nothing is downloaded): throughput
-does not depend on the weights. Images come from ``--data DIR`` (its training split) or from a synthetic
-dataset generated once into ``bench-out/``. All batches are loaded once through
-:func:`pipeline.train.make_loader` (with masks) and kept in memory, on the device, before anything is timed:
-data loading is excluded from all four measurements alike, so the comparison is about compute.
+The model is randomly initialised (:func:`pipeline.model.networks.build_model`; nothing is downloaded):
+throughput does not depend on the weights. Images come from ``--data DIR`` (its training split) or from a
+synthetic dataset generated once into ``bench-out/``. All batches are loaded once through
+:func:`pipeline.model.loaders.make_loader` (with masks) and kept in memory, on the device, before anything is
+timed: data loading is excluded from all four measurements alike, so the comparison is about compute.
 
 Timing is built for shared machines, whose speed drifts over seconds to minutes (on a small cloud VM, 2-5x).
 The work is cut into chunks (one batch; for the reference loop, its images split into as many chunks as
@@ -55,13 +55,13 @@ import torch
 from PIL import Image
 from pytorch_grad_cam.utils.image import show_cam_on_image
 
-from pipeline.cam import LibraryCAM, make_extractor
-from pipeline.data import IMAGENET_MEAN, IMAGENET_STD, TRAIN, load_dataset
-from pipeline.embed import compute_attention
-from pipeline.errors import PipelineError
-from pipeline.models import Classifier, build_model, native_bf16, resolve_device
-from pipeline.synth import SynthSpec, generate
-from pipeline.train import make_loader
+from pipeline.core.data import IMAGENET_MEAN, IMAGENET_STD, TRAIN, load_dataset
+from pipeline.core.errors import PipelineError
+from pipeline.core.synth import SynthSpec, generate
+from pipeline.model.attention import AttentionArrays, compute_attention
+from pipeline.model.cam import LibraryCAM, make_extractor
+from pipeline.model.loaders import make_loader
+from pipeline.model.networks import Classifier, build_model, native_bf16, resolve_device
 
 CACHE_ROOT = Path("bench-out")
 CAM_THRESHOLD = 0.8  # "looked hardest" level for AIoU, the stage's default
@@ -163,7 +163,7 @@ def attention_stage(model: Classifier, device: torch.device, image_size: int, bf
     """The stage as ``embed`` runs it: one extractor (set up once per run), then the streamed loop."""
     extractor = make_extractor(model, "gradcam", bf16=bf16)
 
-    def run(batches: Sequence[Batch]) -> dict[str, np.ndarray]:
+    def run(batches: Sequence[Batch]) -> AttentionArrays:
         return compute_attention(extractor, PreloadedLoader(batches), device, CAM_THRESHOLD, image_size,
                                  progress=False)
     return run
@@ -274,7 +274,7 @@ def benchmark(args: argparse.Namespace) -> dict[str, object]:
             "reference_loop": (reference_loop(model, rgbs, Path(tmp)), reference_chunks),
         }, args.rounds, device)
         pngs_written = len(list(Path(tmp).glob("*.png")))
-    computes_aiou = "aiou" in attention(batches[:1])
+    computes_aiou = attention(batches[:1]).aiou is not None
 
     stats = {name: rates(chunk_timings) for name, chunk_timings in timings.items()}
     ips = {f"{name}_ips": stat["median"] for name, stat in stats.items()}

@@ -26,24 +26,35 @@ from werkzeug.serving import make_server
 
 from ml_backend._wsgi import create_app
 from ml_backend.model import SlimAttentionBackend
-from pipeline.cli import main as pipeline
-from pipeline.labelstudio_server import free_port
-from pipeline.run import atomic_write_json
-from pipeline.store import AnnotationStore
+from pipeline.core.config import RunConfig, resolve_path
+from pipeline.core.errors import PipelineError
+from pipeline.core.io import atomic_write_json
+from pipeline.core.run import Run
+from pipeline.core.store import AnnotationStore
+from pipeline.core.synth import SynthSpec, generate
+from pipeline.labelstudio.server import free_port
+from pipeline.model.embed import embed_run
+from pipeline.model.train import train_reference
 
 
 def build_run(work: Path) -> Path:
-    data, run = work / "data", work / "run"
-    for command in (["synth", str(data), "--quiet"],
-                    ["train", "--data", str(data), "--run", str(run), "--epochs", "1", "--quiet"],
-                    ["embed", "--run", str(run), "--embedding", "pca", "--quiet"]):
-        if pipeline(command) != 0:
-            raise SystemExit(f"pipeline {command[0]} failed")
-    store = AnnotationStore(run / "labels.sqlite")
+    run = Run(work / "run")
+    try:
+        data = generate(work / "data", SynthSpec(), progress=False)
+        config = run.load_config() if run.exists() else RunConfig()
+        config.data.root = resolve_path(data)
+        config.train.epochs = 1
+        train_reference(run, config, progress=False)
+        config = run.load_config()
+        config.embed.embedding = "pca"
+        embed_run(run, config, progress=False)
+    except PipelineError as exc:
+        raise SystemExit(f"pipeline failed: {exc}") from exc
+    store = AnnotationStore(run.labels_path)
     with store.transaction() as db:
         store.set_meta("run_id", store.get_meta("run_id") or "benchmark", db)
     store.close()
-    return run
+    return run.root
 
 
 def p50_ms(post, body: dict, repeats: int) -> float:
@@ -63,13 +74,13 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=20, help="requests per latency figure")
     args = parser.parse_args()
     run = build_run(Path(args.work))
-    backend = SlimAttentionBackend(run)
+    backend = SlimAttentionBackend(run).setup()
     server = make_server("127.0.0.1", free_port(9090), create_app(backend), threaded=True)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     url = f"http://127.0.0.1:{server.server_port}/predict"
     run_id = AnnotationStore(run / "labels.sqlite").get_meta("run_id")
     known = {"tasks": [{"id": i, "data": {"image_id": int(image_id), "run_id": run_id}}
-                       for i, image_id in enumerate(backend.arrays["index"][:50])]}
+                       for i, image_id in enumerate(backend.arrays.index[:50])]}
     buffer = io.BytesIO()
     Image.fromarray((np.random.default_rng(0).random((64, 64, 3)) * 255).astype(np.uint8)).save(buffer, "PNG")
     unseen = {"tasks": [{"id": 1, "data": {"image": "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()}}]}

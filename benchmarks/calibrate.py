@@ -18,10 +18,11 @@ from pathlib import Path
 
 import torch
 
-from pipeline.config import RunConfig, resolve_path
-from pipeline.run import Run, atomic_write_json
-from pipeline.synth import SynthSpec, generate
-from pipeline.train import train_reference
+from pipeline.core.config import RunConfig, resolve_path
+from pipeline.core.io import atomic_write_json
+from pipeline.core.run import Run
+from pipeline.core.synth import SynthSpec, generate
+from pipeline.model.train import train_reference
 
 
 def train_on(corr: float, seed: int, work: Path) -> dict:

@@ -23,27 +23,39 @@ from pathlib import Path
 
 import torch
 
-from pipeline.annotator import simulate_annotator
-from pipeline.cli import main as pipeline
-from pipeline.labelstudio import Settings
-from pipeline.labelstudio_server import LocalLabelStudio
-from pipeline.pull import pull_run
-from pipeline.push import push_run
-from pipeline.run import Run, atomic_write_json
+from pipeline.core.config import RunConfig, resolve_path
+from pipeline.core.errors import PipelineError
+from pipeline.core.io import atomic_write_json
+from pipeline.core.run import Run
+from pipeline.core.synth import SynthSpec, generate
+from pipeline.labelstudio.annotator import simulate_annotator
+from pipeline.labelstudio.client import Settings
+from pipeline.labelstudio.pull import pull_run
+from pipeline.labelstudio.push import push_run
+from pipeline.labelstudio.server import LocalLabelStudio
+from pipeline.model.embed import embed_run
+from pipeline.model.train import train_reference
+from pipeline.slim.sample import sample_run
 
 
 def build_run(work: Path, tasks: int) -> Run:
-    data, run = work / "data", work / "run"
-    commands = [
-        ["synth", str(data), "--n-train", str(tasks), "--n-val", "20", "--n-test", "20", "--quiet"],
-        ["train", "--data", str(data), "--run", str(run), "--epochs", "1", "--quiet"],
-        ["embed", "--run", str(run), "--embedding", "pca", "--quiet"],
-        ["sample", "--run", str(run), "--fraction", "1.0", "--quiet"],
-    ]
-    for command in commands:
-        if pipeline(command) != 0:
-            raise SystemExit(f"pipeline {command[0]} failed")
-    return Run(run)
+    run = Run(work / "run")
+    try:
+        data = generate(work / "data", SynthSpec(n_train=tasks, n_val=20, n_test=20), progress=False)
+        config = run.load_config() if run.exists() else RunConfig()
+        config.data.root = resolve_path(data)
+        config.train.epochs = 1
+        train_reference(run, config, progress=False)
+        config = run.load_config()
+        config.embed.embedding = "pca"
+        embed_run(run, config, progress=False)
+        config = run.load_config()
+        config.sample.fraction = 1.0
+        config.sample.per_class = None  # as `sample --fraction` does: the fraction replaces a per-class count
+        sample_run(run, config, progress=False)
+    except PipelineError as exc:
+        raise SystemExit(f"pipeline failed: {exc}") from exc
+    return run
 
 
 def timed(fn):
@@ -80,7 +92,7 @@ def main() -> None:
         "pull_annotations_per_s": round(pulled["added"] / pull_s, 1),
         "pull_noop_s": round(noop_s, 2),
         "pull_noop_changed_tasks": again["changed_tasks"],
-        "label_studio": "local, SQLite, 127.0.0.1 (pipeline.labelstudio_server)",
+        "label_studio": "local, SQLite, 127.0.0.1 (pipeline.labelstudio.server)",
         "machine": f"{platform.machine()}, {torch.get_num_threads()} torch threads",
     }
     result["targets_met"] = {"push_tasks_per_s >= 100": result["push_tasks_per_s"] >= 100,

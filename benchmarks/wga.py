@@ -35,87 +35,103 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from sklearn.metrics.cluster import contingency_matrix
 
-from pipeline.annotator import decide
-from pipeline.cam import make_extractor
-from pipeline.cli import main as pipeline
-from pipeline.config import RETRAIN_MODES, RunConfig
-from pipeline.curate import (
-    cell_balanced_weights,
-    class_normalised,
-    curate,
-    default_subset_size,
-    elbow_clusters,
-    spurious_space_cells,
-)
-from pipeline.data import TEST, load_dataset, load_mask
-from pipeline.embed import compute_attention
-from pipeline.evaluate import group_metrics
-from pipeline.models import load_checkpoint
-from pipeline.propagate import CORE, SPURIOUS, Answers, propagate
-from pipeline.retrain import fresh_model, last_layer_head, retrain_full, retrain_last_layer
-from pipeline.run import Run, atomic_write_json
-from pipeline.sample import select
-from pipeline.train import evaluate_splits, make_loader, seed_everything
+from pipeline.core.config import RETRAIN_MODES, RunConfig, resolve_path
+from pipeline.core.data import TEST, load_dataset, load_mask
+from pipeline.core.errors import PipelineError
+from pipeline.core.io import atomic_write_json
+from pipeline.core.run import Run
+from pipeline.core.synth import SynthSpec, generate
+from pipeline.core.verdicts import CORE, SPURIOUS
+from pipeline.labelstudio.annotator import decide
+from pipeline.model.attention import AttentionArrays, compute_attention
+from pipeline.model.cam import make_extractor
+from pipeline.model.embed import embed_run
+from pipeline.model.evaluate import evaluate_splits, group_metrics
+from pipeline.model.loaders import make_loader, seed_everything
+from pipeline.model.networks import load_checkpoint
+from pipeline.model.train import train_reference
+from pipeline.slim.clustering import elbow_clusters
+from pipeline.slim.curate import curate, default_subset_size
+from pipeline.slim.propagate import Answers, propagate
+from pipeline.slim.retrain import fresh_model, last_layer_head, retrain_full, retrain_last_layer
+from pipeline.slim.sample import select
+from pipeline.slim.weights import cell_balanced_weights, class_normalised, spurious_space_cells
 
 ALL_IMAGES_EPOCHS = 5  # full mode over all 2,400 images: ~2.5x the gradient steps of 20 passes over 240
 
 METHODS = ("erm", "slim", "slim-published", "slim-no-answers", "random", "jtt", "oracle", "oracle-all")
 
 
-def build(work: Path, seed: int) -> Run:
-    """Dataset, ERM model and attention stage for one seed (reused when already there)."""
-    data, run = work / f"data-seed{seed}", work / f"run-seed{seed}"
-    for command in (["synth", str(data), "--seed", str(seed), "--quiet"],
-                    ["train", "--data", str(data), "--run", str(run), "--seed", str(seed), "--quiet"],
-                    ["embed", "--run", str(run), "--embedding", "pca", "--quiet"]):
-        if pipeline(command) != 0:
-            raise SystemExit(f"pipeline {command[0]} failed for seed {seed}")
-    return Run(run)
+def build(work: Path, seed: int, spec: SynthSpec | None = None) -> Run:
+    """Dataset, ERM model and attention stage for one seed (reused when already there).
+
+    ``spec`` defaults to the synthetic default with ``seed``; the run starts from its saved config when it has
+    one, else from the defaults, and only the data, the training seed and the PCA embedding are set.
+    """
+    run = Run(work / f"run-seed{seed}")
+    try:
+        data = generate(work / f"data-seed{seed}", spec or SynthSpec(seed=seed), progress=False)
+        config = run.load_config() if run.exists() else RunConfig()
+        config.data.root = resolve_path(data)
+        config.train.seed = seed
+        train_reference(run, config, progress=False)
+        config = run.load_config()
+        config.embed.embedding = "pca"
+        embed_run(run, config, progress=False)
+    except PipelineError as exc:
+        raise SystemExit(f"pipeline failed for seed {seed}: {exc}") from exc
+    return run
 
 
-def simulated_answers(run: Run, arrays: dict, noise: float, seed: int) -> Answers:
+def simulated_answers(run: Run, arrays: AttentionArrays, noise: float, seed: int) -> Answers:
     """SLIM's sample (2 % per class) answered by the mask rule, ``noise`` of the answers flipped."""
     config = run.load_config()
     image_set = load_dataset(config.data.root)
     size = config.data.image_size or image_set.native_size
     labels = {}
     for row, _, _ in select(arrays, config.sample, exclude=set()):
-        image_id = int(arrays["index"][row])
+        image_id = int(arrays.index[row])
         mask = load_mask(image_set.root / image_set.samples[image_id].mask_filename, size)
-        choice, _ = decide(arrays["cam"][row], mask, config.embed.threshold)
+        choice, _ = decide(arrays.cam[row], mask, config.embed.threshold)
         if np.random.default_rng([seed, image_id]).random() < noise:
             choice = "spurious" if choice == "core" else "core"
         labels[image_id] = CORE if choice == "core" else SPURIOUS
     return Answers(labels)
 
 
-def reweighted_model(model, arrays: dict, weights: np.ndarray, mode: str, run: Run, config: RunConfig, meta: dict):
+def reweighted_model(model, arrays: AttentionArrays, weights: np.ndarray, mode: str, config: RunConfig,
+                     meta: dict):
     """Retrain on every training image under ``weights``, each class's total weight set to one.
 
     JTT's second stage and the all-images oracle share this, so they differ only in their weights.
     ``last-layer``: one weighted logistic fit on frozen features (fixed C, as JTT's recipe has no held-out
     set); ``full``: fine-tuning that draws images by the weights for ``ALL_IMAGES_EPOCHS`` passes.
     """
-    labels = arrays["y"]
+    labels = arrays.y
     weights = class_normalised(weights, labels)
     if mode == "full":
         full_config = copy.deepcopy(config)
         full_config.retrain.epochs = ALL_IMAGES_EPOCHS
-        ids = [int(i) for i in arrays["index"]]
-        return retrain_full(model, run, full_config, ids, torch.device("cpu"), meta["image_size"], False,
+        ids = [int(i) for i in arrays.index]
+        return retrain_full(model, full_config, ids, torch.device("cpu"), meta["image_size"], False,
                             sample_weight=weights)[0]
     retrained = copy.deepcopy(model)
-    retrained.head = last_layer_head(arrays["features"], labels, model.head.out_features, 1.0, sample_weight=weights)
+    retrained.head = last_layer_head(arrays.features, labels, model.head.out_features, 1.0,
+                                     sample_weight=weights)
     return retrained
 
 
 def cell_purity(cells: list, groups: np.ndarray) -> float:
-    """Share of images that belong to their cell's most common true group (evaluation only)."""
-    by_cell: dict = {}
-    for cell, group in zip(cells, groups.tolist()):
-        by_cell.setdefault(cell, []).append(group)
-    return sum(int(np.bincount(members).max()) for members in by_cell.values()) / max(len(cells), 1)
+    """Share of images that belong to their cell's most common true group (evaluation only).
+
+    ``cells`` holds one cell per image: an int or a tuple of ints (e.g. ``(class, *pick.cell)``).
+    """
+    if len(cells) == 0:
+        return 0.0
+    cell_ids = np.unique(np.asarray(cells).reshape(len(cells), -1), axis=0, return_inverse=True)[1].ravel()
+    return float(contingency_matrix(cell_ids, groups).max(axis=1).sum() / len(cells))
 
 
 def evaluate_on_test(model, run: Run, test_features: np.ndarray | None, mode: str) -> dict:
@@ -139,16 +155,16 @@ def fresh_seed(run: Run, seed: int, noise: float, upweight: float, no_answer_res
     answers are trained once per seed and reused across noise levels (``no_answer_results``).
     """
     config: RunConfig = run.load_config()
-    arrays = run.load_arrays(run.attention_path, "embed")
+    arrays = AttentionArrays.load(run.require(run.attention_path, "embed"))
     model, meta = load_checkpoint(run.checkpoint_path)
     image_set = load_dataset(config.data.root)
-    groups = np.array([image_set.group_of(image_set.samples[int(i)]) for i in arrays["index"]])
-    ids = [int(i) for i in arrays["index"]]
-    labels = arrays["y"]
+    groups = np.array([image_set.group_of(image_set.samples[int(i)]) for i in arrays.index])
+    ids = [int(i) for i in arrays.index]
+    labels = arrays.y
 
     def trained(weights: np.ndarray) -> dict:
         seed_everything(seed)
-        fresh, _ = fresh_model(config, len(arrays["class_names"]), ids, weights, torch.device("cpu"),
+        fresh, _ = fresh_model(config, len(arrays.class_names), ids, weights, torch.device("cpu"),
                                meta["image_size"], False)
         return evaluate_on_test(fresh, run, None, "fresh")
 
@@ -160,8 +176,8 @@ def fresh_seed(run: Run, seed: int, noise: float, upweight: float, no_answer_res
         crossed = np.zeros_like(cells)  # label-free attention cells: attended x ignored clusters, per class
         for y in np.unique(labels):
             members = np.flatnonzero(labels == y)
-            attended = elbow_clusters(arrays["f_att"][members], seed)[1]
-            ignored = elbow_clusters(arrays["f_rev"][members], seed)[1]
+            attended = elbow_clusters(arrays.f_att[members], seed)[1]
+            ignored = elbow_clusters(arrays.f_rev[members], seed)[1]
             crossed[members] = 100 * y + 10 * attended + ignored  # k <= 5: distinct per (class, pair)
         no_answer_results["slim-no-answers"] = trained(cell_balanced_weights(labels, np.unique(crossed,
                                                                                            return_inverse=True)[1]))
@@ -171,13 +187,13 @@ def fresh_seed(run: Run, seed: int, noise: float, upweight: float, no_answer_res
             shuffled[members] = np.random.default_rng(seed).permutation(cells[members])
         no_answer_results["erm"] = evaluate_on_test(model, run, None, "fresh")
         no_answer_results["random"] = trained(cell_balanced_weights(labels, shuffled))
-        errors = np.where(arrays["pred"] != labels, upweight, 1.0)
+        errors = np.where(arrays.pred != labels, upweight, 1.0)
         no_answer_results["jtt"] = trained(class_normalised(errors, labels))
         no_answer_results["oracle"] = trained(cell_balanced_weights(labels, groups))
     results.update(no_answer_results)
     summary = {name: {"worst_group_acc": r["worst_group_acc"], "mean_acc": r["mean_acc"], "avg_acc": r["avg_acc"]}
                for name, r in results.items()}
-    summary["cell_purity"] = {"slim": cell_purity(cells.tolist(), groups)}
+    summary["cell_purity"] = {"slim": cell_purity(cells, groups)}
     summary["annotated"] = len(answers.labels)
     summary["annotated_fraction"] = len(answers.labels) / len(labels)
     summary["subset_size"] = len(labels)
@@ -187,47 +203,47 @@ def fresh_seed(run: Run, seed: int, noise: float, upweight: float, no_answer_res
 def one_seed(run: Run, seed: int, mode: str, noise: float, upweight: float, subset_size: int | None,
              variants: list[str]) -> dict:
     config: RunConfig = run.load_config()
-    arrays = run.load_arrays(run.attention_path, "embed")
+    arrays = AttentionArrays.load(run.require(run.attention_path, "embed"))
     model, meta = load_checkpoint(run.checkpoint_path)
     image_set = load_dataset(config.data.root)
     samples = image_set.split(TEST)
     loader = make_loader(image_set, samples, meta["image_size"], 256, 0)
     test = compute_attention(make_extractor(model, "gradcam"), loader, torch.device("cpu"), 0.8,
                              meta["image_size"], progress=False)
-    test_features = test["features"]  # loader order is the split's order, as group_metrics expects
-    size = subset_size or default_subset_size(len(arrays["y"]), len(arrays["class_names"]))
+    test_features = test.features  # loader order is the split's order, as group_metrics expects
+    size = subset_size or default_subset_size(len(arrays), len(arrays.class_names))
     rng = np.random.default_rng(seed)
-    groups = np.array([image_set.group_of(image_set.samples[int(i)]) for i in arrays["index"]])
+    groups = np.array([image_set.group_of(image_set.samples[int(i)]) for i in arrays.index])
 
     def retrain(rows: np.ndarray):
         if mode == "last-layer":
-            return retrain_last_layer(model, arrays["features"][rows], arrays["y"][rows], seed)[0]
-        ids = [int(arrays["index"][r]) for r in rows]
-        return retrain_full(model, run, config, ids, torch.device("cpu"), meta["image_size"], False)[0]
+            return retrain_last_layer(model, arrays.features[rows], arrays.y[rows], seed)[0]
+        ids = [int(arrays.index[r]) for r in rows]
+        return retrain_full(model, config, ids, torch.device("cpu"), meta["image_size"], False)[0]
 
     answers = simulated_answers(run, arrays, noise, seed)
     scores, _ = propagate(arrays, answers)
     curated = {("slim" if v == variants[0] else f"slim-{v}"): curate(arrays, scores, size, seed, v) for v in variants}
     subsets = {
         **{name: np.array([p.row for p in picks]) for name, picks in curated.items()},
-        "random": rng.choice(len(arrays["y"]), size, replace=False),
+        "random": rng.choice(len(arrays), size, replace=False),
         "oracle": np.concatenate([rng.choice(np.flatnonzero(groups == g), min(size // len(np.unique(groups)),
                                   int((groups == g).sum())), replace=False) for g in np.unique(groups)]),
     }
     results = {"erm": evaluate_on_test(model, run, test_features, "last-layer")}
     for name, rows in subsets.items():
         results[name] = evaluate_on_test(retrain(rows), run, test_features, mode)
-    errors = np.where(arrays["pred"] != arrays["y"], upweight, 1.0)
+    errors = np.where(arrays.pred != arrays.y, upweight, 1.0)
     group_balanced = 1.0 / np.bincount(groups)[groups]
     for name, weights in (("jtt", errors), ("oracle-all", group_balanced)):
-        results[name] = evaluate_on_test(reweighted_model(model, arrays, weights, mode, run, config, meta),
+        results[name] = evaluate_on_test(reweighted_model(model, arrays, weights, mode, config, meta),
                                          run, test_features, mode)
     summary = {name: {"worst_group_acc": r["worst_group_acc"], "mean_acc": r["mean_acc"], "avg_acc": r["avg_acc"]}
                for name, r in results.items()}
-    summary["cell_purity"] = {name: cell_purity([(int(arrays["y"][p.row]), *p.cell) for p in picks],
+    summary["cell_purity"] = {name: cell_purity([(int(arrays.y[p.row]), *p.cell) for p in picks],
                                                 groups[[p.row for p in picks]]) for name, picks in curated.items()}
     summary["annotated"] = len(answers.labels)
-    summary["annotated_fraction"] = len(answers.labels) / len(arrays["y"])
+    summary["annotated_fraction"] = len(answers.labels) / len(arrays)
     summary["subset_size"] = size
     return summary
 

@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import argparse
-import logging
 import os
 import sys
 
-from ml_backend._wsgi import create_app
+from ml_backend._wsgi import configure_logging, create_app
 from ml_backend.model import SlimAttentionBackend
-from pipeline.errors import PipelineError
+from pipeline.core.errors import PipelineError
 
 
 def main() -> int:
@@ -19,10 +18,12 @@ def main() -> int:
     parser.add_argument("--port", type=int, default=9090, help="port (default 9090)")
     parser.add_argument("--url", default=os.environ.get("LABEL_STUDIO_URL"),
                         help="Label Studio URL, to fetch images of unseen tasks (default $LABEL_STUDIO_URL)")
+    parser.add_argument("--log-level", default="INFO", choices=("DEBUG", "INFO", "WARNING", "ERROR"),
+                        help="log level of the JSON-lines log on stderr (default INFO)")
     args = parser.parse_args()
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    configure_logging(args.log_level)
     try:
-        backend = SlimAttentionBackend(args.run, args.url, os.environ.get("LABEL_STUDIO_API_KEY"))
+        backend = SlimAttentionBackend(args.run, args.url, os.environ.get("LABEL_STUDIO_API_KEY")).setup()
     except PipelineError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

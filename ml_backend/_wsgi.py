@@ -9,8 +9,10 @@ produce a 500. Run it with gunicorn (``ml_backend._wsgi:app`` with ``RUN_DIR`` s
 from __future__ import annotations
 
 import hmac
+import json
 import logging
 import os
+import sys
 import threading
 import time
 from collections import Counter
@@ -18,14 +20,37 @@ from collections import Counter
 from flask import Flask, Response, jsonify, request
 
 from ml_backend.model import BadRequest, SlimAttentionBackend
-from pipeline.errors import PipelineError
+from pipeline.core.errors import PipelineError
 
-log = logging.getLogger("ml_backend")
+log = logging.getLogger(__name__)
+MAX_REQUEST_BYTES = 64 * 1024 * 1024  # a predict request with a few base64 images of up to 20 MiB fits
+
+
+class JsonLineFormatter(logging.Formatter):
+    """One JSON object per line on stderr: time, level, logger, message (and the traceback, if any)."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        entry = {"time": self.formatTime(record, "%Y-%m-%dT%H:%M:%S"), "level": record.levelname,
+                 "logger": record.name, "message": record.getMessage()}
+        if record.exc_info:
+            entry["exception"] = self.formatException(record.exc_info)
+        return json.dumps(entry)
+
+
+def configure_logging(level: str = "INFO") -> None:
+    """The backend's log, and the pipeline stages it runs, as JSON lines on stderr."""
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(JsonLineFormatter())
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level)
 
 
 def create_app(backend: SlimAttentionBackend, basic_auth: tuple[str, str] | None = None) -> Flask:
+    """Label Studio's routes over ``backend``, which is set up (the run loaded) here if it is not yet."""
+    backend.setup()
     app = Flask("ml_backend")
-    app.config["MAX_CONTENT_LENGTH"] = 64 * 1024 * 1024
+    app.config["MAX_CONTENT_LENGTH"] = MAX_REQUEST_BYTES
     counters: Counter = Counter()
     counters_lock = threading.Lock()
     started = time.time()
@@ -83,7 +108,7 @@ def create_app(backend: SlimAttentionBackend, basic_auth: tuple[str, str] | None
     def setup():
         payload = body()
         count("setup")
-        return jsonify(backend.setup(str(payload.get("project", "")), _text(payload.get("schema"))))
+        return jsonify(backend.register_project(str(payload.get("project", "")), _text(payload.get("schema"))))
 
     @app.post("/predict")
     def predict():
@@ -128,6 +153,7 @@ def app_from_environment() -> Flask:
     run_dir = os.environ.get("RUN_DIR") or os.environ.get("MODEL_DIR")
     if not run_dir:
         raise SystemExit("set RUN_DIR to the run directory the backend serves")
+    configure_logging()
     backend = SlimAttentionBackend(run_dir, os.environ.get("LABEL_STUDIO_URL"), os.environ.get("LABEL_STUDIO_API_KEY"))
     user, password = os.environ.get("BASIC_AUTH_USER"), os.environ.get("BASIC_AUTH_PASS")
     return create_app(backend, (user, password) if user and password else None)

@@ -1,11 +1,12 @@
 """The SLIM attention backend: one model class in label-studio-ml's shape (``setup``, ``predict``, ``fit``).
 
-Everything heavy — the checkpoint, the attention arrays, the propagated scores — is loaded once per process,
-so ``/setup`` answers in milliseconds. Predictions for tasks that ``pipeline push`` created come from the
-run's current propagated attention-correctness (or, before any answer, the attention prior); an image the
-run has never seen gets its attention computed on the fly and is placed among its nearest neighbours in the
-attention representation. Answers that arrive by webhook go into the same database ``pull`` writes (keyed by
-Label Studio's annotation id: no double counting), and propagation is refreshed in the background.
+Constructing it only remembers where the run is; :meth:`SlimAttentionBackend.setup` loads the checkpoint, the
+attention data and the propagated scores once per process, so Label Studio's ``/setup`` call answers in
+milliseconds. Predictions for tasks that ``pipeline push`` created come from the run's current propagated
+attention-correctness (or, before any answer, the attention prior); an image the run has never seen gets its
+attention computed on the fly and is placed among its nearest neighbours in the attention representation.
+Answers that arrive by webhook go into the same database ``pull`` writes (keyed by Label Studio's annotation
+id: no double counting), and propagation is refreshed in the background.
 """
 
 from __future__ import annotations
@@ -17,11 +18,9 @@ import logging
 import re
 import threading
 import time
-import xml.etree.ElementTree as ET
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
-from urllib.parse import parse_qs, urlparse
+from urllib.parse import ParseResult, parse_qs, urlparse
 
 import httpx
 import numpy as np
@@ -29,22 +28,23 @@ import torch
 from PIL import Image, UnidentifiedImageError
 from sklearn.neighbors import KNeighborsRegressor
 
-from pipeline.cam import make_extractor
-from pipeline.config import fingerprint
-from pipeline.data import normalize
-from pipeline.embed import attention_vectors
-from pipeline.errors import PipelineError
-from pipeline.labelstudio import ANSWER, ATTENTION_VIEW, Settings, Studio, parse_annotation
-from pipeline.models import load_checkpoint
-from pipeline.prelabel import attention_prior
-from pipeline.propagate import consolidate, propagate, save_propagation
-from pipeline.run import Run
-from pipeline.sample import attention_representation
-from pipeline.store import AnnotationStore
+from pipeline.core.config import RunConfig, fingerprint
+from pipeline.core.data import normalize, rgb_array
+from pipeline.core.errors import PipelineError
+from pipeline.core.run import Run
+from pipeline.core.store import AnnotationStore
+from pipeline.labelstudio.client import Settings, Studio
+from pipeline.labelstudio.schema import ConfigError, ControlNames, control_names, parse_annotation, prediction
+from pipeline.model.attention import AttentionArrays, attention_vectors, representation_of
+from pipeline.model.cam import AttentionExtractor, make_extractor
+from pipeline.model.networks import Classifier, load_checkpoint
+from pipeline.slim.prelabel import attention_prior
+from pipeline.slim.propagate import Propagation, consolidate, save_propagation
 
-log = logging.getLogger("ml_backend")
-MAX_IMAGE_BYTES = 20 * 1024 * 1024
-NEIGHBOURS = 10
+log = logging.getLogger(__name__)
+MAX_IMAGE_BYTES = 20 * 1024 * 1024  # a task image larger than this is refused (413): no photo needs more
+NEIGHBOURS = 10  # training images whose scores an unseen image inherits
+VERSION_LENGTH = 12  # hex digits of the model version: unique per run state, short enough to read in the UI
 
 
 class BadRequest(ValueError):
@@ -55,67 +55,74 @@ class BadRequest(ValueError):
         self.status = status
 
 
-@dataclass(frozen=True)
-class ControlNames:
-    """Where a prediction goes in a project's labeling config."""
-
-    from_name: str = ANSWER
-    to_name: str = ATTENTION_VIEW
-
-
-def control_names(schema: str | None) -> ControlNames:
-    """The Choices control offering core/spurious, and the object it labels, read from the config XML."""
-    if not schema:
-        return ControlNames()
+def names_from(schema: str | None) -> ControlNames:
+    """The project's control names, or a 400 for a config without a core/spurious choice."""
     try:
-        root = ET.fromstring(schema)
-    except ET.ParseError as exc:
-        raise BadRequest(f"label config is not valid XML: {exc}") from None
-    for choices in root.iter("Choices"):
-        values = {c.get("value") for c in choices.iter("Choice")}
-        if {"core", "spurious"} <= values and choices.get("name") and choices.get("toName"):
-            return ControlNames(choices.get("name"), choices.get("toName").split(",")[0])
-    raise BadRequest("label config has no Choices control with the values core and spurious")
+        return control_names(schema)
+    except ConfigError as exc:
+        raise BadRequest(str(exc)) from None
 
 
 class SlimAttentionBackend:
-    """Serves pre-annotations for a run and learns from the answers Label Studio sends."""
+    """Serves pre-annotations for a run and learns from the answers Label Studio sends.
+
+    ``SlimAttentionBackend(run_dir)`` is cheap; call :meth:`setup` once before serving.
+    """
 
     def __init__(self, run_dir: str | Path, label_studio_url: str | None = None, api_key: str | None = None):
         self.run = Run(run_dir)
-        self.config = self.run.load_config()
-        self.model, self.meta = load_checkpoint(self.run.require(self.run.checkpoint_path, "train"))
-        self.extractor = make_extractor(self.model, "gradcam")
-        self.arrays = self.run.load_arrays(self.run.attention_path, "embed --run RUN")
-        self.row_of = {int(i): r for r, i in enumerate(self.arrays["index"])}
-        self.points = attention_representation(self.arrays, "vectors")
         self.label_studio_url = label_studio_url.rstrip("/") if label_studio_url else None
         self._api_key = api_key
         self._studio: Studio | None = None
-        self.store = AnnotationStore(self.run.labels_path)
-        self.run_id = self.store.get_meta("run_id")
         self.projects: dict[str, ControlNames] = {}
         self.lock = threading.Lock()
         self.worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="slim-learn")
-        self.pending = None
+        self.pending: Future | None = None
         self.queued: list = []
+        self.config: RunConfig | None = None
+        self.model: Classifier | None = None
+        self.meta: dict = {}
+        self.extractor: AttentionExtractor | None = None
+        self.arrays: AttentionArrays | None = None
+        self.points: np.ndarray | None = None  # the attention representation of every training image
+        self.scores: np.ndarray | None = None  # P(core) per training image: propagated, else the prior
+        self.knn: KNeighborsRegressor | None = None
+        self.model_version = ""
+        self.store: AnnotationStore | None = None
+        self.run_id: str | None = None
+
+    def setup(self) -> SlimAttentionBackend:
+        """Load the run once: config, checkpoint, attention data, scores and the annotation store.
+
+        Calling it again does nothing, so whoever serves the backend may call it without knowing whether it ran.
+        """
+        if self.arrays is not None:
+            return self
+        self.config = self.run.load_config()
+        self.model, self.meta = load_checkpoint(self.run.require(self.run.checkpoint_path, "train"))
+        self.extractor = make_extractor(self.model, "gradcam")
+        self.arrays = AttentionArrays.load(self.run.require(self.run.attention_path, "embed --run RUN"))
+        self.points = self.arrays.representation()
+        self.store = AnnotationStore(self.run.labels_path)
+        self.run_id = self.store.get_meta("run_id")
         self._load_scores()
+        return self
 
     # --- state ------------------------------------------------------------------------------------------
     def _load_scores(self) -> None:
         """Propagated scores if the run has them, else the attention prior; and the version they define."""
-        scores = attention_prior(self.arrays["cam"])
+        scores = attention_prior(self.arrays.cam)
         source = "prior"
         if self.run.propagation_path.exists():
-            propagation = self.run.load_arrays(self.run.propagation_path, "curate")
-            if np.array_equal(propagation["index"], self.arrays["index"]):
-                scores, source = propagation["score"], "propagated"
+            propagation = Propagation.load(self.run.propagation_path)
+            if propagation.matches(self.arrays):
+                scores, source = propagation.score, "propagated"
         checkpoint = self.run.slim_checkpoint_path if self.run.slim_checkpoint_path.exists() else None
         with self.lock:
             self.scores = scores
             self.knn = KNeighborsRegressor(n_neighbors=min(NEIGHBOURS, len(scores))).fit(self.points, scores)
             self.model_version = "slim-" + fingerprint(self.run.stage_fingerprint("embed"), source,
-                                                       np.round(scores, 4).tolist(), str(checkpoint))[:12]
+                                                       np.round(scores, 4).tolist(), str(checkpoint))[:VERSION_LENGTH]
 
     @property
     def version(self) -> str:
@@ -123,20 +130,15 @@ class SlimAttentionBackend:
             return self.model_version
 
     # --- protocol ---------------------------------------------------------------------------------------
-    def setup(self, project: str, schema: str | None) -> dict:
-        self.projects[str(project)] = control_names(schema)
+    def register_project(self, project: str, schema: str | None) -> dict:
+        """Label Studio's ``/setup``: remember the project's control names; answer with the model version."""
+        self.projects[str(project)] = names_from(schema)
         return {"model_version": self.version}
 
     def predict(self, tasks: list[dict], project: str | None = None, label_config: str | None = None) -> dict:
-        names = control_names(label_config) if label_config else self.projects.get(str(project), ControlNames())
+        names = names_from(label_config) if label_config else self.projects.get(str(project), ControlNames())
         version = self.version
-        results = []
-        for task in tasks:
-            p_core = self._p_core(task)
-            choice = "core" if p_core >= 0.5 else "spurious"
-            results.append({"model_version": version, "score": round(float(max(p_core, 1 - p_core)), 4),
-                            "result": [{"from_name": names.from_name, "to_name": names.to_name,
-                                        "type": "choices", "value": {"choices": [choice]}}]})
+        results = [prediction(self._p_core(task), version, names) for task in tasks]
         return {"results": results, "model_version": version}
 
     def fit(self, event: str, data: dict) -> dict:
@@ -184,14 +186,13 @@ class SlimAttentionBackend:
         answers = consolidate(self.store.annotations())
         if not answers.labels:
             return
-        scores, certainty = propagate(self.arrays, answers)
-        save_propagation(self.run, self.arrays, scores, certainty, answers)
+        save_propagation(self.run, self.arrays, answers)
         self._load_scores()
         log.info("propagation refreshed from %d answers; model version %s", len(answers.labels), self.version)
 
     def _train(self) -> None:
-        from pipeline.curate import curate_run
-        from pipeline.retrain import retrain_run
+        from pipeline.slim.curate import curate_run
+        from pipeline.slim.retrain import retrain_run
 
         try:
             curate_run(self.run, self.config)
@@ -216,7 +217,7 @@ class SlimAttentionBackend:
     def _known_image(self, task: dict) -> int | None:
         data = task.get("data") if isinstance(task.get("data"), dict) else {}
         image_id = data.get("image_id")
-        if isinstance(image_id, int) and image_id in self.row_of and (
+        if isinstance(image_id, int) and self.arrays.has_image(image_id) and (
                 data.get("run_id") in (None, self.run_id)):
             return image_id
         return None
@@ -227,22 +228,21 @@ class SlimAttentionBackend:
         image_id = self._known_image(task)
         with self.lock:
             if image_id is not None:
-                return float(self.scores[self.row_of[image_id]])
+                return float(self.scores[self.arrays.row_of(image_id)])
         image = self._fetch_image(task)
         return self._place_unseen(image)
 
     def _place_unseen(self, image: Image.Image) -> float:
         """Attention of a new image, scored by its nearest training images in the attention representation."""
         size = self.meta["image_size"]
-        rgb = np.asarray(image.convert("RGB").resize((size, size), Image.BILINEAR), np.float32) / 255.0
-        tensor = normalize(rgb)[None]
+        tensor = normalize(rgb_array(image, size))[None]
         with torch.no_grad():
             logits = self.model(tensor)
         batch = self.extractor(tensor, logits.argmax(1))
         attended, ignored = attention_vectors(batch)
-        unit = [v / max(float(np.linalg.norm(v)), 1e-12) for v in (attended[0].numpy(), ignored[0].numpy())]
+        point = representation_of(attended.numpy(), ignored.numpy())
         with self.lock:
-            return float(np.clip(self.knn.predict(np.hstack(unit)[None])[0], 0.0, 1.0))
+            return float(np.clip(self.knn.predict(point)[0], 0.0, 1.0))
 
     def _fetch_image(self, task: dict) -> Image.Image:
         data = task.get("data") if isinstance(task.get("data"), dict) else {}
@@ -280,7 +280,7 @@ class SlimAttentionBackend:
                 return resolved.read_bytes()
         raise BadRequest("local file is outside the run directory or missing", 403)
 
-    def _from_label_studio(self, value: str, parsed) -> bytes:
+    def _from_label_studio(self, value: str, parsed: ParseResult) -> bytes:
         """Only the configured Label Studio host is ever contacted (no SSRF), through the SDK's client (both
         token kinds)."""
         if not self.label_studio_url or not self._api_key:
@@ -288,11 +288,10 @@ class SlimAttentionBackend:
         base = urlparse(self.label_studio_url)
         if parsed.netloc and (parsed.scheme, parsed.netloc) != (base.scheme, base.netloc):
             raise BadRequest("image URL is not on the configured Label Studio host", 403)
-        path = parsed.path.lstrip("/") + (f"?{parsed.query}" if parsed.query else "")
         try:
             if self._studio is None:
-                self._studio = Studio(Settings(self.label_studio_url, self._api_key))
-            response = self._studio.client._client_wrapper.httpx_client.request(path, method="GET")
+                self._studio = Studio(Settings(self.label_studio_url, self._api_key)).connect()
+            response = self._studio.get(parsed.path, params=parse_qs(parsed.query), action="fetch a task's image")
         except (PipelineError, httpx.HTTPError) as exc:
             raise BadRequest(f"could not fetch the task's image from Label Studio ({exc})", 422) from None
         if response.status_code != 200:

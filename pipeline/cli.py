@@ -1,50 +1,313 @@
-"""``python -m pipeline``: one sub-command per stage of the SLIM loop.
+"""``python -m pipeline``: one sub-command per stage of the SLIM loop, generated from the config dataclasses.
 
-The CLI only turns flags into the run's :class:`~pipeline.config.RunConfig` and calls the stage. A flag left
-out keeps the value the run already has (or the default for a new run), so ``embed --run R`` after ``train``
-needs nothing else. A :class:`~pipeline.errors.PipelineError` becomes one line on stderr and exit status 2.
+Every option is declared once, as a dataclass field made with :func:`~pipeline.core.config.option` (the run's
+:class:`~pipeline.core.config.RunConfig` sections, or a command's own options such as
+:class:`~pipeline.labelstudio.push.PushOptions`); this module turns those declarations into flags. For a run's
+settings a flag left out keeps the value the run already has (or the default for a new run), so ``embed --run R``
+after ``train`` needs nothing else. A :class:`~pipeline.core.errors.PipelineError` becomes one line on stderr and
+exit status 2. This is the only module that prints; the stages log (``--log-level``).
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import logging
 import sys
-from collections.abc import Sequence
+import types
+import typing
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
 
 from pipeline import __version__
-from pipeline.config import (
-    ARCHS,
-    CAM_METHODS,
-    CURATION_VARIANTS,
-    EMBEDDINGS,
-    PRECISIONS,
-    RETRAIN_MODES,
-    SAMPLE_SPACES,
-    RunConfig,
-    resolve_path,
+from pipeline.core.config import RunConfig, option, resolve_path
+from pipeline.core.errors import PipelineError
+from pipeline.core.run import Run
+from pipeline.core.synth import SynthSpec
+from pipeline.demo import DemoOptions, ServerOptions
+from pipeline.labelstudio.annotator import AnnotatorOptions
+from pipeline.labelstudio.client import ConnectionOptions, Settings
+from pipeline.labelstudio.pull import PullOptions
+from pipeline.labelstudio.push import PushOptions
+
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
+SECTION_SEPARATOR = "__"  # argparse dest of a run-config flag: "<section>__<field>"
+
+
+@dataclass(frozen=True)
+class StageFlags:
+    """Flags of every command that works on a run."""
+
+    run: str = option("", "run directory holding the config, checkpoints and artifacts", metavar="DIR",
+                      required=True)
+    force: bool = option(False, "recompute even when the stage's outputs are current")
+    quiet: bool = option(False, "no progress bars")
+    log_level: str = option("INFO", "how much the stages report", choices=LOG_LEVELS)
+
+
+@dataclass(frozen=True)
+class LabelStudioFlags:
+    """Flags of every command that talks to Label Studio."""
+
+    run: str = option("", "run directory", metavar="DIR", required=True)
+    quiet: bool = option(False, "no progress bars")
+    log_level: str = option("INFO", "how much the command reports", choices=LOG_LEVELS)
+
+
+@dataclass(frozen=True)
+class SynthFlags:
+    """``synth``'s output folder and terminal flags (the dataset itself is a :class:`SynthSpec`)."""
+
+    out: str = option("", "folder to write (images/, masks/, metadata.csv)", metavar="OUT", positional=True)
+    quiet: bool = option(False, "no progress bar")
+    log_level: str = option("INFO", "how much the command reports", choices=LOG_LEVELS)
+
+
+# --- flags from dataclass fields ------------------------------------------------------------------------------
+def _value_type(hint: Any) -> type:
+    """``int`` for ``int`` and ``int | None``: the type argparse converts to."""
+    if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union:
+        return next(arg for arg in typing.get_args(hint) if arg is not type(None))
+    return hint
+
+
+def _help(field: dataclasses.Field) -> str:
+    """The field's help with its default appended (unless the help already explains it)."""
+    text = field.metadata["help"]
+    unset = field.default is None or field.default is False or field.default == ""
+    if "default" not in text and not unset:
+        text += f" (default: {field.default})"
+    return text.replace("%", "%%")  # argparse formats help with %
+
+
+def add_options(parser: argparse.ArgumentParser, cls: type, prefix: str = "", only: Sequence[str] | None = None,
+                keep_unset: bool = False) -> None:
+    """One flag per :func:`option` field of ``cls`` (or of the fields named in ``only``).
+
+    ``keep_unset``: flags default to ``None`` so that :func:`apply_options` changes only what the user gave
+    (a run's settings); otherwise the field's default is the flag's default.
+    """
+    hints = typing.get_type_hints(cls)
+    groups: dict[str, argparse._MutuallyExclusiveGroup] = {}
+    for field in dataclasses.fields(cls):
+        meta = field.metadata
+        if "help" not in meta or (only is not None and field.name not in only):
+            continue
+        target: Any = parser
+        if meta["exclusive"]:
+            if meta["exclusive"] not in groups:
+                groups[meta["exclusive"]] = parser.add_mutually_exclusive_group()
+            target = groups[meta["exclusive"]]
+        kind = _value_type(hints[field.name])
+        kwargs: dict[str, Any] = {"help": _help(field)}
+        if meta["positional"]:
+            target.add_argument(prefix + field.name, metavar=meta["metavar"], **kwargs)
+            continue
+        kwargs["dest"] = prefix + field.name
+        if kind is bool:
+            kwargs.update(action="store_true", default=None if keep_unset else field.default)
+        else:
+            kwargs.update(type=kind, default=None if keep_unset else field.default, choices=meta["choices"],
+                          metavar=meta["metavar"] or (None if meta["choices"] else field.name.upper()))
+            if meta["required"]:
+                kwargs["required"] = True
+        target.add_argument(meta["flag"] or "--" + field.name.replace("_", "-"), **kwargs)
+
+
+def apply_options(target: Any, args: argparse.Namespace, prefix: str = "") -> None:
+    """Copy the flags the user gave (not ``None``) onto the dataclass instance ``target``."""
+    for field in dataclasses.fields(target):
+        value = getattr(args, prefix + field.name, None)
+        if "help" not in field.metadata or value is None:
+            continue
+        if field.metadata["path"]:
+            value = resolve_path(value)
+        setattr(target, field.name, value)
+        if field.metadata["clears"]:
+            setattr(target, field.metadata["clears"], None)
+
+
+def options_from(cls: type, args: argparse.Namespace) -> Any:
+    """An instance of the options dataclass ``cls`` built from parsed flags."""
+    return cls(**{f.name: getattr(args, f.name) for f in dataclasses.fields(cls) if f.name in vars(args)})
+
+
+# --- commands ---------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Stage:
+    """A command that works on a run: which config sections (and fields) it exposes, and what it runs."""
+
+    name: str
+    help: str
+    description: str
+    sections: dict[str, Sequence[str] | None]  # section -> its fields on this command (None: all)
+    run: Callable[[Run, RunConfig, argparse.Namespace], None]
+    creates_run: bool = False
+
+
+def _train(run: Run, config: RunConfig, args: argparse.Namespace) -> None:
+    from pipeline.model.train import train_reference
+
+    train_reference(run, config, force=args.force, progress=not args.quiet)
+
+
+def _embed(run: Run, config: RunConfig, args: argparse.Namespace) -> None:
+    from pipeline.model.embed import embed_run
+
+    embed_run(run, config, force=args.force, progress=not args.quiet)
+
+
+def _sample(run: Run, config: RunConfig, args: argparse.Namespace) -> None:
+    from pipeline.slim.sample import sample_run
+
+    sample_run(run, config, force=args.force, progress=not args.quiet)
+
+
+def _propagate(run: Run, config: RunConfig, args: argparse.Namespace) -> None:
+    from pipeline.slim.propagate import propagate_run
+
+    propagate_run(run, config, force=args.force)
+
+
+def _curate(run: Run, config: RunConfig, args: argparse.Namespace) -> None:
+    from pipeline.slim.curate import curate_run
+
+    curate_run(run, config)
+
+
+def _retrain(run: Run, config: RunConfig, args: argparse.Namespace) -> None:
+    from pipeline.slim.retrain import retrain_run
+
+    retrain_run(run, config, progress=not args.quiet)
+
+
+def _report(run: Run, config: RunConfig, args: argparse.Namespace) -> None:
+    from pipeline.slim.report import report_run
+
+    report_run(run, config)
+
+
+COMMON_SECTIONS: dict[str, Sequence[str] | None] = {"data": ("workers",), "": ("device",)}
+STAGES = (
+    Stage("train", "train the ERM reference model and report per-group accuracy",
+          "SLIM step 1: ERM reference model on the training split.",
+          {"data": None, "train": None, "": ("device",)}, _train, creates_run=True),
+    Stage("embed", "attention stage: GradCAM, attention vectors, AIoU, 2-D map",
+          "SLIM steps 2-3 over the training split.", {**COMMON_SECTIONS, "embed": None}, _embed),
+    Stage("sample", "choose images to annotate and render their overlays",
+          "SLIM step 4: per-class k-means on the attention representation.",
+          {**COMMON_SECTIONS, "sample": None}, _sample),
+    Stage("propagate", "spread the answers to every training image",
+          "SLIM step 6: label spreading per class over the attention representation.",
+          {**COMMON_SECTIONS, "curate": ("labels",)}, _propagate),
+    Stage("curate", "spread the answers (when stale) and curate a feature-balanced subset",
+          "SLIM steps 6-7: label spreading per class, then a feature-balanced subset.",
+          {**COMMON_SECTIONS, "curate": None}, _curate),
+    Stage("retrain", "retrain with the answers' balance",
+          "SLIM step 8: a fresh model on all images balanced over the shortcut's cells (default), or last-layer "
+          "(DFR-style) or full fine-tuning on the curated subset.", {**COMMON_SECTIONS, "retrain": None}, _retrain),
+    Stage("report", "evaluate ERM and SLIM; write metrics.json and report.html",
+          "Per-group accuracy, AIoU, core accuracy and spuriosity for both models.", COMMON_SECTIONS, _report),
 )
-from pipeline.errors import PipelineError
-from pipeline.run import Run
 
 
-def _add_common(parser: argparse.ArgumentParser, run_required: bool = True) -> None:
-    parser.add_argument("--run", required=run_required, metavar="DIR",
-                        help="run directory holding the config, checkpoints and artifacts")
-    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default=None,
-                        help="where to compute (default auto: CUDA when present, else CPU)")
-    parser.add_argument("--workers", type=int, default=None, metavar="N",
-                        help="data-loading worker processes (default 0: load in the main process)")
-    parser.add_argument("--force", action="store_true", help="recompute even when the stage's outputs are current")
-    parser.add_argument("--quiet", action="store_true", help="no progress bars")
+def _run_stage(stage: Stage, args: argparse.Namespace) -> None:
+    run = Run(args.run)
+    if run.exists():
+        config = run.load_config()
+    elif not stage.creates_run:
+        run.load_config()  # raises the "not a run directory" error
+    elif not args.data__root:
+        raise PipelineError(f"{run.root} is a new run; pass --data DIR (the dataset to train on)")
+    else:
+        config = RunConfig()
+    for section in stage.sections:
+        apply_options(getattr(config, section) if section else config, args, f"{section}{SECTION_SEPARATOR}")
+    stage.run(run, config, args)
 
 
-def _add_labelstudio(parser: argparse.ArgumentParser) -> None:
-    """--run and the connection flags every Label Studio command takes."""
-    parser.add_argument("--run", required=True, metavar="DIR", help="run directory")
-    parser.add_argument("--url", default=None, help="Label Studio URL (default $LABEL_STUDIO_URL)")
-    parser.add_argument("--api-key", default=None,
-                        help="Label Studio access token, legacy or personal (default $LABEL_STUDIO_API_KEY)")
+def _synth(args: argparse.Namespace) -> None:
+    from pipeline.core.synth import generate
+
+    spec = options_from(SynthSpec, args)
+    out = generate(args.out, spec, progress=not args.quiet)
+    print(f"synth: dataset in {out} ({dataclasses.asdict(spec)})")
+
+
+def _push(args: argparse.Namespace) -> None:
+    from pipeline.labelstudio.push import push_run
+
+    push_run(_checked_run(args), _settings(args), **dataclasses.asdict(options_from(PushOptions, args)),
+             progress=not args.quiet)
+
+
+def _pull(args: argparse.Namespace) -> None:
+    from pipeline.labelstudio.pull import pull_run
+
+    pull_run(_checked_run(args), _settings(args), **dataclasses.asdict(options_from(PullOptions, args)))
+
+
+def _simulate(args: argparse.Namespace) -> None:
+    from pipeline.labelstudio.annotator import simulate_annotator
+
+    simulate_annotator(_checked_run(args), _settings(args), **dataclasses.asdict(options_from(AnnotatorOptions, args)),
+                       progress=not args.quiet)
+
+
+def _checked_run(args: argparse.Namespace) -> Run:
+    run = Run(args.run)
+    run.load_config()  # a clear error when --run is not a run
+    return run
+
+
+def _settings(args: argparse.Namespace) -> Settings:
+    connection = options_from(ConnectionOptions, args)
+    return Settings.resolve(connection.url, connection.api_key)
+
+
+def _serve(args: argparse.Namespace) -> None:
+    from pipeline.demo import serve_forever
+
+    options = options_from(ServerOptions, args)
+    if not (options.data_dir or options.run):
+        raise PipelineError("pass --run DIR (its label-studio folder) or --data-dir DIR")
+    serve_forever(options.data_dir or Run(options.run).labelstudio_dir, options.port)
+
+
+def _demo(args: argparse.Namespace) -> None:
+    from pipeline.demo import run_demo
+
+    options = options_from(DemoOptions, args)
+    serve = sys.stdin.isatty() if options.serve == "auto" else options.serve == "yes"
+    run_demo(options.data_dir, options.run_dir, device=options.device, noise=options.noise, serve=serve,
+             progress=not args.quiet)
+
+
+@dataclass(frozen=True)
+class LabelStudioCommand:
+    """A command that talks to Label Studio: its options dataclass and the function that runs it."""
+
+    name: str
+    help: str
+    description: str
+    options: type
+    handler: Callable[[argparse.Namespace], None]
+
+
+LABEL_STUDIO_COMMANDS = (
+    LabelStudioCommand(
+        "push", "send the selected images to Label Studio as tasks with pre-annotations",
+        "Create (or reuse) the run's Label Studio project and import the selection; pushing again creates no "
+        "duplicates.", PushOptions, _push),
+    LabelStudioCommand(
+        "pull", "store the run's Label Studio annotations in the run",
+        "Mirror new, edited, deleted and skipped annotations into labels.sqlite; only changed tasks are fetched.",
+        PullOptions, _pull),
+    LabelStudioCommand(
+        "simulate-annotator", "answer open tasks from the true masks (for demos, tests and benchmarks)",
+        "Answer core when AIoU >= 0.5, else spurious, through Label Studio's API.", AnnotatorOptions, _simulate),
+)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -57,261 +320,69 @@ def build_parser() -> argparse.ArgumentParser:
 
     synth = sub.add_parser("synth", help="write the embedded synthetic dataset (Waterbirds-like, with masks)",
                            description="Generate the deterministic synthetic default dataset into OUT.")
-    synth.add_argument("out", metavar="OUT", help="folder to write (images/, masks/, metadata.csv)")
-    synth.add_argument("--n-train", type=int, default=2400, help="training images (default 2400)")
-    synth.add_argument("--n-val", type=int, default=600, help="validation images (default 600)")
-    synth.add_argument("--n-test", type=int, default=1200, help="test images (default 1200)")
-    synth.add_argument("--classes", type=int, default=2, help="number of classes (shapes), 2-6 (default 2)")
-    synth.add_argument("--corr", type=float, default=0.95,
-                       help="P(place agrees with class) in train; val/test are independent (default 0.95)")
-    synth.add_argument("--image-size", type=int, default=64, help="image side in pixels (default 64)")
-    synth.add_argument("--seed", type=int, default=0, help="generator seed (default 0)")
-    synth.add_argument("--quiet", action="store_true", help="no progress bar")
+    add_options(synth, SynthFlags)
+    add_options(synth, SynthSpec)
+    synth.set_defaults(handler=_synth)
 
-    train = sub.add_parser("train", help="train the ERM reference model and report per-group accuracy",
-                           description="SLIM step 1: ERM reference model on the training split.")
-    _add_common(train)
-    train.add_argument("--data", metavar="DIR", help="dataset folder (metadata.csv or class folders); "
-                       "required for a new run")
-    train.add_argument("--arch", choices=ARCHS, default=None,
-                       help="backbone (default smallcnn: keeps an 8x8 attention map at 64 px)")
-    train.add_argument("--epochs", type=int, default=None, help="training epochs (default 12)")
-    train.add_argument("--batch-size", type=int, default=None, help="batch size (default 64)")
-    train.add_argument("--lr", type=float, default=None, help="SGD learning rate (default 0.01)")
-    train.add_argument("--weight-decay", type=float, default=None, help="weight decay (default 1e-4)")
-    train.add_argument("--image-size", type=int, default=None,
-                       help="resize images to this side (default: the dataset's own, else 224)")
-    train.add_argument("--weights", metavar="PATH", default=None, help="start from this local checkpoint")
-    train.add_argument("--pretrained", action="store_true", default=None,
-                       help="start ResNets from ImageNet weights already in the torch cache (never downloads)")
-    train.add_argument("--seed", type=int, default=None, help="training seed (default 0)")
+    for stage in STAGES:
+        command = sub.add_parser(stage.name, help=stage.help, description=stage.description)
+        add_options(command, StageFlags)
+        for section, fields in stage.sections.items():
+            section_cls = type(getattr(RunConfig(), section)) if section else RunConfig
+            add_options(command, section_cls, f"{section}{SECTION_SEPARATOR}", fields, keep_unset=True)
+        command.set_defaults(handler=lambda args, stage=stage: _run_stage(stage, args))
 
-    embed = sub.add_parser("embed", help="attention stage: GradCAM, attention vectors, AIoU, 2-D map",
-                           description="SLIM steps 2-3 over the training split.")
-    _add_common(embed)
-    embed.add_argument("--cam", choices=CAM_METHODS, default=None,
-                       help="CAM method (default gradcam: closed form in the forward pass; others use "
-                            "pytorch-grad-cam)")
-    embed.add_argument("--batch-size", type=int, default=None, help="images per batch (default 128)")
-    embed.add_argument("--threshold", type=float, default=None,
-                       help="CAM level of 'looked hardest' for AIoU and overlays (default 0.8)")
-    embed.add_argument("--embedding", choices=EMBEDDINGS, default=None, help="2-D embedding (default umap)")
-    embed.add_argument("--precision", choices=PRECISIONS, default=None,
-                       help="forward precision of the closed-form GradCAM (default auto: bf16 autocast on CUDA and "
-                            "on CPUs with native bf16 (AVX-512 BF16/AMX), fp32 elsewhere; bf16 maps are within "
-                            "~0.05 of fp32)")
-
-    sample = sub.add_parser("sample", help="choose images to annotate and render their overlays",
-                            description="SLIM step 4: per-class k-means on the attention representation.")
-    _add_common(sample)
-    budget = sample.add_mutually_exclusive_group()
-    budget.add_argument("--per-class", type=int, default=None, metavar="N", help="images per class")
-    budget.add_argument("--fraction", type=float, default=None, metavar="F",
-                        help="fraction of each class (default 0.02)")
-    sample.add_argument("--space", choices=SAMPLE_SPACES, default=None,
-                        help="cluster the full attention vectors (default) or their 2-D embedding")
-    sample.add_argument("--round", type=int, default=None, help="annotation round (default 1)")
-    sample.add_argument("--seed", type=int, default=None, help="k-means seed (default 0)")
-
-    curate = sub.add_parser("curate", help="spread the answers to every image and curate a balanced subset",
-                            description="SLIM steps 6-7: label spreading per class, then a feature-balanced subset.")
-    _add_common(curate)
-    curate.add_argument("--labels", default=None, metavar="CSV",
-                        help="answers as a CSV of image_id,label (core/spurious/unsure) instead of the pulled ones")
-    curate.add_argument("--subset-size", type=int, default=None, metavar="N",
-                        help="images in the curated subset (default 10%% of the training set, >= 20 per class)")
-    curate.add_argument("--variant", choices=CURATION_VARIANTS, default=None,
-                        help="attention (default): all images, cells of attended x ignored features; published: "
-                             "SLIM as written (above-median score, pooled x ignored features)")
-    curate.add_argument("--seed", type=int, default=None, help="clustering seed (default 0)")
-
-    retrain = sub.add_parser("retrain", help="retrain with the curation's balance",
-                             description="SLIM step 8: last-layer (DFR-style) or full fine-tuning on the subset, "
-                                         "or a fresh model on all images balanced over the shortcut's cells.")
-    _add_common(retrain)
-    retrain.add_argument("--mode", choices=RETRAIN_MODES, default=None,
-                         help="fresh (default: the reference recipe again on all images, cell-balanced), "
-                              "last-layer (logistic regression on frozen features of the subset) or full "
-                              "(fine-tune on the subset)")
-    retrain.add_argument("--epochs", type=int, default=None, help="full mode: epochs over the subset (default 20)")
-    retrain.add_argument("--lr", type=float, default=None, help="full mode: learning rate (default 0.001)")
-
-    report = sub.add_parser("report", help="evaluate ERM and SLIM; write metrics.json and report.html",
-                            description="Per-group accuracy, AIoU, core accuracy and spuriosity for both models.")
-    _add_common(report)
-
-    push = sub.add_parser("push", help="send the selected images to Label Studio as tasks with pre-annotations",
-                          description="Create (or reuse) the run's Label Studio project and import the selection; "
-                                      "pushing again creates no duplicates.")
-    _add_labelstudio(push)
-    push.add_argument("--project", type=int, default=None, metavar="ID",
-                      help="use this existing project (default: the run's own, created on first push)")
-    push.add_argument("--new-project", action="store_true", help="create a new project even if the run has one")
-    push.add_argument("--round", type=int, default=None, help="selection round to push (default: the latest)")
-    push.add_argument("--storage", choices=("upload", "local-files"), default="upload",
-                      help="upload the pictures through the import API (default; works with remote and docker "
-                           "servers) or serve them as Label Studio local files")
-    push.add_argument("--document-root", default=None, metavar="DIR",
-                      help="with --storage local-files: the server's LABEL_STUDIO_LOCAL_FILES_DOCUMENT_ROOT")
-    push.add_argument("--quiet", action="store_true", help="no progress bars")
-
-    pull = sub.add_parser("pull", help="store the run's Label Studio annotations in the run",
-                          description="Mirror new, edited, deleted and skipped annotations into labels.sqlite; "
-                                      "only changed tasks are fetched.")
-    _add_labelstudio(pull)
-    pull.add_argument("--accept-deleted", action="store_true",
-                      help="record tasks deleted in Label Studio as deleted instead of stopping")
-
-    simulate = sub.add_parser("simulate-annotator", help="answer open tasks from the true masks (for demos, "
-                              "tests and benchmarks)",
-                              description="Answer core when AIoU >= 0.5, else spurious, through Label Studio's API.")
-    _add_labelstudio(simulate)
-    simulate.add_argument("--noise", type=float, default=0.0, help="fraction of answers flipped (default 0)")
-    simulate.add_argument("--seed", type=int, default=0, help="seed of the noise and lead times (default 0)")
-    simulate.add_argument("--quiet", action="store_true", help="no progress bar")
+    for spec in LABEL_STUDIO_COMMANDS:
+        command = sub.add_parser(spec.name, help=spec.help, description=spec.description)
+        add_options(command, LabelStudioFlags)
+        add_options(command, ConnectionOptions)
+        add_options(command, spec.options)
+        command.set_defaults(handler=spec.handler)
 
     server = sub.add_parser("labelstudio", help="run a local Label Studio (SQLite, 127.0.0.1) until Ctrl-C",
                             description="Start the local Label Studio the demo uses, with a known login and token.")
-    server.add_argument("--data-dir", default=None, metavar="DIR",
-                        help="Label Studio data folder (default: RUN/label-studio with --run)")
-    server.add_argument("--run", default=None, metavar="DIR", help="serve this run's local Label Studio")
-    server.add_argument("--port", type=int, default=8080, help="port on 127.0.0.1 (default 8080)")
+    add_options(server, ServerOptions)
+    server.set_defaults(handler=_serve, log_level="INFO")
 
-    demo = sub.add_parser("demo", help="the whole loop on the synthetic default (synth, train, embed, sample)",
+    demo = sub.add_parser("demo", help="the whole loop on the synthetic default, with a local Label Studio",
                           description="Run every stage on the embedded synthetic dataset; re-runs reuse results.")
-    demo.add_argument("--data", default="data/synth", metavar="DIR", help="where to write the dataset "
-                      "(default data/synth)")
-    demo.add_argument("--run", default="runs/demo", metavar="DIR", help="run directory (default runs/demo)")
-    demo.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
-                      help="where to compute (default auto)")
-    demo.add_argument("--noise", type=float, default=0.0, help="simulated annotator's noise (default 0)")
-    demo.add_argument("--serve", choices=("auto", "yes", "no"), default="auto",
-                      help="keep the local Label Studio running at the end until Ctrl-C (default: when run "
-                           "from a terminal)")
-    demo.add_argument("--quiet", action="store_true", help="no progress bars")
+    add_options(demo, DemoOptions)
+    add_options(demo, SynthFlags, only=("quiet", "log_level"))
+    demo.set_defaults(handler=_demo)
     return parser
 
 
-def _override(section: object, args: argparse.Namespace, names: Sequence[str]) -> None:
-    """Copy flags the user gave (not None) onto a config section."""
-    for name in names:
-        value = getattr(args, name, None)
-        if value is not None:
-            setattr(section, name, value)
+def configure_logging(level: str) -> None:
+    """The stages' log on the terminal: ``stage: message`` on stdout, warnings and errors on stderr.
+
+    Only the ``pipeline`` loggers are shown; libraries (httpx logs every request at INFO) stay at WARNING.
+    """
+    def below_warning(record: logging.LogRecord) -> bool:
+        return record.levelno < logging.WARNING
+
+    formatter = logging.Formatter("%(stage)s: %(message)s")
+    out, err = logging.StreamHandler(sys.stdout), logging.StreamHandler(sys.stderr)
+    out.addFilter(below_warning)
+    err.setLevel(logging.WARNING)
+    for handler in (out, err):
+        handler.addFilter(_stage_name)
+        handler.setFormatter(formatter)
+    logger = logging.getLogger("pipeline")
+    logger.handlers[:] = [out, err]
+    logger.setLevel(level)
 
 
-def _config_for(args: argparse.Namespace, run: Run) -> RunConfig:
-    config = run.load_config() if run.exists() else None
-    if config is None:
-        if args.command != "train":
-            run.load_config()  # raises the "not a run directory" error
-        if not args.data:
-            raise PipelineError(f"{run.root} is a new run; pass --data DIR (the dataset to train on)")
-        config = RunConfig()
-    if getattr(args, "data", None):
-        config.data.root = resolve_path(args.data)
-    _override(config.data, args, ["workers", "image_size"] if args.command == "train" else ["workers"])
-    if args.device:
-        config.device = args.device
-    if args.command == "train":
-        _override(config.train, args, ["arch", "epochs", "batch_size", "lr", "weight_decay", "weights",
-                                       "pretrained", "seed"])
-        if config.train.weights:
-            config.train.weights = resolve_path(config.train.weights)
-    elif args.command == "embed":
-        _override(config.embed, args, ["cam", "batch_size", "threshold", "embedding", "precision"])
-    elif args.command == "sample":
-        _override(config.sample, args, ["per_class", "fraction", "space", "round", "seed"])
-        if args.fraction is not None:
-            config.sample.per_class = None
-    elif args.command == "curate":
-        _override(config.curate, args, ["labels", "subset_size", "variant", "seed"])
-        if args.labels:
-            config.curate.labels = resolve_path(args.labels)
-    elif args.command == "retrain":
-        _override(config.retrain, args, ["mode", "epochs", "lr"])
-    return config
-
-
-def _run_command(args: argparse.Namespace) -> None:
-    progress = not getattr(args, "quiet", False)
-    if args.command == "synth":
-        from pipeline.synth import SynthSpec, generate
-
-        spec = SynthSpec(n_train=args.n_train, n_val=args.n_val, n_test=args.n_test, classes=args.classes,
-                         corr=args.corr, image_size=args.image_size, seed=args.seed)
-        out = generate(args.out, spec, progress=progress)
-        print(f"synth: dataset in {out} ({dataclasses.asdict(spec)})")
-        return
-    if args.command == "demo":
-        from pipeline.demo import run_demo
-
-        serve = sys.stdin.isatty() if args.serve == "auto" else args.serve == "yes"
-        run_demo(args.data, args.run, device=args.device, noise=args.noise, serve=serve, progress=progress)
-        return
-    if args.command == "labelstudio":
-        from pipeline.demo import serve_forever
-
-        if not (args.data_dir or args.run):
-            raise PipelineError("pass --run DIR (its label-studio folder) or --data-dir DIR")
-        serve_forever(args.data_dir or Run(args.run).labelstudio_dir, args.port)
-        return
-    if args.command in ("push", "pull", "simulate-annotator"):
-        _run_labelstudio_command(args, progress)
-        return
-    run = Run(args.run)
-    config = _config_for(args, run)
-    if args.command == "train":
-        from pipeline.train import train_reference
-
-        train_reference(run, config, force=args.force, progress=progress)
-    elif args.command == "embed":
-        from pipeline.embed import embed_run
-
-        embed_run(run, config, force=args.force, progress=progress)
-    elif args.command == "sample":
-        from pipeline.sample import sample_run
-
-        sample_run(run, config, force=args.force, progress=progress)
-    elif args.command == "curate":
-        from pipeline.curate import curate_run
-
-        curate_run(run, config)
-    elif args.command == "retrain":
-        from pipeline.retrain import retrain_run
-
-        retrain_run(run, config, progress=progress)
-    elif args.command == "report":
-        from pipeline.report import report_run
-
-        report_run(run, config)
-
-
-def _run_labelstudio_command(args: argparse.Namespace, progress: bool) -> None:
-    from pipeline.labelstudio import Settings
-
-    run = Run(args.run)
-    run.load_config()  # a clear error when --run is not a run
-    settings = Settings.resolve(args.url, args.api_key)
-    if args.command == "push":
-        from pipeline.push import push_run
-
-        push_run(run, settings, project_id=args.project, new_project=args.new_project, round_=args.round,
-                 storage=args.storage, document_root=args.document_root, progress=progress)
-    elif args.command == "pull":
-        from pipeline.pull import pull_run
-
-        pull_run(run, settings, accept_deleted=args.accept_deleted)
-    else:
-        from pipeline.annotator import simulate_annotator
-
-        simulate_annotator(run, settings, noise=args.noise, seed=args.seed, progress=progress)
+def _stage_name(record: logging.LogRecord) -> bool:
+    """Name a record by its module (``pipeline.slim.curate`` -> ``curate``): what the user ran."""
+    record.stage = record.name.rsplit(".", 1)[-1]
+    return True
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    configure_logging(args.log_level)
     try:
-        _run_command(args)
+        args.handler(args)
     except PipelineError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

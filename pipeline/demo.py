@@ -9,24 +9,51 @@ idempotent, so running the demo twice costs seconds.
 
 from __future__ import annotations
 
+import logging
 import os
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
-from pipeline.annotator import simulate_annotator
-from pipeline.config import RunConfig, resolve_path
-from pipeline.curate import curate_run
-from pipeline.embed import embed_run
-from pipeline.labelstudio import Settings
-from pipeline.labelstudio_server import LocalCredentials, LocalLabelStudio
-from pipeline.pull import pull_run
-from pipeline.push import push_run
-from pipeline.report import report_run
-from pipeline.retrain import retrain_run
-from pipeline.run import Run
-from pipeline.sample import sample_run
-from pipeline.synth import SynthSpec, generate
-from pipeline.train import train_reference
+from pipeline.core.config import DEVICES, RunConfig, option, resolve_path
+from pipeline.core.run import Run
+from pipeline.core.synth import SynthSpec, generate
+from pipeline.labelstudio.annotator import simulate_annotator
+from pipeline.labelstudio.client import Settings
+from pipeline.labelstudio.pull import pull_run
+from pipeline.labelstudio.push import push_run
+from pipeline.labelstudio.server import LocalCredentials, LocalLabelStudio
+from pipeline.model.embed import embed_run
+from pipeline.model.train import train_reference
+from pipeline.slim.curate import curate_run
+from pipeline.slim.report import report_run
+from pipeline.slim.retrain import retrain_run
+from pipeline.slim.sample import sample_run
+
+log = logging.getLogger(__name__)
+SERVE_CHOICES = ("auto", "yes", "no")
+
+
+@dataclass(frozen=True)
+class DemoOptions:
+    """The demo's flags; all but ``serve`` are :func:`run_demo`'s keyword arguments."""
+
+    data_dir: str = option("data/synth", "where to write the dataset", flag="--data", metavar="DIR")
+    run_dir: str = option("runs/demo", "run directory", flag="--run", metavar="DIR")
+    device: str = option("auto", "where to compute", choices=DEVICES)
+    noise: float = option(0.0, "simulated annotator's noise")
+    serve: str = option("auto", "keep the local Label Studio running at the end until Ctrl-C (auto: when run "
+                                "from a terminal)", choices=SERVE_CHOICES)
+
+
+@dataclass(frozen=True)
+class ServerOptions:
+    """``python -m pipeline labelstudio``: which data folder to serve, and where."""
+
+    run: str | None = option(None, "serve this run's local Label Studio", metavar="DIR")
+    data_dir: str | None = option(None, "Label Studio data folder (default: RUN/label-studio with --run)",
+                                  metavar="DIR")
+    port: int = option(8080, "port on 127.0.0.1")
 
 
 def run_demo(data_dir: str | Path, run_dir: str | Path, device: str = "auto", noise: float = 0.0,
@@ -48,7 +75,7 @@ def run_demo(data_dir: str | Path, run_dir: str | Path, device: str = "auto", no
     local = None if os.environ.get("LABEL_STUDIO_URL") else LocalLabelStudio(run.labelstudio_dir)
     try:
         if local is not None:
-            print(f"demo: starting a local Label Studio in {run.labelstudio_dir} (first start takes ~30 s)")
+            log.info("starting a local Label Studio in %s (first start takes ~30 s)", run.labelstudio_dir)
             credentials = local.start()
             settings = Settings(credentials.url, credentials.token)
         else:
@@ -67,21 +94,21 @@ def run_demo(data_dir: str | Path, run_dir: str | Path, device: str = "auto", no
         if local is not None:
             local.stop()
     if local is not None and not serve:
-        print(f"demo: Label Studio stopped; look at the tasks with `python -m pipeline labelstudio --run {run.root}`")
+        log.info("Label Studio stopped; look at the tasks with `python -m pipeline labelstudio --run %s`", run.root)
     return run
 
 
 def _print_login(credentials: LocalCredentials) -> None:
-    print(f"demo: Label Studio at {credentials.url}  login {credentials.username} / {credentials.password}")
+    log.info("Label Studio at %s  login %s / %s", credentials.url, credentials.username, credentials.password)
 
 
 def _wait_for_ctrl_c() -> None:
-    print("demo: serving until Ctrl-C")
+    log.info("serving until Ctrl-C")
     try:
         while True:
             time.sleep(3600)
     except KeyboardInterrupt:
-        print()
+        log.info("stopping")
 
 
 def serve_forever(data_dir: str | Path, port: int) -> None:

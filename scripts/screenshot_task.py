@@ -15,9 +15,9 @@ from pathlib import Path
 
 from playwright.sync_api import sync_playwright
 
-from pipeline.labelstudio_server import LocalLabelStudio
-from pipeline.run import Run
-from pipeline.store import AnnotationStore
+from pipeline.core.run import Run
+from pipeline.core.store import AnnotationStore
+from pipeline.labelstudio.server import LocalLabelStudio
 
 CHROMIUM_FLAGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                   "--disable-background-networking", "--disable-component-update", "--disable-sync"]

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from pipeline.cli import main
-from pipeline.synth import SynthSpec, generate
+from pipeline.core.synth import SynthSpec, generate
 
 TINY = SynthSpec(n_train=160, n_val=40, n_test=40, image_size=32, seed=3)
 
@@ -30,7 +30,7 @@ def trained_run(tiny_data: Path, tmp_path_factory: pytest.TempPathFactory) -> Pa
 @pytest.fixture(scope="session")
 def labelstudio(tmp_path_factory: pytest.TempPathFactory):
     """A real Label Studio (SQLite, 127.0.0.1) for the whole session; local files served below the temp root."""
-    from pipeline.labelstudio_server import LocalLabelStudio
+    from pipeline.labelstudio.server import LocalLabelStudio
 
     server = LocalLabelStudio(tmp_path_factory.mktemp("label-studio"), files_root=tmp_path_factory.getbasetemp())
     credentials = server.start()
@@ -40,7 +40,7 @@ def labelstudio(tmp_path_factory: pytest.TempPathFactory):
 
 @pytest.fixture()
 def settings(labelstudio):
-    from pipeline.labelstudio import Settings
+    from pipeline.labelstudio.client import Settings
 
     return Settings(labelstudio.url, labelstudio.token)
 

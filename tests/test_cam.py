@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from pipeline.cam import (
+from pipeline.model.attention import aiou, attention_vectors
+from pipeline.model.cam import (
     AttentionBatch,
     ClosedFormGradCAM,
     LibraryCAM,
@@ -13,8 +14,7 @@ from pipeline.cam import (
     normalize_cams,
     upsample_cams,
 )
-from pipeline.embed import aiou, attention_vectors
-from pipeline.models import build_model
+from pipeline.model.networks import build_model
 
 
 @pytest.mark.parametrize("arch, size", [("resnet18", 96), ("resnet50", 64), ("smallcnn", 48)])

@@ -10,8 +10,8 @@ import pytest
 from PIL import Image
 
 from pipeline.cli import main
-from pipeline.data import TEST, TRAIN, VAL, load_dataset
-from pipeline.errors import PipelineError
+from pipeline.core.data import TEST, TRAIN, VAL, load_dataset
+from pipeline.core.errors import PipelineError
 
 
 def copy_dataset(src: Path, dst: Path) -> Path:
@@ -107,7 +107,7 @@ def test_empty_folder_is_neither_layout(tmp_path: Path) -> None:
 
 
 def test_images_are_normalised_and_masks_aligned(tiny_data: Path) -> None:
-    from pipeline.data import ImageDataset
+    from pipeline.core.data import ImageDataset
 
     image_set = load_dataset(tiny_data)
     dataset = ImageDataset(image_set, image_set.split(TRAIN)[:3], size=48, with_masks=True)

@@ -7,13 +7,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from pipeline.cam import make_extractor
 from pipeline.cli import main
-from pipeline.data import TRAIN, load_dataset
-from pipeline.embed import compute_attention, embed_2d
-from pipeline.evaluate import predict
-from pipeline.models import load_checkpoint
-from pipeline.train import make_loader
+from pipeline.core.data import TRAIN, load_dataset
+from pipeline.model.attention import compute_attention
+from pipeline.model.cam import make_extractor
+from pipeline.model.embed import embed_2d
+from pipeline.model.evaluate import predict
+from pipeline.model.loaders import make_loader
+from pipeline.model.networks import load_checkpoint
 
 
 def test_attention_arrays_cover_every_training_image(trained_run: Path, tiny_data: Path) -> None:
@@ -47,7 +48,7 @@ def test_results_do_not_depend_on_batch_size(trained_run: Path, tiny_data: Path)
         extractor = make_extractor(model, "gradcam")
         results.append(compute_attention(extractor, loader, torch.device("cpu"), 0.8, 32, progress=False))
     for key in ("index", "pred", "aiou", "f_att", "cam"):
-        assert np.allclose(results[0][key].astype(np.float64), results[1][key].astype(np.float64), atol=1e-4), key
+        assert np.allclose(getattr(results[0], key).astype(np.float64), getattr(results[1], key).astype(np.float64), atol=1e-4), key
 
 
 def test_bf16_attention_stays_close_to_fp32(trained_run: Path, tiny_data: Path) -> None:
@@ -56,8 +57,8 @@ def test_bf16_attention_stays_close_to_fp32(trained_run: Path, tiny_data: Path) 
     loader = make_loader(image_set, image_set.split(TRAIN), 32, 64, 0, with_masks=True)
     fp32, bf16 = (compute_attention(make_extractor(model, "gradcam", bf16=flag), loader, torch.device("cpu"), 0.8,
                                     32, progress=False) for flag in (False, True))
-    assert np.abs(fp32["cam"].astype(np.float32) - bf16["cam"].astype(np.float32)).mean() < 0.01
-    assert np.abs(fp32["confidence"] - bf16["confidence"]).max() < 0.02
+    assert np.abs(fp32.cam.astype(np.float32) - bf16.cam.astype(np.float32)).mean() < 0.01
+    assert np.abs(fp32.confidence - bf16.confidence).max() < 0.02
 
 
 def test_embed_again_reuses_and_force_recomputes(trained_run: Path, capsys) -> None:

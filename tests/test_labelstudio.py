@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import hashlib
 import json
+import logging
 import sqlite3
 import time
 from pathlib import Path
@@ -12,16 +13,20 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pipeline.annotator import decide, simulate_annotator
 from pipeline.cli import main
-from pipeline.data import load_dataset, load_mask
-from pipeline.errors import PipelineError
-from pipeline.labelstudio import ANSWER, Settings, Studio, choice_result
-from pipeline.labelstudio_server import free_port
-from pipeline.pull import pull_run
-from pipeline.push import push_run
-from pipeline.run import Run
-from pipeline.store import AnnotationStore
+from pipeline.core.data import load_dataset, load_mask
+from pipeline.core.errors import PipelineError
+from pipeline.core.run import Run
+from pipeline.core.store import AnnotationStore
+from pipeline.core.verdicts import verdict
+from pipeline.labelstudio.annotator import decide, simulate_annotator
+from pipeline.labelstudio.client import Settings, Studio
+from pipeline.labelstudio.pull import pull_run
+from pipeline.labelstudio.push import push_run
+from pipeline.labelstudio.schema import ANSWER, choice_result
+from pipeline.labelstudio.server import free_port
+from pipeline.model.attention import AttentionArrays
+from pipeline.slim.prelabel import attention_prior
 
 
 def selection(run: Path) -> list[dict[str, str]]:
@@ -52,13 +57,12 @@ def expected_answers(run: Path) -> dict[int, str]:
     """What the mask rule says for each selected image, computed independently of Label Studio."""
     config = Run(run).load_config()
     image_set = load_dataset(config.data.root)
-    arrays = dict(np.load(run / "attention.npz"))
-    row_of = {int(i): r for r, i in enumerate(arrays["index"])}
+    arrays = AttentionArrays.load(run / "attention.npz")
     answers = {}
     for row in selection(run):
         image_id = int(row["image_id"])
         mask = load_mask(image_set.root / image_set.samples[image_id].mask_filename, 32)
-        answers[image_id] = decide(arrays["cam"][row_of[image_id]], mask, 0.8)[0]
+        answers[image_id] = decide(arrays.cam[arrays.row_of(image_id)], mask, 0.8)[0]
     return answers
 
 
@@ -69,15 +73,17 @@ def test_push_creates_exactly_the_selection_with_predictions(sampled_run: Path, 
     tasks = list(studio.list_tasks(summary["project_id"],
                                    fields=("id", "data", "predictions", "result", "score", "model_version")))
     assert sorted(t["data"]["image_id"] for t in tasks) == sorted(int(r["image_id"]) for r in selection(sampled_run))
+    arrays = AttentionArrays.load(sampled_run / "attention.npz")
     for task in tasks:
         assert task["data"]["class_name"] in ("disc", "triangle") and task["data"]["round"] == 1
         (prediction,) = task["predictions"]
         (item,) = prediction["result"]
-        assert item["from_name"] == ANSWER and item["value"]["choices"][0] in ("core", "spurious")
-        assert 0.5 <= prediction["score"] <= 1.0
+        p_core = float(attention_prior(arrays.cam[[arrays.row_of(task["data"]["image_id"])]])[0])
+        assert item["from_name"] == ANSWER and item["value"]["choices"] == [verdict(p_core)]
+        assert prediction["score"] == pytest.approx(max(p_core, 1 - p_core), abs=1e-4)
         assert prediction["model_version"].startswith("slim-prior-")
         for key in ("image", "attention"):  # the pictures are served by Label Studio itself
-            response = studio.client._client_wrapper.httpx_client.request(task["data"][key].lstrip("/"), method="GET")
+            response = studio.get(task["data"][key])
             assert response.status_code == 200 and response.content[:4] == b"\x89PNG"
 
 
@@ -229,7 +235,7 @@ def test_local_files_storage_serves_the_pictures(sampled_run: Path, settings: Se
     studio = Studio(settings)
     task = next(iter(studio.list_tasks(summary["project_id"])))
     assert task["data"]["image"].startswith("/data/local-files/?d=")
-    response = studio.client._client_wrapper.httpx_client.request(task["data"]["image"].lstrip("/"), method="GET")
+    response = studio.get(task["data"]["image"])
     assert response.status_code == 200 and response.content[:4] == b"\x89PNG"
     with pytest.raises(PipelineError, match="is not below --document-root"):
         push_run(Run(sampled_run), settings, storage="local-files", document_root="/nonexistent",
@@ -237,26 +243,33 @@ def test_local_files_storage_serves_the_pictures(sampled_run: Path, settings: Se
 
 
 def test_demo_runs_the_loop_against_the_configured_server(tmp_path: Path, settings: Settings, monkeypatch,
-                                                          capsys) -> None:
+                                                          caplog) -> None:
     """With LABEL_STUDIO_URL set, the demo uses that server: synth to report, every task answered."""
-    from pipeline.config import RunConfig
+    from pipeline.core.config import RunConfig
+    from pipeline.core.synth import SynthSpec
     from pipeline.demo import run_demo
-    from pipeline.synth import SynthSpec
 
     monkeypatch.setenv("LABEL_STUDIO_URL", settings.url)
     monkeypatch.setenv("LABEL_STUDIO_API_KEY", settings.api_key)
+    caplog.set_level(logging.INFO, logger="pipeline")
     config = RunConfig()
     config.train.epochs, config.embed.embedding, config.sample.per_class = 1, "pca", 3
     run = run_demo(tmp_path / "data", tmp_path / "run", progress=False, config=config,
                    spec=SynthSpec(n_train=80, n_val=20, n_test=20, image_size=32))
     summary = AnnotationStore(run.labels_path).summary()
     assert summary["tasks"] == summary["annotated_tasks"] == 6
-    out = capsys.readouterr().out
-    assert "push: project" in out and "pull: 6 tasks, 6 annotated" in out
+    logged = {record.name: record.getMessage() for record in caplog.records}
+    assert "6 tasks created" in logged["pipeline.labelstudio.push"]
+    assert logged["pipeline.labelstudio.pull"].startswith("6 tasks, 6 annotated")
     assert not run.labelstudio_dir.exists()  # no local server was started
     metrics = json.loads(run.metrics_path.read_text())
     assert metrics["annotated"] == 6 and {"erm", "slim", "curation"} <= set(metrics)
     assert run.report_path.exists()
+
+
+def p_core(prediction: dict) -> float:
+    """P(core) behind a prediction: its score is the confidence of the verdict it shows."""
+    return prediction["score"] if prediction["result"][0]["value"]["choices"] == ["core"] else 1 - prediction["score"]
 
 
 def test_ml_backend_end_to_end(sampled_run: Path, settings: Settings) -> None:
@@ -270,7 +283,7 @@ def test_ml_backend_end_to_end(sampled_run: Path, settings: Settings) -> None:
 
     run = Run(sampled_run)
     project = push_run(run, settings, progress=False)["project_id"]
-    backend = SlimAttentionBackend(sampled_run, settings.url, settings.api_key)
+    backend = SlimAttentionBackend(sampled_run, settings.url, settings.api_key).setup()
     server = make_server("127.0.0.1", free_port(9090), create_app(backend), threaded=True)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     try:
@@ -289,10 +302,11 @@ def test_ml_backend_end_to_end(sampled_run: Path, settings: Settings) -> None:
         # an answer submitted in Label Studio reaches the backend by webhook and moves its predictions
         first = tasks[0]
         same_class = [t for t in tasks[1:] if t["data"]["class_name"] == first["data"]["class_name"]]
-        row = backend.row_of[first["data"]["image_id"]]
+        arrays, points = backend.arrays, backend.points
+        row = arrays.row_of(first["data"]["image_id"])
         neighbour = min(same_class, key=lambda t: float(np.linalg.norm(
-            backend.points[backend.row_of[t["data"]["image_id"]]] - backend.points[row])))
-        neighbour_before = backend._p_core({"data": neighbour["data"]})
+            points[arrays.row_of(t["data"]["image_id"])] - points[row])))
+        neighbour_before = p_core(backend.predict([{"data": neighbour["data"]}])["results"][0])
         before = backend.version
         studio.submit_annotation(first["id"], project, choice_result("spurious"), 3.0)
         deadline = time.time() + 30
@@ -304,6 +318,6 @@ def test_ml_backend_end_to_end(sampled_run: Path, settings: Settings) -> None:
         assert backend.version != before
         again = backend.predict([{"data": neighbour["data"]}])["results"][0]
         assert again["result"][0]["value"]["choices"] == ["spurious"]
-        assert backend._p_core({"data": neighbour["data"]}) < min(neighbour_before, 0.5)
+        assert p_core(again) < min(neighbour_before, 0.5)
     finally:
         server.shutdown()

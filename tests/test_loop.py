@@ -13,15 +13,20 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.annotator import decide
 from pipeline.cli import main
-from pipeline.curate import allocate, cell_balanced_weights, elbow_k, spurious_space_cells
-from pipeline.data import TEST, TRAIN, ImageDataset, load_dataset, load_mask
-from pipeline.errors import PipelineError
-from pipeline.models import load_checkpoint
-from pipeline.propagate import CORE, SPURIOUS, answers_from_csv, consolidate, spread_class
-from pipeline.run import Run
-from pipeline.store import Annotation, AnnotationStore
+from pipeline.core.data import TEST, TRAIN, ImageDataset, load_dataset, load_mask
+from pipeline.core.errors import PipelineError
+from pipeline.core.run import Run
+from pipeline.core.store import Annotation, AnnotationStore
+from pipeline.core.verdicts import CORE, SPURIOUS
+from pipeline.labelstudio.annotator import decide
+from pipeline.model.attention import AttentionArrays
+from pipeline.model.loaders import make_loader
+from pipeline.model.networks import load_checkpoint
+from pipeline.slim.clustering import elbow_k
+from pipeline.slim.curate import allocate
+from pipeline.slim.propagate import Propagation, answers_from_csv, consolidate, spread_class
+from pipeline.slim.weights import cell_balanced_weights, spurious_space_cells
 
 
 def mask_rule_answers(run: Path, per_class: int = 6) -> Path:
@@ -95,7 +100,10 @@ def test_shortcut_cells_follow_the_answers_and_weights_balance_them() -> None:
         return np.vstack([np.array(c) + rng.normal(0, 0.1, (n, 2)) for c in centres])
 
     three, two = blobs([[0, 0], [5, 0], [0, 5]], 40), blobs([[0, 0], [6, 6]], 60)
-    arrays = {"y": np.zeros(120, dtype=int), "f_att": three, "f_rev": two}
+    n = 120
+    arrays = AttentionArrays(index=np.arange(n), y=np.zeros(n, dtype=int), pred=np.zeros(n, dtype=int),
+                             confidence=np.ones(n), entropy=np.zeros(n), features=three + two, f_att=three,
+                             f_rev=two, cam=np.zeros((n, 2, 2), dtype=np.float16))
     core = spurious_space_cells(arrays, np.ones(120), seed=0)
     spurious = spurious_space_cells(arrays, np.zeros(120), seed=0)
     assert len(np.unique(core)) == 2 and len(np.unique(spurious)) == 3
@@ -200,11 +208,12 @@ def test_full_retrain_and_report(run: Path) -> None:
     erm, _ = load_checkpoint(run / "model.pt")
     slim, meta = load_checkpoint(run / "slim_model.pt")
     assert meta["mode"] == "full" and not torch.equal(slim.backbone[0][0].weight, erm.backbone[0][0].weight)
+    trained = json.loads((run / "metrics.json").read_text())["erm"]
     assert main(["report", "--run", str(run), "--quiet"]) == 0
     metrics = json.loads((run / "metrics.json").read_text())
     for name in ("erm", "slim"):
         assert {"worst_group_acc", "mean_acc", "per_group", "aiou", "core_acc", "val"} <= set(metrics[name])
-        assert 0 <= metrics[name]["core_acc"] <= 1 and 0 <= metrics[name]["aiou"] <= 1
+    assert metrics["erm"]["per_group"] == trained["per_group"]  # the report re-evaluates the same model alike
     assert metrics["annotated"] == 12 and metrics["annotated_fraction"] == pytest.approx(12 / 160)
     assert set(metrics["spuriosity"]["erm"]) == {"disc", "triangle"}
     page = (run / "report.html").read_text()
@@ -215,8 +224,8 @@ def test_full_retrain_and_report(run: Path) -> None:
 
 def test_full_retrain_draws_images_by_the_given_weights(run: Path) -> None:
     """Default draws are class-balanced; explicit weights (JTT, all-images oracle) replace them."""
-    from pipeline.retrain import retrain_full
-    from pipeline.train import seed_everything
+    from pipeline.model.loaders import seed_everything
+    from pipeline.slim.retrain import retrain_full
 
     config = Run(run).load_config()
     config.retrain.epochs = 1
@@ -227,7 +236,7 @@ def test_full_retrain_draws_images_by_the_given_weights(run: Path) -> None:
 
     def retrained(weights):
         seed_everything(0)
-        fitted = retrain_full(model, Run(run), config, ids, torch.device("cpu"), meta["image_size"], False,
+        fitted = retrain_full(model, config, ids, torch.device("cpu"), meta["image_size"], False,
                               sample_weight=weights)[0]
         return torch.cat([p.detach().flatten() for p in fitted.parameters()])
 
@@ -236,16 +245,41 @@ def test_full_retrain_draws_images_by_the_given_weights(run: Path) -> None:
     assert not torch.equal(balanced, retrained((labels == 0).astype(float)))
 
 
-def test_fresh_retrain_trains_a_new_model_on_every_image(run: Path) -> None:
+def test_fresh_retrain_trains_a_new_model_on_every_image(run: Path, monkeypatch) -> None:
+    """A new network, drawn from all training images so each class and each shortcut cell count the same."""
+    import pipeline.slim.retrain as retrain_module
+
+    loaders = []
+
+    def recording_make_loader(*args, **kwargs):  # the real loader; the test only keeps what retrain asked for
+        loaders.append((args[1], kwargs["sampler"]))
+        return make_loader(*args, **kwargs)
+
+    monkeypatch.setattr(retrain_module, "make_loader", recording_make_loader)
     labels = mask_rule_answers(run)
-    assert main(["curate", "--run", str(run), "--labels", str(labels), "--subset-size", "40", "--quiet"]) == 0
+    assert main(["propagate", "--run", str(run), "--labels", str(labels), "--quiet"]) == 0
+    assert not (run / "curated.csv").exists()  # fresh needs the propagation only
     assert main(["retrain", "--run", str(run), "--quiet"]) == 0  # fresh is the default
     erm, _ = load_checkpoint(run / "model.pt")
     fresh, meta = load_checkpoint(run / "slim_model.pt")
-    assert meta["mode"] == "fresh" and 2 <= meta["cells"] <= 10 and len(meta["train_loss"]) == 2  # reference's epochs
+    assert meta["mode"] == "fresh" and len(meta["train_loss"]) == 2  # the reference's epochs
     assert not torch.equal(fresh.backbone[0][0].weight, erm.backbone[0][0].weight)
+
+    (samples, sampler), = loaders
+    arrays = AttentionArrays.load(run / "attention.npz")
+    assert [s.index for s in samples] == arrays.index.tolist() and meta["images"] == len(arrays)
+    cells = spurious_space_cells(arrays, Propagation.load(run / "propagation.npz").score, seed=0)
+    weights = sampler.weights.numpy()
+    assert meta["cells"] == len(np.unique(cells)) >= 2
+    per_class = np.bincount(arrays.y, weights=weights)
+    assert per_class == pytest.approx(np.full(2, per_class[0]))  # classes drawn equally often
+    for y in arrays.classes:  # and inside a class, every cell as often as every other
+        members = arrays.for_class(y)
+        per_cell = np.bincount(cells[members], weights=weights[members])
+        present = per_cell[per_cell > 0]
+        assert present == pytest.approx(np.full(len(present), per_class[y] / len(present)))
     slim = json.loads((run / "metrics.json").read_text())["slim"]
-    assert slim["mode"] == "fresh" and 0 <= slim["worst_group_acc"] <= 1
+    assert slim["mode"] == "fresh" and slim["images"] == len(arrays)
 
 
 def test_next_round_asks_where_the_propagation_is_least_certain(run: Path) -> None:

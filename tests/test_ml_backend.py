@@ -17,10 +17,14 @@ from PIL import Image
 
 import label_config
 from ml_backend._wsgi import create_app
-from ml_backend.model import SlimAttentionBackend
-from pipeline.store import AnnotationStore
+from ml_backend.model import NEIGHBOURS, SlimAttentionBackend
+from pipeline.core.data import load_dataset
+from pipeline.core.run import Run
+from pipeline.core.store import AnnotationStore
+from pipeline.model.attention import AttentionArrays
+from pipeline.slim.propagate import Propagation
 
-PAYLOADS = Path(__file__).resolve().parents[2] / "shared" / "labelstudio-payloads"
+PAYLOADS = Path(__file__).resolve().parent / "fixtures" / "labelstudio-payloads"  # see its README
 RUN_ID = "testrun00001"
 
 
@@ -40,7 +44,7 @@ def backend_run(trained_run: Path, tmp_path: Path) -> Path:
 
 @pytest.fixture()
 def backend(backend_run: Path) -> SlimAttentionBackend:
-    return SlimAttentionBackend(backend_run)
+    return SlimAttentionBackend(backend_run).setup()
 
 
 @pytest.fixture()
@@ -49,7 +53,7 @@ def client(backend: SlimAttentionBackend):
 
 
 def known_task(backend: SlimAttentionBackend, row: int, task_id: int = 1000) -> dict:
-    image_id = int(backend.arrays["index"][row])
+    image_id = int(backend.arrays.index[row])
     return {"id": task_id + row, "data": {"image_id": image_id, "run_id": RUN_ID, "image": "/data/upload/1/x.png"}}
 
 
@@ -59,7 +63,6 @@ def png_data_uri(size: int = 32) -> str:
     return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
 
 
-@pytest.mark.skipif(not PAYLOADS.is_dir(), reason="captured Label Studio payloads not beside the checkout")
 def test_captured_handshake_and_unseen_image_predictions(client) -> None:
     assert client.get("/health").status_code == 200
     started = time.perf_counter()
@@ -77,7 +80,6 @@ def test_captured_handshake_and_unseen_image_predictions(client) -> None:
         assert item["value"]["choices"][0] in ("core", "spurious") and 0.5 <= result["score"] <= 1
 
 
-@pytest.mark.skipif(not PAYLOADS.is_dir(), reason="captured Label Studio payloads not beside the checkout")
 @pytest.mark.parametrize("name", ["008_predict.json", "009_predict.json", "012_predict.json"])
 def test_every_captured_predict_is_answered(client, name: str) -> None:
     body = payload(name)
@@ -85,7 +87,6 @@ def test_every_captured_predict_is_answered(client, name: str) -> None:
     assert response.status_code == 200 and len(response.get_json()["results"]) == len(body["tasks"])
 
 
-@pytest.mark.skipif(not PAYLOADS.is_dir(), reason="captured Label Studio payloads not beside the checkout")
 def test_captured_webhooks_and_versions(client) -> None:
     for name in ("013_webhook_PROJECT_UPDATED.json", "014_webhook_ANNOTATION_CREATED.json",
                  "015_webhook_ANNOTATION_UPDATED.json", "020_webhook_ANNOTATIONS_DELETED.json"):
@@ -99,9 +100,9 @@ def test_known_tasks_use_the_run_prior_with_our_config_names(client, backend) ->
     tasks = [known_task(backend, row) for row in range(5)]
     response = client.post("/predict", json={"tasks": tasks, "label_config": label_config.load()})
     results = response.get_json()["results"]
-    from pipeline.prelabel import attention_prior
+    from pipeline.slim.prelabel import attention_prior
 
-    prior = attention_prior(backend.arrays["cam"][:5])
+    prior = attention_prior(backend.arrays.cam[:5])
     for result, p_core in zip(results, prior):
         (item,) = result["result"]
         assert (item["from_name"], item["to_name"]) == ("answer", "attention")
@@ -111,7 +112,7 @@ def test_known_tasks_use_the_run_prior_with_our_config_names(client, backend) ->
 
 def test_answers_by_webhook_are_stored_once_and_move_the_next_prediction(client, backend, backend_run) -> None:
     before_version = backend.version
-    rows = np.flatnonzero(backend.arrays["y"] == 0)[:4]
+    rows = np.flatnonzero(backend.arrays.y == 0)[:4]
     for n, row in enumerate(rows):
         task = known_task(backend, int(row))
         annotation = {"id": 500 + n, "result": [{"from_name": "answer", "to_name": "attention", "type": "choices",
@@ -126,7 +127,7 @@ def test_answers_by_webhook_are_stored_once_and_move_the_next_prediction(client,
     assert len(stored) == 4 and {a.choice for a in stored} == {"spurious"}
     assert (backend_run / "propagation.npz").exists() and backend.version != before_version
     # the nearest unanswered neighbour of an answered image (same class) is now predicted spurious
-    same_class = np.flatnonzero(backend.arrays["y"] == 0)
+    same_class = np.flatnonzero(backend.arrays.y == 0)
     candidates = np.setdiff1d(same_class, rows)
     distances = np.linalg.norm(backend.points[candidates] - backend.points[rows[0]], axis=1)
     neighbour = int(candidates[np.argmin(distances)])
@@ -141,15 +142,14 @@ def test_answers_by_webhook_are_stored_once_and_move_the_next_prediction(client,
 
 def test_start_training_curates_retrains_and_serves_a_new_version(client, backend, backend_run) -> None:
     store = AnnotationStore(backend_run / "labels.sqlite")
-    from pipeline.store import Annotation
+    from pipeline.core.store import Annotation
 
     for n, row in enumerate(range(0, 60, 6)):
-        store.upsert_annotation(Annotation(900 + n, 900 + n, int(backend.arrays["index"][row]), "x",
+        store.upsert_annotation(Annotation(900 + n, 900 + n, int(backend.arrays.index[row]), "x",
                                            "core" if n % 2 else "spurious"))
     store.close()
     version = backend.version
-    assert client.post("/webhook", json=payload("016_webhook_START_TRAINING.json") if PAYLOADS.is_dir()
-                       else {"action": "START_TRAINING", "project": {"id": 1}}).status_code == 201
+    assert client.post("/webhook", json=payload("016_webhook_START_TRAINING.json")).status_code == 201
     backend.wait_idle(timeout=120)
     assert (backend_run / "slim_model.pt").exists() and backend.version != version
 
@@ -181,10 +181,35 @@ def test_other_hosts_are_refused_even_with_label_studio_configured(backend_run: 
     assert response.status_code == 403 and "key-not-shown" not in response.get_data(as_text=True)
 
 
-def test_unseen_image_data_uri_is_placed_among_neighbours(client) -> None:
-    response = client.post("/predict", json={"tasks": [{"id": 7, "data": {"image": png_data_uri()}}]})
-    assert response.status_code == 200 and response.get_json()["results"][0]["result"][0]["value"]["choices"][0] in (
-        "core", "spurious")
+def test_unseen_image_data_uri_is_placed_among_neighbours(backend_run: Path) -> None:
+    """A picture sent without an image id gets its attention computed and inherits its neighbours' verdict.
+
+    Two training pictures are sent as data URIs; the propagated scores say core exactly on the first one's
+    nearest neighbours in the attention representation, spurious everywhere else (so on the far one's).
+    """
+    arrays = AttentionArrays.load(backend_run / "attention.npz")
+    points = arrays.representation()
+    candidates = np.flatnonzero(arrays.pred == arrays.y)  # the backend takes the CAM of the predicted class
+    near_row = int(candidates[0])
+    distances = np.linalg.norm(points - points[near_row], axis=1)
+    far_row = int(candidates[np.argmax(distances[candidates])])
+    scores = np.zeros(len(arrays))
+    scores[np.argsort(distances)[:NEIGHBOURS]] = 1.0
+    Propagation(arrays.index, scores, np.ones(len(arrays)), np.zeros(len(arrays), bool)).save(
+        backend_run / "propagation.npz")
+    client = create_app(SlimAttentionBackend(backend_run)).test_client()
+    image_set = load_dataset(Run(backend_run).load_config().data.root)
+    files = {sample.index: image_set.root / sample.filename for sample in image_set.samples}
+
+    def picture(row: int) -> str:
+        return "data:image/png;base64," + base64.b64encode(files[int(arrays.index[row])].read_bytes()).decode()
+
+    tasks = [{"id": n, "data": {"image": picture(row)}} for n, row in enumerate((near_row, far_row))]
+    response = client.post("/predict", json={"tasks": tasks})
+    assert response.status_code == 200
+    near, far = response.get_json()["results"]
+    assert near["result"][0]["value"]["choices"] == ["core"] and near["score"] >= 0.8
+    assert far["result"][0]["value"]["choices"] == ["spurious"] and far["score"] >= 0.8
 
 
 @pytest.mark.parametrize("path, body, status", [

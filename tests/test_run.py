@@ -6,9 +6,10 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.config import RunConfig, fingerprint
-from pipeline.errors import PipelineError
-from pipeline.run import Run, atomic_write, atomic_write_json, read_json
+from pipeline.core.config import RunConfig, fingerprint
+from pipeline.core.errors import PipelineError
+from pipeline.core.io import atomic_write, atomic_write_json, read_json
+from pipeline.core.run import Run
 
 
 def test_interrupted_write_keeps_the_old_file_and_leaves_no_temp(tmp_path: Path) -> None:
@@ -68,7 +69,7 @@ def test_missing_run_and_missing_artifact_say_which_command_to_run(tmp_path: Pat
     with pytest.raises(PipelineError, match="not a run directory"):
         run.load_config()
     with pytest.raises(PipelineError, match="run `python -m pipeline embed"):
-        run.load_arrays(run.attention_path, "embed --run RUN")
+        run.require(run.attention_path, "embed --run RUN")
 
 
 def test_corrupt_json_is_a_clear_error(tmp_path: Path) -> None:

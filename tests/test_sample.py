@@ -11,8 +11,9 @@ import pytest
 from PIL import Image
 
 from pipeline.cli import main
-from pipeline.config import SampleConfig
-from pipeline.sample import class_budget, pick_near_centroids
+from pipeline.core.config import SampleConfig
+from pipeline.slim.clustering import pick_near_centroids
+from pipeline.slim.sample import class_budget
 
 
 @pytest.fixture()

@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pipeline.data import TEST, TRAIN, load_dataset
-from pipeline.errors import PipelineError
-from pipeline.synth import SynthSpec, generate
+from pipeline.core.data import TEST, TRAIN, load_dataset
+from pipeline.core.errors import PipelineError
+from pipeline.core.synth import SynthSpec, generate
 
 
 def test_generation_is_deterministic(tmp_path: Path) -> None:

@@ -10,9 +10,9 @@ import pytest
 import torch
 
 from pipeline.cli import main
-from pipeline.data import TEST, load_dataset
-from pipeline.evaluate import group_metrics
-from pipeline.models import build_model, load_checkpoint, load_weights, resolve_device
+from pipeline.core.data import TEST, load_dataset
+from pipeline.model.evaluate import group_metrics
+from pipeline.model.networks import build_model, load_checkpoint, load_weights, resolve_device
 
 
 def test_train_writes_checkpoint_and_group_metrics(trained_run: Path, tiny_data: Path) -> None:
@@ -28,8 +28,8 @@ def test_train_writes_checkpoint_and_group_metrics(trained_run: Path, tiny_data:
     assert meta["arch"] == "smallcnn" and meta["image_size"] == 32 and meta["class_names"] == ["disc", "triangle"]
     # the saved model reproduces the reported test accuracy
     image_set = load_dataset(tiny_data)
-    from pipeline.evaluate import predict
-    from pipeline.train import make_loader
+    from pipeline.model.evaluate import predict
+    from pipeline.model.loaders import make_loader
 
     samples = image_set.split(TEST)
     probs, _ = predict(model, make_loader(image_set, samples, 32, 16, 0), torch.device("cpu"), progress=False)
@@ -69,7 +69,7 @@ def test_new_run_needs_data(tmp_path: Path, capsys) -> None:
 def test_cuda_requested_without_gpu_is_an_error() -> None:
     if torch.cuda.is_available():
         pytest.skip("this machine has a GPU")
-    from pipeline.errors import PipelineError
+    from pipeline.core.errors import PipelineError
 
     with pytest.raises(PipelineError, match="no CUDA GPU"):
         resolve_device("cuda")
@@ -99,7 +99,7 @@ def test_pretrained_loads_from_the_torch_cache(tmp_path: Path, monkeypatch) -> N
 
 
 def test_weights_file_is_loaded_and_bad_ones_refused(tmp_path: Path, trained_run: Path) -> None:
-    from pipeline.errors import PipelineError
+    from pipeline.core.errors import PipelineError
 
     source, _ = load_checkpoint(trained_run / "model.pt")
     fresh = build_model("smallcnn", 2)

@@ -1,0 +1,163 @@
+"""The one typed configuration object of a run.
+
+Every stage reads its settings from a :class:`RunConfig`; the run directory stores it as ``config.json`` so
+that later stages (and later sessions) see the same settings the earlier ones used. Each field is declared
+once, with :func:`option`: its type and default come from the field, its command-line help from the
+metadata, and the CLI generates its flags from that declaration.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+ARCHS = ("smallcnn", "resnet18", "resnet50")
+CAM_METHODS = ("gradcam", "gradcam++", "xgradcam", "eigencam", "layercam", "scorecam", "hirescam")
+EMBEDDINGS = ("umap", "pca")
+SAMPLE_SPACES = ("vectors", "embedding")
+PRECISIONS = ("auto", "fp32", "bf16")
+RETRAIN_MODES = ("last-layer", "full", "fresh")
+CURATION_VARIANTS = ("attention", "published")
+DEVICES = ("auto", "cpu", "cuda")
+
+
+def option(default: Any, help: str, *, choices: tuple[str, ...] | None = None, flag: str | None = None,
+           metavar: str | None = None, path: bool = False, exclusive: str | None = None,
+           clears: str | None = None, required: bool = False, positional: bool = False) -> Any:
+    """A dataclass field that is also a command-line option.
+
+    ``flag`` overrides the ``--field-name`` spelling; ``path`` makes the value absolute (a run keeps working
+    from another directory); options sharing an ``exclusive`` group cannot be given together; giving this
+    option resets the field named by ``clears`` to its unset value (``None``); ``positional`` makes it an
+    argument without a flag.
+    """
+    metadata = {"help": help, "choices": choices, "flag": flag, "metavar": metavar, "path": path,
+                "exclusive": exclusive, "clears": clears, "required": required, "positional": positional}
+    return field(default=default, metadata=metadata)
+
+
+@dataclass
+class DataConfig:
+    """Where the images are and how they are fed to the model."""
+
+    root: str = option("", "dataset folder (metadata.csv or class folders); required for a new run",
+                       flag="--data", metavar="DIR", path=True)
+    image_size: int | None = option(None, "resize images to this side (default: the dataset's own, else 224)")
+    workers: int = option(0, "data-loading worker processes (0: load in the main process)", metavar="N")
+
+
+@dataclass
+class TrainConfig:
+    """ERM reference-model training (SLIM step 1)."""
+
+    arch: str = option("smallcnn", "backbone (smallcnn keeps an 8x8 attention map at 64 px)", choices=ARCHS)
+    epochs: int = option(12, "training epochs")
+    batch_size: int = option(64, "batch size")
+    lr: float = option(0.01, "SGD learning rate")
+    weight_decay: float = option(1e-4, "weight decay")
+    pretrained: bool = option(False, "start ResNets from ImageNet weights already in the torch cache "
+                                     "(never downloads)")
+    weights: str | None = option(None, "start from this local checkpoint", metavar="PATH", path=True)
+    seed: int = option(0, "training seed")
+
+
+@dataclass
+class EmbedConfig:
+    """The attention stage (SLIM steps 2-3)."""
+
+    cam: str = option("gradcam", "CAM method (gradcam: closed form in the forward pass; others use "
+                                 "pytorch-grad-cam)", choices=CAM_METHODS)
+    batch_size: int = option(128, "images per batch")
+    threshold: float = option(0.8, "CAM level of 'looked hardest' for AIoU and overlays")
+    embedding: str = option("umap", "2-D embedding of the attention vectors", choices=EMBEDDINGS)
+    precision: str = option("auto", "forward precision of the closed-form GradCAM (auto: bf16 autocast on CUDA "
+                                    "and on CPUs with native bf16 (AVX-512 BF16/AMX), fp32 elsewhere; bf16 maps "
+                                    "are within ~0.05 of fp32)", choices=PRECISIONS)
+    seed: int = option(0, "seed of the 2-D embedding")
+
+
+@dataclass
+class SampleConfig:
+    """Which images go to the annotators (SLIM step 4)."""
+
+    per_class: int | None = option(None, "images per class (instead of --fraction)", metavar="N",
+                                   exclusive="budget")
+    fraction: float = option(0.02, "fraction of each class", metavar="F", exclusive="budget", clears="per_class")
+    space: str = option("vectors", "cluster the full attention vectors or their 2-D embedding",
+                        choices=SAMPLE_SPACES)
+    round: int = option(1, "annotation round")
+    seed: int = option(0, "k-means seed")
+
+
+@dataclass
+class CurateConfig:
+    """Propagation and curation (SLIM steps 6-7)."""
+
+    labels: str | None = option(None, "answers as a CSV of image_id,label (core/spurious/unsure) instead of the "
+                                      "pulled ones", metavar="CSV", path=True)
+    subset_size: int | None = option(None, "images in the curated subset (default: 10 % of the training set, "
+                                           ">= 20 per class)", metavar="N")
+    variant: str = option("attention", "attention: all images, cells of attended x ignored features; published: "
+                                       "SLIM as written (above-median score, pooled x ignored features)",
+                          choices=CURATION_VARIANTS)
+    seed: int = option(0, "clustering seed")
+
+
+@dataclass
+class RetrainConfig:
+    """Retraining with what curation found (SLIM step 8); ``fresh`` won the WGA benchmark, see BENCHMARKS.md."""
+
+    mode: str = option("fresh", "fresh: the reference recipe again on all images, cell-balanced; last-layer: "
+                                "logistic regression on frozen features of the subset; full: fine-tune on the "
+                                "subset", choices=RETRAIN_MODES)
+    epochs: int = option(20, "full mode: passes over the (class-balanced) subset (fresh uses the reference's)")
+    lr: float = option(0.001, "full mode: learning rate (fresh uses the reference's)")
+    seed: int = option(0, "seed of the retraining's sampling and initialisation")
+
+
+@dataclass
+class RunConfig:
+    """All settings of one run; each section belongs to one stage."""
+
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    embed: EmbedConfig = field(default_factory=EmbedConfig)
+    sample: SampleConfig = field(default_factory=SampleConfig)
+    curate: CurateConfig = field(default_factory=CurateConfig)
+    retrain: RetrainConfig = field(default_factory=RetrainConfig)
+    device: str = option("auto", "where to compute (auto: CUDA when present, else CPU)", choices=DEVICES)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any]) -> RunConfig:
+        """Build from ``config.json``; unknown keys are ignored so old runs stay readable."""
+        kwargs: dict[str, Any] = {}
+        for name, section_cls in SECTIONS.items():
+            known = {f.name for f in dataclasses.fields(section_cls)}
+            kwargs[name] = section_cls(**{k: v for k, v in raw.get(name, {}).items() if k in known})
+        if "device" in raw:
+            kwargs["device"] = raw["device"]
+        return cls(**kwargs)
+
+
+SECTIONS = {"data": DataConfig, "train": TrainConfig, "embed": EmbedConfig, "sample": SampleConfig,
+            "curate": CurateConfig, "retrain": RetrainConfig}
+
+
+def fingerprint(*parts: Any) -> str:
+    """A short stable hash of JSON-able parts: what decides whether a stage's output can be reused."""
+    blob = json.dumps(
+        [dataclasses.asdict(p) if dataclasses.is_dataclass(p) else p for p in parts], sort_keys=True, default=str
+    )
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def resolve_path(path: str | Path) -> str:
+    """Absolute form of a user path, so a run keeps working when started from another directory."""
+    return str(Path(path).expanduser().resolve())

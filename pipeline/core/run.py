@@ -1,0 +1,147 @@
+"""The run directory: its layout, its config and metrics, and which stages are already done.
+
+This is the only module that knows file names inside a run. Every write is atomic (:mod:`pipeline.core.io`),
+so a command killed half-way leaves either the old artifact or the new one, never a torn file.
+``stages.json`` records, per stage, the fingerprint of the inputs that produced its outputs; a re-run with the
+same fingerprint reuses them instead of recomputing.
+"""
+
+from __future__ import annotations
+
+import csv
+import re
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+from pipeline.core.config import RunConfig
+from pipeline.core.errors import PipelineError
+from pipeline.core.io import atomic_write_csv, atomic_write_json, read_json
+
+SELECTION_NAME = re.compile(r"selection_round(\d+)\.csv")
+
+
+class Run:
+    """A run directory: config, checkpoints and artifacts of one SLIM loop."""
+
+    def __init__(self, root: str | Path) -> None:
+        self.root = Path(root).expanduser().resolve()
+
+    # --- layout -------------------------------------------------------------------------------------
+    @property
+    def config_path(self) -> Path:
+        return self.root / "config.json"
+
+    @property
+    def stages_path(self) -> Path:
+        return self.root / "stages.json"
+
+    @property
+    def checkpoint_path(self) -> Path:
+        return self.root / "model.pt"
+
+    @property
+    def metrics_path(self) -> Path:
+        return self.root / "metrics.json"
+
+    @property
+    def attention_path(self) -> Path:
+        return self.root / "attention.npz"
+
+    @property
+    def labels_path(self) -> Path:
+        """SQLite database of Label Studio tasks and annotations (see :mod:`pipeline.core.store`)."""
+        return self.root / "labels.sqlite"
+
+    @property
+    def labelstudio_dir(self) -> Path:
+        """Data folder of the local Label Studio that ``demo`` starts for this run."""
+        return self.root / "label-studio"
+
+    @property
+    def propagation_path(self) -> Path:
+        """Propagated attention-correctness scores and certainties of the training images."""
+        return self.root / "propagation.npz"
+
+    @property
+    def curated_path(self) -> Path:
+        return self.root / "curated.csv"
+
+    @property
+    def slim_checkpoint_path(self) -> Path:
+        return self.root / "slim_model.pt"
+
+    @property
+    def report_path(self) -> Path:
+        return self.root / "report.html"
+
+    def selection_path(self, round_: int) -> Path:
+        return self.root / f"selection_round{round_}.csv"
+
+    def overlay_dir(self, round_: int) -> Path:
+        return self.root / "overlays" / f"round{round_}"
+
+    def view_path(self, round_: int, image_id: int, kind: str) -> Path:
+        """An image's rendered view: ``overview`` (three panels), or a task's ``image`` / ``attention``."""
+        suffix = "" if kind == "overview" else f"_{kind}"
+        return self.overlay_dir(round_) / f"{image_id:06d}{suffix}.png"
+
+    # --- config -------------------------------------------------------------------------------------
+    def exists(self) -> bool:
+        return self.config_path.exists()
+
+    def load_config(self) -> RunConfig:
+        if not self.config_path.exists():
+            raise PipelineError(
+                f"{self.root} is not a run directory (no config.json); start one with "
+                f"`python -m pipeline train --data DIR --run {self.root}`"
+            )
+        return RunConfig.from_dict(read_json(self.config_path))
+
+    def save_config(self, config: RunConfig) -> None:
+        atomic_write_json(self.config_path, config.to_dict())
+
+    def load_metrics(self) -> dict:
+        return read_json(self.metrics_path) if self.metrics_path.exists() else {}
+
+    # --- stage bookkeeping --------------------------------------------------------------------------
+    def _stages(self) -> dict[str, str]:
+        return read_json(self.stages_path) if self.stages_path.exists() else {}
+
+    def stage_fingerprint(self, stage: str) -> str | None:
+        return self._stages().get(stage)
+
+    def is_done(self, stage: str, fingerprint: str, outputs: Sequence[Path]) -> bool:
+        """True when ``stage`` last ran with the same inputs and all its outputs are still there."""
+        return self.stage_fingerprint(stage) == fingerprint and all(p.exists() for p in outputs)
+
+    def mark_done(self, stage: str, fingerprint: str) -> None:
+        stages = self._stages()
+        stages[stage] = fingerprint
+        atomic_write_json(self.stages_path, stages)
+
+    def require(self, path: Path, command: str) -> Path:
+        """Fail with the command that produces ``path`` when an earlier stage has not run yet."""
+        if not path.exists():
+            raise PipelineError(f"{path.name} is missing in {self.root}; run `python -m pipeline {command}` first")
+        return path
+
+    def update_metrics(self, **sections: Any) -> dict:
+        """Replace the given top-level sections of ``metrics.json`` (others are kept); returns the whole."""
+        metrics = self.load_metrics()
+        metrics.update(sections)
+        atomic_write_json(self.metrics_path, metrics)
+        return metrics
+
+    def rounds(self) -> list[int]:
+        """Annotation rounds that have a selection, in order."""
+        found = (SELECTION_NAME.fullmatch(p.name) for p in self.root.glob("selection_round*.csv"))
+        return sorted(int(m.group(1)) for m in found if m)
+
+    # --- artifacts ----------------------------------------------------------------------------------
+    def save_csv(self, path: Path, header: Sequence[str], rows: Iterable[Sequence[Any]]) -> None:
+        atomic_write_csv(path, header, rows)
+
+    def load_csv(self, path: Path, command: str) -> list[dict[str, str]]:
+        with self.require(path, command).open(newline="") as handle:
+            return list(csv.DictReader(handle))

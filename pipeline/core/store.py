@@ -1,0 +1,201 @@
+"""The run's annotation database (``labels.sqlite``): Label Studio tasks, uploads and every annotation.
+
+``push`` records which image became which task (so pushing twice creates nothing new), ``pull`` (and later
+the ML backend's webhook) mirror annotations here, keyed by Label Studio's annotation id so that the same
+answer arriving twice is stored once. Each write is one SQLite transaction: a command that dies half-way
+leaves the database as it was before the command.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from pipeline.core.verdicts import CHOICES
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS tasks (
+    task_id INTEGER PRIMARY KEY,
+    project_id INTEGER NOT NULL,
+    image_id INTEGER NOT NULL,
+    round INTEGER NOT NULL,
+    deleted INTEGER NOT NULL DEFAULT 0,
+    synced_at TEXT  -- the task's updated_at in Label Studio when its annotations were last mirrored
+);
+CREATE INDEX IF NOT EXISTS tasks_by_image ON tasks (project_id, image_id);
+CREATE TABLE IF NOT EXISTS uploads (
+    project_id INTEGER NOT NULL,
+    local_name TEXT NOT NULL,
+    url TEXT NOT NULL,
+    PRIMARY KEY (project_id, local_name)
+);
+CREATE TABLE IF NOT EXISTS annotations (
+    annotation_id INTEGER PRIMARY KEY,
+    task_id INTEGER NOT NULL,
+    image_id INTEGER NOT NULL,
+    annotator TEXT,
+    choice TEXT,
+    skipped INTEGER NOT NULL DEFAULT 0,
+    boxes TEXT NOT NULL DEFAULT '[]',
+    note TEXT,
+    created_at TEXT,
+    updated_at TEXT,
+    lead_time REAL
+);
+CREATE INDEX IF NOT EXISTS annotations_by_task ON annotations (task_id);
+"""
+
+@dataclass(frozen=True)
+class Annotation:
+    """One submitted (or skipped) answer, as stored: what the annotator chose, drew and wrote."""
+
+    annotation_id: int
+    task_id: int
+    image_id: int
+    annotator: str | None
+    choice: str | None  # core / spurious / unsure; None when skipped
+    skipped: bool = False
+    boxes: list[dict] = field(default_factory=list)  # {"x","y","width","height"} in percent of the image
+    note: str | None = None
+    created_at: str | None = None
+    updated_at: str | None = None
+    lead_time: float | None = None
+
+    def row(self) -> tuple:
+        return (self.annotation_id, self.task_id, self.image_id, self.annotator, self.choice, int(self.skipped),
+                json.dumps(self.boxes, sort_keys=True), self.note, self.created_at, self.updated_at, self.lead_time)
+
+
+@dataclass(frozen=True)
+class TaskRecord:
+    task_id: int
+    project_id: int
+    image_id: int
+    round: int
+    deleted: bool = False
+    synced_at: str | None = None
+
+
+class AnnotationStore:
+    """Thin typed access to ``labels.sqlite``; every public write is one transaction."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.db = sqlite3.connect(self.path, timeout=30, isolation_level=None, check_same_thread=False)
+        self.db.execute("PRAGMA journal_mode=WAL")
+        self.db.executescript(SCHEMA)
+
+    def close(self) -> None:
+        self.db.close()
+
+    @contextmanager
+    def transaction(self) -> Iterator[sqlite3.Connection]:
+        """All-or-nothing: BEGIN IMMEDIATE so concurrent writers (pull and the backend) queue, not clash."""
+        self.db.execute("BEGIN IMMEDIATE")
+        try:
+            yield self.db
+        except BaseException:
+            self.db.execute("ROLLBACK")
+            raise
+        self.db.execute("COMMIT")
+
+    # --- meta ---------------------------------------------------------------------------------------
+    def get_meta(self, key: str) -> str | None:
+        row = self.db.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
+        return row[0] if row else None
+
+    def set_meta(self, key: str, value: str, db: sqlite3.Connection | None = None) -> None:
+        (db or self.db).execute("INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)", (key, value))
+
+    # --- tasks and uploads --------------------------------------------------------------------------
+    def tasks(self, project_id: int | None = None, include_deleted: bool = False) -> list[TaskRecord]:
+        sql, args = "SELECT task_id, project_id, image_id, round, deleted, synced_at FROM tasks", []
+        clauses = [] if include_deleted else ["deleted = 0"]
+        if project_id is not None:
+            clauses.append("project_id = ?")
+            args.append(project_id)
+        if clauses:
+            sql += " WHERE " + " AND ".join(clauses)
+        return [TaskRecord(*row[:4], bool(row[4]), row[5]) for row in self.db.execute(sql + " ORDER BY task_id", args)]
+
+    def add_tasks(self, records: Iterable[TaskRecord]) -> None:
+        with self.transaction() as db:
+            db.executemany("INSERT OR REPLACE INTO tasks VALUES (?, ?, ?, ?, 0, NULL)",
+                           [(r.task_id, r.project_id, r.image_id, r.round) for r in records])
+
+    def mark_tasks_deleted(self, task_ids: Iterable[int]) -> None:
+        """The tasks are gone from Label Studio; their annotations stay stored."""
+        with self.transaction() as db:
+            db.executemany("UPDATE tasks SET deleted = 1 WHERE task_id = ?", [(t,) for t in task_ids])
+
+    def uploads(self, project_id: int) -> dict[str, str]:
+        rows = self.db.execute("SELECT local_name, url FROM uploads WHERE project_id = ?", (project_id,))
+        return dict(rows.fetchall())
+
+    def add_uploads(self, project_id: int, urls: dict[str, str]) -> None:
+        with self.transaction() as db:
+            db.executemany("INSERT OR REPLACE INTO uploads VALUES (?, ?, ?)",
+                           [(project_id, name, url) for name, url in urls.items()])
+
+    # --- annotations --------------------------------------------------------------------------------
+    def sync_task_annotations(self, task_id: int, annotations: list[Annotation], synced_at: str,
+                              db: sqlite3.Connection) -> dict:
+        """Make the stored annotations of ``task_id`` equal ``annotations``; count what changed.
+
+        ``synced_at`` is the task's ``updated_at`` that this state corresponds to: the next pull skips the task
+        unless Label Studio reports a newer one.
+        """
+        db.execute("UPDATE tasks SET synced_at = ? WHERE task_id = ?", (synced_at, task_id))
+        stored = {row[0]: row for row in db.execute(
+            "SELECT annotation_id, task_id, image_id, annotator, choice, skipped, boxes, note, created_at, "
+            "updated_at, lead_time FROM annotations WHERE task_id = ?", (task_id,))}
+        changes = {"added": 0, "updated": 0, "removed": 0}
+        for annotation in annotations:
+            previous = stored.pop(annotation.annotation_id, None)
+            if previous == annotation.row():
+                continue
+            db.execute("INSERT OR REPLACE INTO annotations VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                       annotation.row())
+            changes["added" if previous is None else "updated"] += 1
+        for annotation_id in stored:
+            db.execute("DELETE FROM annotations WHERE annotation_id = ?", (annotation_id,))
+            changes["removed"] += 1
+        return changes
+
+    def upsert_annotation(self, annotation: Annotation) -> None:
+        with self.transaction() as db:
+            db.execute("INSERT OR REPLACE INTO annotations VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                       annotation.row())
+
+    def delete_annotations(self, annotation_ids: Iterable[int]) -> None:
+        with self.transaction() as db:
+            db.executemany("DELETE FROM annotations WHERE annotation_id = ?", [(a,) for a in annotation_ids])
+
+    def annotation_counts(self) -> dict[int, int]:
+        """Stored annotations (answered or skipped) per task id."""
+        return dict(self.db.execute("SELECT task_id, COUNT(*) FROM annotations GROUP BY task_id").fetchall())
+
+    def annotations(self) -> list[Annotation]:
+        rows = self.db.execute(
+            "SELECT annotation_id, task_id, image_id, annotator, choice, skipped, boxes, note, created_at, "
+            "updated_at, lead_time FROM annotations ORDER BY annotation_id")
+        return [Annotation(r[0], r[1], r[2], r[3], r[4], bool(r[5]), json.loads(r[6]), *r[7:]) for r in rows]
+
+    def summary(self) -> dict:
+        """What ``pull`` prints: tasks, annotated tasks, answers by choice, skipped, annotators."""
+        annotations = self.annotations()
+        answered = [a for a in annotations if not a.skipped]
+        return {
+            "tasks": len(self.tasks()),
+            "annotated_tasks": len({a.task_id for a in answered}),
+            "annotations": len(answered),
+            "skipped": sum(a.skipped for a in annotations),
+            "choices": {c: sum(a.choice == c for a in answered) for c in CHOICES},
+            "annotators": sorted({a.annotator for a in answered if a.annotator}),
+        }

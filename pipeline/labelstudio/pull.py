@@ -1,0 +1,85 @@
+"""``pull``: mirror the annotations of the run's tasks into the run's database.
+
+Incremental: one light listing of the project's tasks (ids, ``updated_at``, annotation counts) tells which
+tasks changed since they were last mirrored; only those are fetched with their annotations. Idempotent: a
+task is mirrored to exactly Label Studio's state (new, edited, deleted and skipped annotations alike), so
+pulling twice leaves the same database. A task that vanished from Label Studio stops the pull with a clear
+message unless ``--accept-deleted`` says to record that; its stored annotations are kept either way.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+from pipeline.core.config import option
+from pipeline.core.errors import PipelineError
+from pipeline.core.run import Run
+from pipeline.core.store import AnnotationStore
+from pipeline.labelstudio.client import TASK_ANNOTATIONS, TASK_COUNTS, Settings, Studio
+from pipeline.labelstudio.schema import parse_annotation
+
+log = logging.getLogger(__name__)
+SHOWN_IDS = 5  # deleted task ids named in the error; the count says the rest
+
+
+@dataclass(frozen=True)
+class PullOptions:
+    """How ``pull`` treats what it finds; the fields are :func:`pull_run`'s keyword arguments."""
+
+    accept_deleted: bool = option(False, "record tasks deleted in Label Studio as deleted instead of stopping")
+
+
+def pull_run(run: Run, settings: Settings, accept_deleted: bool = False) -> dict:
+    """Mirror changed tasks' annotations; returns the summary it prints."""
+    if not run.labels_path.exists():
+        raise PipelineError(f"nothing pushed from {run.root} yet; run `python -m pipeline push --run {run.root}`")
+    store = AnnotationStore(run.labels_path)
+    studio = Studio(settings)
+    try:
+        project = store.get_meta("project_id")
+        if project is None:
+            raise PipelineError(f"nothing pushed from {run.root} yet; run `python -m pipeline push --run {run.root}`")
+        project_id = int(project)
+        studio.connect()
+        studio.project(project_id)
+        known = {t.task_id: t for t in store.tasks(project_id)}
+        listing = {int(t["id"]): t for t in studio.list_tasks(project_id, fields=TASK_COUNTS)}
+        gone = sorted(set(known) - set(listing))
+        if gone and not accept_deleted:
+            shown = ", ".join(map(str, gone[:SHOWN_IDS])) + (" ..." if len(gone) > SHOWN_IDS else "")
+            raise PipelineError(
+                f"{len(gone)} task(s) of this run were deleted in Label Studio (ids {shown}); stored annotations "
+                "are kept — re-run pull with --accept-deleted to record the deletion (push then re-creates them)"
+            )
+        counts = store.annotation_counts()
+        changed = [
+            task_id for task_id, record in known.items()
+            if task_id in listing and (
+                listing[task_id]["updated_at"] != record.synced_at
+                or counts.get(task_id, 0) != listing[task_id]["total_annotations"]
+                + listing[task_id]["cancelled_annotations"]
+            )
+        ]
+        users = studio.users() if changed else {}
+        fetched = list(studio.list_tasks(project_id, task_ids=changed, fields=TASK_ANNOTATIONS))
+        totals = {"added": 0, "updated": 0, "removed": 0}
+        if gone:
+            store.mark_tasks_deleted(gone)
+        with store.transaction() as db:  # all changed tasks or none
+            for task in fetched:
+                task_id = int(task["id"])
+                annotations = [parse_annotation(a, task_id, known[task_id].image_id, users)
+                               for a in task.get("annotations") or []]
+                for key, value in store.sync_task_annotations(task_id, annotations, task["updated_at"], db).items():
+                    totals[key] += value
+        summary = {**store.summary(), "changed_tasks": len(fetched), "deleted_tasks": len(gone), **totals}
+    finally:
+        store.close()
+        studio.close()
+    choices = summary["choices"]
+    log.info(f"{summary['tasks']} tasks, {summary['annotated_tasks']} annotated "
+             f"(core {choices['core']}, spurious {choices['spurious']}, unsure {choices['unsure']}; "
+             f"skipped {summary['skipped']}); annotators: {', '.join(summary['annotators']) or 'none'}; "
+             f"this pull: {totals['added']} new, {totals['updated']} updated, {totals['removed']} removed")
+    return summary

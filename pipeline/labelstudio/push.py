@@ -1,0 +1,219 @@
+"""``push``: the selected images become Label Studio tasks, with pre-annotations.
+
+Idempotent by construction: the run's database remembers which image became which task in which project
+(and which file was uploaded where), and before importing, tasks this run created but never recorded (a push
+killed between import and bookkeeping) are found by their ``run_id`` and adopted instead of duplicated.
+"""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+from tqdm import tqdm
+
+from pipeline.core.config import option
+from pipeline.core.errors import PipelineError
+from pipeline.core.run import Run
+from pipeline.core.store import AnnotationStore, TaskRecord
+from pipeline.labelstudio.client import IMPORT_BATCH, MEDIA_CONFIG, UPLOAD_BATCH, Settings, Studio
+from pipeline.labelstudio.schema import prediction
+from pipeline.model.attention import AttentionArrays
+from pipeline.slim.prelabel import attention_prior
+
+log = logging.getLogger(__name__)
+STORAGES = ("upload", "local-files")
+UPLOAD_THREADS = 2  # two requests in flight keep the server busy while the other one's response travels
+RUN_ID_LENGTH = 12  # hex digits of a run id: unique among a server's runs, short enough to read in a task
+TITLE_LENGTH = 50  # Label Studio's limit on a project title
+
+
+@dataclass(frozen=True)
+class PushOptions:
+    """What ``push`` sends where; the fields are :func:`push_run`'s keyword arguments."""
+
+    project_id: int | None = option(None, "use this existing project (default: the run's own, created on first "
+                                          "push)", flag="--project", metavar="ID")
+    new_project: bool = option(False, "create a new project even if the run has one")
+    round_: int | None = option(None, "selection round to push (default: the latest)", flag="--round")
+    storage: str = option("upload", "upload the pictures through the import API (works with remote and docker "
+                                    "servers) or serve them as Label Studio local files", choices=STORAGES)
+    document_root: str | None = option(None, "with --storage local-files: the server's "
+                                             "LABEL_STUDIO_LOCAL_FILES_DOCUMENT_ROOT", metavar="DIR")
+
+
+def run_id_of(store: AnnotationStore) -> str:
+    """A stable id for the run, written into every task so its tasks can be told from anyone else's."""
+    run_id = store.get_meta("run_id")
+    if run_id is None:
+        run_id = uuid.uuid4().hex[:RUN_ID_LENGTH]
+        with store.transaction() as db:
+            store.set_meta("run_id", run_id, db)
+    return run_id
+
+
+def latest_round(run: Run) -> int:
+    rounds = run.rounds()
+    if not rounds:
+        raise PipelineError(f"no selection in {run.root}; run `python -m pipeline sample --run {run.root}` first")
+    return rounds[-1]
+
+
+def model_version(run: Run) -> str:
+    """Identity of the checkpoint whose attention the prediction comes from (stable across restarts)."""
+    return f"slim-prior-{(run.stage_fingerprint('embed') or 'unknown')[:10]}"
+
+
+def resolve_project(studio: Studio, store: AnnotationStore, run: Run, run_id: str, project_id: int | None,
+                    new_project: bool) -> int:
+    """``--project ID``, else the run's project, else a new one; the choice is remembered."""
+    if project_id is None and not new_project:
+        remembered = store.get_meta("project_id")
+        project_id = int(remembered) if remembered else None
+    if project_id is None:
+        title = f"SLIM {run.root.name} {run_id[:6]}"[:TITLE_LENGTH]
+        project_id = studio.create_project(title, f"SLIM attention review for run {run.root} (run id {run_id})")
+        log.info("created project %d '%s'", project_id, title)
+    else:
+        studio.check_project(project_id)
+    with store.transaction() as db:
+        store.set_meta("project_id", str(project_id), db)
+    return project_id
+
+
+def media_project(studio: Studio, store: AnnotationStore, project_id: int) -> int:
+    """The companion project that holds the uploaded pictures of ``project_id`` (created once)."""
+    key = f"media_project_for_{project_id}"
+    remembered = store.get_meta(key)
+    if remembered is not None:
+        studio.project(int(remembered))
+        return int(remembered)
+    title = studio.project(project_id).title
+    media = studio.create_project(f"{title} images"[:TITLE_LENGTH], f"Pictures of project {project_id}'s tasks; "
+                                  "deleting this project breaks their images", config=MEDIA_CONFIG)
+    with store.transaction() as db:
+        store.set_meta(key, str(media), db)
+    return media
+
+
+def adopt_unrecorded(studio: Studio, store: AnnotationStore, project_id: int, run_id: str) -> int:
+    """Record tasks of this run that exist in Label Studio but not in the database; returns how many."""
+    known = {t.task_id for t in store.tasks(project_id, include_deleted=True)}
+    orphans = [TaskRecord(int(t["id"]), project_id, int(t["data"]["image_id"]), int(t["data"].get("round", 1)))
+               for t in studio.list_tasks(project_id)
+               if (t.get("data") or {}).get("run_id") == run_id and int(t["id"]) not in known]
+    if orphans:
+        store.add_tasks(orphans)
+    return len(orphans)
+
+
+def local_file_urls(paths: list[Path], document_root: Path) -> dict[str, str]:
+    """URLs for Label Studio's local-files serving (files must lie below its document root)."""
+    urls = {}
+    for path in paths:
+        try:
+            relative = path.resolve().relative_to(document_root.resolve())
+        except ValueError:
+            raise PipelineError(
+                f"{path} is not below --document-root {document_root}; it must equal Label Studio's "
+                "LABEL_STUDIO_LOCAL_FILES_DOCUMENT_ROOT and contain the run directory"
+            ) from None
+        urls[path.name] = f"/data/local-files/?d={relative.as_posix()}"
+    return urls
+
+
+def stage_images(studio: Studio, store: AnnotationStore, project_id: int, paths: list[Path], storage: str,
+                 document_root: Path | None, progress: bool) -> dict[str, str]:
+    """Make every file viewable by Label Studio; uploads each file at most once per project."""
+    if storage == "local-files":
+        if document_root is None:
+            raise PipelineError("--storage local-files needs --document-root (Label Studio's "
+                                "LABEL_STUDIO_LOCAL_FILES_DOCUMENT_ROOT)")
+        urls = local_file_urls(paths, document_root)
+        folders = sorted({str(p.parent.resolve()) for p in paths})
+        studio.ensure_local_storage(project_id, folders)
+        return urls
+    urls = store.uploads(project_id)
+    missing = [p for p in paths if p.name not in urls]
+    media = media_project(studio, store, project_id) if missing else None
+    batches = [missing[start:start + UPLOAD_BATCH] for start in range(0, len(missing), UPLOAD_BATCH)]
+    with tqdm(total=len(missing), desc="upload", unit="file", disable=not progress or not missing) as bar, \
+            ThreadPoolExecutor(UPLOAD_THREADS) as pool:
+        for uploaded in pool.map(lambda batch: studio.upload_files(media, batch), batches):
+            store.add_uploads(project_id, uploaded)  # remembered at once: a re-run never uploads twice
+            urls.update(uploaded)
+            bar.update(len(uploaded))
+    return urls
+
+
+def push_run(run: Run, settings: Settings, project_id: int | None = None, new_project: bool = False,
+             round_: int | None = None, storage: str = "upload", document_root: str | Path | None = None,
+             progress: bool = True) -> dict:
+    """Push the selection of ``round_`` (default: the latest) as tasks; returns counts."""
+    if storage not in STORAGES:
+        raise PipelineError(f"unknown --storage {storage!r}; choose upload or local-files")
+    round_ = round_ or latest_round(run)
+    selection = run.load_csv(run.selection_path(round_), "sample --run RUN")
+    arrays = AttentionArrays.load(run.require(run.attention_path, "embed --run RUN"))
+    priors = attention_prior(arrays.cam)
+    class_names = list(arrays.class_names)
+    store = AnnotationStore(run.labels_path)
+    studio = Studio(settings)
+    try:
+        run_id = run_id_of(store)
+        studio.connect()
+        project = resolve_project(studio, store, run, run_id, project_id, new_project)
+        adopted = adopt_unrecorded(studio, store, project, run_id)
+        present = {t.image_id for t in store.tasks(project)}
+        todo = [r for r in selection if int(r["image_id"]) not in present]
+        paths = [run.view_path(round_, int(r["image_id"]), kind) for r in todo for kind in ("image", "attention")]
+        for path in paths:
+            if not path.exists():
+                raise PipelineError(f"{path} is missing; re-run `python -m pipeline sample --run {run.root} --force`")
+        urls = stage_images(studio, store, project, paths, storage,
+                            Path(document_root) if document_root else None, progress)
+        version = model_version(run)
+        tasks = [task_payload(r, run, round_, run_id, urls, class_names,
+                              float(priors[arrays.row_of(int(r["image_id"]))]), version) for r in todo]
+        created = 0
+        with tqdm(total=len(tasks), desc="import", unit="task", disable=not progress or not tasks) as bar:
+            for start in range(0, len(tasks), IMPORT_BATCH):
+                batch, rows = tasks[start:start + IMPORT_BATCH], todo[start:start + IMPORT_BATCH]
+                ids = studio.import_tasks(project, batch)
+                store.add_tasks(TaskRecord(task_id, project, int(r["image_id"]), round_) for task_id, r in zip(ids, rows))
+                created += len(ids)
+                bar.update(len(ids))
+    finally:
+        store.close()
+        studio.close()
+    summary = {"project_id": project, "created": created, "already_present": len(selection) - len(todo),
+               "adopted": adopted, "round": round_}
+    log.info("project %d: %d tasks created, %d already there%s; open %s", project, created,
+             summary["already_present"], f" ({adopted} recovered from an interrupted push)" if adopted else "",
+             studio.project_url(project))
+    return summary
+
+
+def task_payload(row: dict[str, str], run: Run, round_: int, run_id: str, urls: dict[str, str],
+                 class_names: list[str], p_core: float, version: str) -> dict:
+    """One task: the two pictures, what the annotator reads, what the pipeline needs back, a prediction."""
+    image_id = int(row["image_id"])
+    predicted = class_names[int(row["pred"])]
+    confidence = float(row["confidence"])
+    return {
+        "data": {
+            "image": urls[run.view_path(round_, image_id, "image").name],
+            "attention": urls[run.view_path(round_, image_id, "attention").name],
+            "info": f"class: {row['class_name']} · model predicts: {predicted} ({confidence:.0%})",
+            "image_id": image_id,
+            "class_name": row["class_name"],
+            "prediction": predicted,
+            "confidence": round(confidence, 4),
+            "run_id": run_id,
+            "round": round_,
+        },
+        "predictions": [prediction(p_core, version)],
+    }

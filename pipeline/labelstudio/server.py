@@ -1,0 +1,164 @@
+"""A local Label Studio for the embedded default, the demo and the tests.
+
+Starts the ``label-studio`` package (SQLite, loopback only) headless with a known admin and a known legacy
+API token, all through environment variables (the ``--data-dir`` flag is applied too late to keep its files
+in one place), waits until ``/health`` answers, and stops it again. To use an existing server instead, set
+``LABEL_STUDIO_URL`` and ``LABEL_STUDIO_API_KEY`` (or pass ``--url`` / ``--api-key``).
+
+The server runs from its own virtual environment when one exists (``.venv-labelstudio``, made by
+``scripts/setup.sh``), because its pinned dependencies need not agree with torch's; ``LABEL_STUDIO_BIN``
+names the executable explicitly.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+
+from pipeline.core.errors import PipelineError
+
+PROJECT_ROOT = Path(__file__).resolve().parents[2]
+DEFAULT_USER = "admin@slim.local"
+DEFAULT_PASSWORD = "slim-demo-password"
+DEFAULT_TOKEN = "slim-demo-token-0123456789"
+
+
+@dataclass(frozen=True)
+class LocalCredentials:
+    url: str
+    username: str
+    password: str
+    token: str
+
+
+def find_label_studio() -> str:
+    """The ``label-studio`` executable: ``$LABEL_STUDIO_BIN``, the project's own venv, or ``PATH``."""
+    candidates = [os.environ.get("LABEL_STUDIO_BIN"), str(PROJECT_ROOT / ".venv-labelstudio" / "bin" / "label-studio"),
+                  str(Path(sys.executable).parent / "label-studio"), shutil.which("label-studio")]
+    for candidate in candidates:
+        if candidate and Path(candidate).is_file() and os.access(candidate, os.X_OK):
+            return candidate
+    raise PipelineError(
+        "the label-studio package is not installed; run `bash scripts/setup.sh` (it makes .venv-labelstudio) "
+        "or set LABEL_STUDIO_URL and LABEL_STUDIO_API_KEY to use an existing server"
+    )
+
+
+def free_port(preferred: int = 8080) -> int:
+    """``preferred`` when nothing listens there, else any free loopback port."""
+    for port in (preferred, 0):
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the server will: TIME_WAIT is free
+            try:
+                sock.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return sock.getsockname()[1]
+    raise PipelineError("no free TCP port on 127.0.0.1 for Label Studio")
+
+
+def server_environment(data_dir: Path, credentials: LocalCredentials, files_root: Path | None) -> dict[str, str]:
+    """Environment for a headless, offline, loopback-only server with a known admin and token."""
+    env = {key: value for key, value in os.environ.items() if not key.startswith("LABEL_STUDIO_")}
+    env.update({
+        "LABEL_STUDIO_BASE_DATA_DIR": str(data_dir),
+        "LABEL_STUDIO_USERNAME": credentials.username,
+        "LABEL_STUDIO_PASSWORD": credentials.password,
+        "LABEL_STUDIO_USER_TOKEN": credentials.token,
+        "LABEL_STUDIO_ENABLE_LEGACY_API_TOKEN": "true",
+        "LABEL_STUDIO_DISABLE_SIGNUP_WITHOUT_LINK": "true",
+        # a backend or webhook on 127.0.0.1 is fine for a loopback test server, never for production
+        "LABEL_STUDIO_ML_BLOCK_LOCAL_IP": "false",
+        "LABEL_STUDIO_SSRF_PROTECTION_ENABLED": "false",
+        "LATEST_VERSION_CHECK": "false",
+        "COLLECT_ANALYTICS": "false",
+        "SENTRY_DSN": "",
+        "FRONTEND_SENTRY_DSN": "",
+        "XDG_CONFIG_HOME": str(data_dir / "xdg-config"),
+        "XDG_DATA_HOME": str(data_dir / "xdg-data"),
+        "XDG_CACHE_HOME": str(data_dir / "xdg-cache"),
+    })
+    if files_root is not None:
+        env["LABEL_STUDIO_LOCAL_FILES_SERVING_ENABLED"] = "true"
+        env["LABEL_STUDIO_LOCAL_FILES_DOCUMENT_ROOT"] = str(files_root)
+    return env
+
+
+class LocalLabelStudio:
+    """Start/stop a Label Studio process; use as a context manager.
+
+    ``files_root`` switches on local-files serving below that folder (for ``push --storage local-files``).
+    """
+
+    def __init__(self, data_dir: str | Path, port: int | None = None, files_root: str | Path | None = None,
+                 username: str = DEFAULT_USER, password: str = DEFAULT_PASSWORD, token: str = DEFAULT_TOKEN):
+        self.data_dir = Path(data_dir).expanduser().resolve()
+        self.port = port
+        self.files_root = Path(files_root).resolve() if files_root else None
+        self._login = (username, password, token)
+        self.process: subprocess.Popen | None = None
+
+    @property
+    def credentials(self) -> LocalCredentials:
+        username, password, token = self._login
+        return LocalCredentials(f"http://127.0.0.1:{self.port}", username, password, token)
+
+    def start(self, timeout: float = 180.0) -> LocalCredentials:
+        """Launch the server and block until ``/health`` answers (first start runs migrations: ~30 s)."""
+        executable = find_label_studio()
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        self.port = self.port or free_port()
+        log = (self.data_dir / "server.log").open("ab")
+        self.process = subprocess.Popen(
+            [executable, "start", "--no-browser", "--internal-host", "127.0.0.1", "--port", str(self.port),
+             "--log-level", "WARNING"],
+            env=server_environment(self.data_dir, self.credentials, self.files_root),
+            stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True,
+        )
+        log.close()
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise PipelineError(
+                    f"Label Studio exited with status {self.process.returncode} while starting; "
+                    f"see {self.data_dir / 'server.log'}"
+                )
+            if is_healthy(self.credentials.url):
+                return self.credentials
+            time.sleep(0.5)
+        self.stop()
+        raise PipelineError(f"Label Studio did not answer within {timeout:.0f} s; see {self.data_dir / 'server.log'}")
+
+    def stop(self) -> None:
+        """Terminate the server and its workers (it runs in its own process group)."""
+        if self.process is None or self.process.poll() is not None:
+            return
+        os.killpg(self.process.pid, signal.SIGTERM)
+        try:
+            self.process.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.process.pid, signal.SIGKILL)
+            self.process.wait()
+
+    def __enter__(self) -> LocalCredentials:
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
+def is_healthy(url: str) -> bool:
+    try:
+        with urllib.request.urlopen(f"{url}/health", timeout=2) as response:
+            return response.status == 200
+    except (urllib.error.URLError, OSError):
+        return False

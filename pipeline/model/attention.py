@@ -1,0 +1,180 @@
+"""The attention dataset: one typed object for everything the attention stage knows about a set of images.
+
+:class:`AttentionArrays` is what ``embed`` writes (``attention.npz``) and what every later stage, the ML backend
+and the benchmarks read: per image its id, class, prediction, the attention vectors ``f`` (what the model
+looked at) and ``f_rev`` (what it ignored), pooled features, the low-resolution CAM, AIoU where masks exist and
+a 2-D embedding. Rows are addressed by image id through :meth:`AttentionArrays.row_of`, and the representation
+that clustering, propagation and nearest-neighbour look-ups compare is defined once, in
+:func:`representation_of`: a backend placing an unseen image and a stage clustering the training set cannot
+drift into different spaces.
+
+Users only index the fields as arrays, so they may be backed by memory-mapped files instead of RAM.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from functools import cached_property
+from pathlib import Path
+
+import numpy as np
+import torch
+from sklearn.preprocessing import StandardScaler
+from torch.utils.data import DataLoader
+from tqdm import tqdm
+
+from pipeline.core.errors import PipelineError
+from pipeline.core.io import atomic_write
+from pipeline.model.cam import AttentionBatch, AttentionExtractor, upsample_cams
+
+SPACES = ("vectors", "embedding")
+UNIT_EPS = 1e-12  # guards the division for an all-zero vector (a CAM that is zero everywhere)
+
+
+def unit_rows(vectors: np.ndarray) -> np.ndarray:
+    """Rows scaled to unit length."""
+    return vectors / np.maximum(np.linalg.norm(vectors, axis=1, keepdims=True), UNIT_EPS)
+
+
+def representation_of(attended: np.ndarray, ignored: np.ndarray) -> np.ndarray:
+    """The attention representation: unit-length ``f`` and ``f_rev`` side by side.
+
+    Unit length keeps the two halves equally weighted whatever the activation scale of the backbone.
+    """
+    return np.hstack([unit_rows(attended), unit_rows(ignored)])
+
+
+@dataclass(frozen=True, eq=False)
+class AttentionArrays:
+    """Per-image attention data, one row per image (the order the attention stage streamed them in)."""
+
+    index: np.ndarray  # (N,) image ids in the dataset
+    y: np.ndarray  # (N,) class the CAM was taken for (the true class)
+    pred: np.ndarray  # (N,) predicted class
+    confidence: np.ndarray  # (N,) probability of the prediction
+    entropy: np.ndarray  # (N,) entropy of the predicted distribution
+    features: np.ndarray  # (N, K) pooled activations: what the linear head sees
+    f_att: np.ndarray  # (N, K) attention-weighted activations: what the model looked at
+    f_rev: np.ndarray  # (N, K) reverse-weighted activations: what it ignored
+    cam: np.ndarray  # (N, h, w) float16 CAM at the activation grid, in [0, 1]
+    aiou: np.ndarray | None = None  # (N,) share of strong attention on the object, where masks exist
+    emb_att: np.ndarray | None = None  # (N, 2) embedding of f, for clustering in 2-D and for plots
+    emb_rev: np.ndarray | None = None  # (N, 2) embedding of f_rev
+    class_names: tuple[str, ...] = ()
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    # --- rows -------------------------------------------------------------------------------------------
+    @cached_property
+    def _rows(self) -> dict[int, int]:
+        return {int(image_id): row for row, image_id in enumerate(self.index)}
+
+    def has_image(self, image_id: int) -> bool:
+        return int(image_id) in self._rows
+
+    def row_of(self, image_id: int) -> int:
+        """The row of ``image_id``; a clear error for an image the attention stage never saw."""
+        try:
+            return self._rows[int(image_id)]
+        except KeyError:
+            raise PipelineError(f"image {image_id} is not in this run's attention data; re-run `embed` if the "
+                                "dataset changed") from None
+
+    def rows_of(self, image_ids) -> np.ndarray:
+        return np.array([self.row_of(i) for i in image_ids], dtype=int)
+
+    @property
+    def classes(self) -> np.ndarray:
+        return np.unique(self.y)
+
+    def for_class(self, y: int) -> np.ndarray:
+        """Rows of class ``y``, in row order."""
+        return np.flatnonzero(self.y == y)
+
+    # --- representation ---------------------------------------------------------------------------------
+    def representation(self, space: str = "vectors") -> np.ndarray:
+        """Rows to cluster and compare: :func:`representation_of`, or the standardised 2-D embeddings."""
+        if space == "embedding":
+            if self.emb_att is None or self.emb_rev is None:
+                raise PipelineError("this attention data has no 2-D embedding; re-run `embed`")
+            return StandardScaler().fit_transform(np.hstack([self.emb_att, self.emb_rev]))
+        if space != "vectors":
+            raise PipelineError(f"unknown space {space!r}; choose {' or '.join(SPACES)}")
+        return representation_of(self.f_att, self.f_rev)
+
+    # --- files ------------------------------------------------------------------------------------------
+    def save(self, path: Path) -> None:
+        """``attention.npz``, atomically; optional fields are left out when absent."""
+        arrays = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        arrays["class_names"] = np.array(self.class_names)
+        present = {k: v for k, v in arrays.items() if v is not None}
+        atomic_write(path, lambda handle: np.savez(handle, **present))
+
+    @classmethod
+    def load(cls, path: Path) -> AttentionArrays:
+        with np.load(path, allow_pickle=False) as npz:
+            fields = {f.name for f in dataclasses.fields(cls)}
+            values = {key: npz[key] for key in npz.files if key in fields}
+        values["class_names"] = tuple(str(c) for c in values.get("class_names", ()))
+        return cls(**values)
+
+
+def attention_vectors(batch: AttentionBatch) -> tuple[torch.Tensor, torch.Tensor]:
+    """What the model looked at (f) and what it ignored (f_rev), from activations and [0, 1] maps.
+
+    ``f = mean_ij A[:, i, j] * m[i, j]`` (SLIM sums; the mean only rescales by the constant h*w) and
+    ``f_rev = mean(A * (1 - m)) = mean(A) - f``: one product over the activations instead of two.
+    """
+    attended = torch.einsum("bkhw,bhw->bk", batch.activations, batch.cams) / batch.cams[0].numel()
+    return attended, batch.features - attended
+
+
+def aiou(full_cams: torch.Tensor, masks: torch.Tensor, threshold: float) -> torch.Tensor:
+    """Share of high attention (CAM >= threshold) that lies on the object: 1.0 = all of it."""
+    hot = full_cams * (full_cams >= threshold)
+    total = hot.flatten(1).sum(1)
+    inside = (hot * masks).flatten(1).sum(1)
+    return torch.where(total > 0, inside / total.clamp_min(1e-12), torch.zeros_like(total))
+
+
+def entropy(probs: torch.Tensor) -> torch.Tensor:
+    return -(probs * probs.clamp_min(1e-12).log()).sum(dim=1)
+
+
+def compute_attention(extractor: AttentionExtractor, loader: DataLoader, device: torch.device, threshold: float,
+                      image_size: int, progress: bool = True) -> AttentionArrays:
+    """Stream ``loader`` through ``extractor``: one row per image, in loader order.
+
+    Memory holds only the per-image vectors and low-resolution maps, allocated once from the first batch's
+    shapes; full-resolution maps (for AIoU) live one batch at a time.
+    """
+    n = len(loader.dataset)
+    out: dict[str, np.ndarray] = {}
+    row = 0
+    for images, labels, index, masks in tqdm(loader, desc="embed", disable=not progress, unit="batch"):
+        images, labels = images.to(device, non_blocking=True), labels.to(device)
+        batch = extractor(images, labels)
+        attended, ignored = attention_vectors(batch)
+        probs = torch.softmax(batch.logits, dim=1)
+        values = {
+            "index": index.numpy(),
+            "y": labels.cpu().numpy(),
+            "pred": probs.argmax(1).cpu().numpy(),
+            "confidence": probs.max(1).values.cpu().numpy(),
+            "entropy": entropy(probs).cpu().numpy(),
+            "features": batch.features.cpu().numpy(),
+            "f_att": attended.cpu().numpy(),
+            "f_rev": ignored.cpu().numpy(),
+            "cam": batch.cams.cpu().numpy().astype(np.float16),
+        }
+        if masks.numel():
+            full = upsample_cams(batch.cams, image_size)
+            values["aiou"] = aiou(full, masks.to(device).float(), threshold).cpu().numpy()
+        if not out:
+            out = {key: np.empty((n, *v.shape[1:]), dtype=v.dtype) for key, v in values.items()}
+        for key, value in values.items():
+            out[key][row:row + len(value)] = value
+        row += len(index)
+    return AttentionArrays(**out)

@@ -1,0 +1,32 @@
+"""Data loaders and seeding: how every stage that feeds images to a network gets them."""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Sampler
+
+from pipeline.core.data import ImageDataset, ImageSet, Sample
+
+
+def seed_everything(seed: int) -> None:
+    """Seed Python, NumPy and torch: a stage run twice with the same seed gives the same model."""
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def make_loader(image_set: ImageSet, samples: Sequence[Sample], size: int, batch_size: int, workers: int,
+                shuffle: bool = False, with_masks: bool = False, seed: int = 0, sampler: Sampler | None = None,
+                core_only: bool = False) -> DataLoader:
+    """Batches of ``(image, y, index, mask)``; shuffling (or ``sampler``) is seeded, so epochs are repeatable."""
+    generator = torch.Generator().manual_seed(seed)
+    return DataLoader(
+        ImageDataset(image_set, samples, size, with_masks=with_masks, core_only=core_only), batch_size=batch_size,
+        shuffle=shuffle,
+        sampler=sampler, num_workers=workers, persistent_workers=workers > 0, pin_memory=torch.cuda.is_available(),
+        generator=None if sampler is not None else generator,
+    )

@@ -1,0 +1,51 @@
+"""Clustering shared by the SLIM stages: k-means picks near centroids, and k chosen by the elbow.
+
+``sample`` picks the image nearest each centroid so a few questions cover the ways the model attends to a
+class; ``curate`` picks diverse members of a cell the same way; ``curate`` and the retraining weights split a
+class into clusters with k chosen by the elbow of the inertia curve.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from sklearn.cluster import KMeans
+from sklearn.preprocessing import StandardScaler
+
+K_RANGE = range(2, 6)  # clusters per class for curation: at least two values of a feature, at most five
+PICK_INITS = 4  # k-means restarts when picking: enough for stable picks at a few percent of a class
+ELBOW_INITS = 3  # restarts per k on the inertia curve: only its shape matters
+
+
+def pick_near_centroids(points: np.ndarray, k: int, seed: int) -> list[tuple[int, int, float]]:
+    """k-means on ``points``; for each centroid the nearest unchosen point: (row, cluster, distance)."""
+    k = min(k, len(points))
+    kmeans = KMeans(n_clusters=k, n_init=PICK_INITS, random_state=seed).fit(points)
+    distances = kmeans.transform(points)  # (n, k)
+    chosen: list[tuple[int, int, float]] = []
+    taken: set[int] = set()
+    for cluster in np.argsort(distances.min(axis=0)):  # tightest clusters pick first
+        for row in np.argsort(distances[:, cluster]):
+            if row not in taken:
+                taken.add(int(row))
+                chosen.append((int(row), int(cluster), float(distances[row, cluster])))
+                break
+    return chosen
+
+
+def elbow_k(points: np.ndarray, seed: int) -> int:
+    """k in 2..5 where the inertia curve bends most (largest distance below the chord from k=1 to k=5)."""
+    ks = [k for k in range(1, K_RANGE.stop) if k <= len(points)]
+    if len(ks) < 3:
+        return max(1, min(len(points), K_RANGE.start))
+    inertia = np.array([KMeans(n_clusters=k, n_init=ELBOW_INITS, random_state=seed).fit(points).inertia_ for k in ks])
+    x = (np.array(ks) - ks[0]) / (ks[-1] - ks[0])
+    y = (inertia - inertia[-1]) / max(inertia[0] - inertia[-1], 1e-12)
+    below_chord = (1 - x) - y
+    candidates = [i for i, k in enumerate(ks) if k in K_RANGE]
+    return ks[max(candidates, key=lambda i: below_chord[i])]
+
+
+def elbow_clusters(space: np.ndarray, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Standardise, pick k by the elbow, cluster: returns the standardised points and a cluster per point."""
+    points = StandardScaler().fit_transform(space)
+    return points, KMeans(n_clusters=elbow_k(points, seed), n_init=PICK_INITS, random_state=seed).fit_predict(points)

@@ -1,0 +1,209 @@
+"""Evaluate the reference (ERM) and retrained (SLIM) models side by side; write metrics.json and report.html.
+
+Per model, on val and test: per-group accuracy, mean and worst group; where masks exist, AIoU (how much of
+the strongest attention lies on the object) and core accuracy (accuracy when everything outside the object
+is noise). From the propagated scores, the spuriosity ranking of each class (Moayeri et al.): validation
+images inherit the score of their nearest training images in the attention representation, and the bias gap
+is the accuracy on the most-spurious quartile minus the most-core quartile.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import logging
+
+import numpy as np
+import torch
+from matplotlib.figure import Figure
+from PIL import Image
+from sklearn.neighbors import KNeighborsRegressor
+
+from pipeline.core.config import RunConfig
+from pipeline.core.data import TEST, VAL, ImageSet, load_dataset, load_rgb
+from pipeline.core.io import atomic_write_bytes, atomic_write_json
+from pipeline.core.run import Run
+from pipeline.core.store import AnnotationStore
+from pipeline.model.attention import AttentionArrays, compute_attention
+from pipeline.model.cam import make_extractor
+from pipeline.model.evaluate import group_metrics, predict
+from pipeline.model.loaders import make_loader
+from pipeline.model.networks import Classifier, load_checkpoint, resolve_device
+from pipeline.slim.overlays import full_cam, panels
+from pipeline.slim.propagate import Propagation
+
+log = logging.getLogger(__name__)
+NEIGHBOURS = 10  # training images whose scores a validation image inherits: smooths single-image noise
+GRID = 6  # thumbnails per row of the most-spurious / most-core grids
+THUMBNAIL = 128  # side of a thumbnail in the grids, in pixels
+BIAS_QUANTILE = 4  # the bias gap compares the top and bottom quartile (Moayeri et al.)
+
+
+def evaluate_model(model: Classifier, image_set: ImageSet, split: int, size: int, config: RunConfig,
+                   device: torch.device) -> tuple[dict, AttentionArrays]:
+    """Group metrics (+ AIoU and core accuracy with masks) and the split's attention arrays."""
+    samples = image_set.split(split)
+    loader = make_loader(image_set, samples, size, config.embed.batch_size, config.data.workers, with_masks=True)
+    arrays = compute_attention(make_extractor(model.to(device), "gradcam"), loader, device,
+                               config.embed.threshold, size, progress=False)
+    predictions = arrays.pred[arrays.rows_of(s.index for s in samples)]
+    metrics = group_metrics(image_set, samples, predictions)
+    if image_set.has_masks:
+        metrics["aiou"] = float(arrays.aiou.mean())
+        core_loader = make_loader(image_set, samples, size, config.embed.batch_size, config.data.workers,
+                                  core_only=True)
+        probs, _ = predict(model, core_loader, device, progress=False)
+        metrics["core_acc"] = float((probs.argmax(1) == np.array([s.y for s in samples])).mean())
+    return metrics, arrays
+
+
+def bias_gaps(train: AttentionArrays, scores: np.ndarray, val: AttentionArrays) -> dict[str, dict]:
+    """Per class: accuracy on the most-spurious minus the most-core quartile of validation images (a model
+    that leans on the spurious cue does better where it is present: a positive gap)."""
+    train_points, val_points = train.representation(), val.representation()
+    gaps = {}
+    for y in train.classes:
+        members, targets = train.y == y, val.for_class(y)
+        if len(targets) < BIAS_QUANTILE:
+            continue
+        knn = KNeighborsRegressor(n_neighbors=min(NEIGHBOURS, int(members.sum()))).fit(train_points[members],
+                                                                                       scores[members])
+        order = targets[np.argsort(knn.predict(val_points[targets]))]
+        quarter = max(1, len(order) // BIAS_QUANTILE)
+        correct = val.pred == val.y
+        spurious, core = correct[order[:quarter]].mean(), correct[order[-quarter:]].mean()
+        gaps[train.class_names[y]] = {"most_core_acc": float(core), "most_spurious_acc": float(spurious),
+                                              "bias_gap": float(spurious - core)}
+    return gaps
+
+
+def report_run(run: Run, config: RunConfig) -> dict:
+    """Evaluate both models; write ``metrics.json`` and the self-contained ``report.html``."""
+    train = AttentionArrays.load(run.require(run.attention_path, "embed --run RUN"))
+    propagation = Propagation.load(run.require(run.propagation_path, "propagate --run RUN"))
+    run.require(run.slim_checkpoint_path, "retrain --run RUN")
+    image_set = load_dataset(config.data.root)
+    device = resolve_device(config.device)
+    metrics = run.load_metrics()
+    models = {"erm": load_checkpoint(run.checkpoint_path), "slim": load_checkpoint(run.slim_checkpoint_path)}
+    spuriosity = {}
+    for name, (model, meta) in models.items():
+        test, _ = evaluate_model(model, image_set, TEST, meta["image_size"], config, device)
+        val, val_arrays = evaluate_model(model, image_set, VAL, meta["image_size"], config, device)
+        metrics[name] = {**metrics.get(name, {}), **test, "val": val}
+        spuriosity[name] = bias_gaps(train, propagation.score, val_arrays)
+    metrics["slim"]["mode"] = models["slim"][1].get("mode")
+    metrics["annotated"] = annotated_images(run, propagation)
+    metrics["annotated_fraction"] = metrics["annotated"] / len(train)
+    metrics["spuriosity"] = spuriosity
+    atomic_write_json(run.metrics_path, metrics)
+    atomic_write_bytes(run.report_path, render_html(run, image_set, train, propagation, metrics).encode())
+    erm, slim = metrics["erm"], metrics["slim"]
+    log.info(f"worst-group {erm['worst_group_acc']:.1%} -> {slim['worst_group_acc']:.1%}, mean "
+          f"{erm['mean_acc']:.1%} -> {slim['mean_acc']:.1%} ({slim['mode']}, {metrics['annotated']} images "
+          f"annotated = {metrics['annotated_fraction']:.1%}); {run.report_path}")
+    return metrics
+
+
+def annotated_images(run: Run, propagation: Propagation) -> int:
+    """Images with at least one annotation in the run's database (unsure ones too); without a database (CSV
+    answers), the images whose answer was used."""
+    if not run.labels_path.exists():
+        return int(propagation.answered.sum())
+    store = AnnotationStore(run.labels_path)
+    try:
+        return len({a.image_id for a in store.annotations()})
+    finally:
+        store.close()
+
+
+# --- HTML -------------------------------------------------------------------------------------------------
+def _png(figure_or_image) -> str:
+    buffer = io.BytesIO()
+    if isinstance(figure_or_image, Image.Image):
+        figure_or_image.save(buffer, format="PNG")
+    else:
+        figure_or_image.savefig(buffer, format="png", dpi=90, bbox_inches="tight")
+    return f'<img src="data:image/png;base64,{base64.b64encode(buffer.getvalue()).decode()}">'
+
+
+def _maps(train: AttentionArrays, propagation: Propagation) -> str:
+    coords, answered = train.emb_att, propagation.answered
+    figure = Figure(figsize=(11, 4.5))
+    axes = figure.subplots(1, 2)
+    for y, name in enumerate(train.class_names):
+        axes[0].scatter(*coords[train.for_class(y)].T, s=4, label=name)
+    axes[0].legend(markerscale=3)
+    axes[0].set_title("attention map (UMAP/PCA of f) by class")
+    points = axes[1].scatter(*coords.T, s=4, c=propagation.score, cmap="RdYlGn", vmin=0, vmax=1)
+    axes[1].scatter(*coords[answered].T, s=40, facecolors="none", edgecolors="black", label="annotated")
+    axes[1].legend()
+    axes[1].set_title("propagated P(core)")
+    figure.colorbar(points, ax=axes[1])
+    return _png(figure)
+
+
+def _trained_on(slim: dict) -> str:
+    """What the retrained model saw: the curated subset, or (``fresh``) every image balanced over the cells."""
+    if slim.get("mode") == "fresh":
+        return f"a new model on all {slim.get('images', '?')} training images, balanced over {slim.get('cells', '?')} cells"
+    return f"curated subset {slim.get('subset_size', '?')} images"
+
+
+def _bars(metrics: dict) -> str:
+    groups = list(metrics["erm"]["per_group"])
+    x = np.arange(len(groups))
+    figure = Figure(figsize=(max(6, len(groups) * 1.4), 3.5))
+    axis = figure.subplots()
+    for offset, name in ((-0.2, "erm"), (0.2, "slim")):
+        axis.bar(x + offset, [metrics[name]["per_group"][g]["acc"] for g in groups], width=0.4, label=name.upper())
+    axis.set_xticks(x, groups, rotation=20)
+    axis.set_ylim(0, 1)
+    axis.set_ylabel("test accuracy")
+    axis.legend()
+    return _png(figure)
+
+
+def _grid(image_set: ImageSet, train: AttentionArrays, rows: np.ndarray, threshold: float) -> str:
+    side = THUMBNAIL
+    canvas = Image.new("RGB", (len(rows) * (side + 4), 2 * (side + 4)), "white")
+    for i, row in enumerate(rows):
+        sample = image_set.samples[int(train.index[row])]
+        rgb = load_rgb(image_set.root / sample.filename, side)
+        original, overlay, _ = panels(rgb, full_cam(train.cam[row], side), threshold)
+        canvas.paste(Image.fromarray(original), (i * (side + 4), 0))
+        canvas.paste(Image.fromarray(overlay), (i * (side + 4), side + 4))
+    return _png(canvas)
+
+
+def render_html(run: Run, image_set: ImageSet, train: AttentionArrays, propagation: Propagation,
+                metrics: dict) -> str:
+    order = np.argsort(propagation.score)
+    threshold = run.load_config().embed.threshold
+    table = "".join(
+        f"<tr><td>{name.upper()}</td><td>{metrics[name]['worst_group_acc']:.1%}</td>"
+        f"<td>{metrics[name]['mean_acc']:.1%}</td><td>{metrics[name]['avg_acc']:.1%}</td>"
+        f"<td>{metrics[name].get('aiou', float('nan')):.2f}</td><td>{metrics[name].get('core_acc', float('nan')):.1%}</td>"
+        f"<td>{metrics[name]['val']['worst_group_acc']:.1%}</td></tr>" for name in ("erm", "slim"))
+    gaps = "".join(f"<tr><td>{m.upper()}</td><td>{html.escape(c)}</td><td>{g['most_core_acc']:.1%}</td>"
+                   f"<td>{g['most_spurious_acc']:.1%}</td><td>{g['bias_gap']:+.1%}</td></tr>"
+                   for m, per_class in metrics["spuriosity"].items() for c, g in per_class.items())
+    return f"""<!doctype html><html><head><meta charset="utf-8"><title>SLIM report: {html.escape(run.root.name)}</title>
+<style>body{{font-family:sans-serif;max-width:1200px;margin:2em auto}}td,th{{padding:4px 10px;text-align:right}}
+table{{border-collapse:collapse}}tr:nth-child(even){{background:#f3f3f3}}img{{max-width:100%}}</style></head><body>
+<h1>SLIM report — {html.escape(str(run.root))}</h1>
+<p>Retraining mode: <b>{html.escape(str(metrics['slim'].get('mode')))}</b>; {_trained_on(metrics['slim'])};
+{metrics['annotated']} images annotated
+({metrics['annotated_fraction']:.1%} of the training set).</p>
+<h2>Numbers (test unless marked)</h2>
+<table><tr><th>model</th><th>worst group</th><th>mean</th><th>average</th><th>AIoU</th><th>core acc.</th>
+<th>val worst group</th></tr>{table}</table>
+<h2>Per-group accuracy</h2>{_bars(metrics)}
+<h2>Attention map</h2>{_maps(train, propagation)}
+<h2>Most spurious training images (lowest propagated score)</h2>{_grid(image_set, train, order[:GRID], threshold)}
+<h2>Most core training images (highest propagated score)</h2>{_grid(image_set, train, order[-GRID:][::-1], threshold)}
+<h2>Spuriosity ranking: bias gap on validation (Moayeri et al.)</h2>
+<table><tr><th>model</th><th>class</th><th>most-core quartile</th><th>most-spurious quartile</th><th>gap</th></tr>{gaps}</table>
+</body></html>
+"""
