@@ -22,34 +22,20 @@ from pathlib import Path
 import httpx
 import numpy as np
 from PIL import Image
+from runs import attention_run
 from werkzeug.serving import make_server
 
 from ml_backend._wsgi import create_app
 from ml_backend.model import SlimAttentionBackend
-from pipeline.core.config import RunConfig, resolve_path
-from pipeline.core.errors import PipelineError
 from pipeline.core.io import atomic_write_json
-from pipeline.core.run import Run
 from pipeline.core.store import AnnotationStore
-from pipeline.core.synth import SynthSpec, generate
+from pipeline.core.synth import SynthSpec
 from pipeline.labelstudio.server import free_port
-from pipeline.model.embed import embed_run
-from pipeline.model.train import train_reference
 
 
 def build_run(work: Path) -> Path:
-    run = Run(work / "run")
-    try:
-        data = generate(work / "data", SynthSpec(), progress=False)
-        config = run.load_config() if run.exists() else RunConfig()
-        config.data.root = resolve_path(data)
-        config.train.epochs = 1
-        train_reference(run, config, progress=False)
-        config = run.load_config()
-        config.embed.embedding = "pca"
-        embed_run(run, config, progress=False)
-    except PipelineError as exc:
-        raise SystemExit(f"pipeline failed: {exc}") from exc
+    """A 1-epoch run on the synthetic default, with the run id that tasks made by ``push`` carry."""
+    run = attention_run(work / "run", work / "data", SynthSpec(), epochs=1)
     store = AnnotationStore(run.labels_path)
     with store.transaction() as db:
         store.set_meta("run_id", store.get_meta("run_id") or "benchmark", db)

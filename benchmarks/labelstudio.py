@@ -22,36 +22,27 @@ import time
 from pathlib import Path
 
 import torch
+from runs import attention_run
 
-from pipeline.core.config import RunConfig, resolve_path
 from pipeline.core.errors import PipelineError
 from pipeline.core.io import atomic_write_json
 from pipeline.core.run import Run
-from pipeline.core.synth import SynthSpec, generate
+from pipeline.core.synth import SynthSpec
 from pipeline.labelstudio.annotator import simulate_annotator
 from pipeline.labelstudio.client import Settings
 from pipeline.labelstudio.pull import pull_run
 from pipeline.labelstudio.push import push_run
 from pipeline.labelstudio.server import LocalLabelStudio
-from pipeline.model.embed import embed_run
-from pipeline.model.train import train_reference
 from pipeline.slim.sample import sample_run
 
 
 def build_run(work: Path, tasks: int) -> Run:
-    run = Run(work / "run")
+    """A 1-epoch run with ``tasks`` training images, every one of them selected for annotation."""
+    run = attention_run(work / "run", work / "data", SynthSpec(n_train=tasks, n_val=20, n_test=20), epochs=1)
+    config = run.load_config()
+    config.sample.fraction = 1.0
+    config.sample.per_class = None  # as `sample --fraction` does: the fraction replaces a per-class count
     try:
-        data = generate(work / "data", SynthSpec(n_train=tasks, n_val=20, n_test=20), progress=False)
-        config = run.load_config() if run.exists() else RunConfig()
-        config.data.root = resolve_path(data)
-        config.train.epochs = 1
-        train_reference(run, config, progress=False)
-        config = run.load_config()
-        config.embed.embedding = "pca"
-        embed_run(run, config, progress=False)
-        config = run.load_config()
-        config.sample.fraction = 1.0
-        config.sample.per_class = None  # as `sample --fraction` does: the fraction replaces a per-class count
         sample_run(run, config, progress=False)
     except PipelineError as exc:
         raise SystemExit(f"pipeline failed: {exc}") from exc

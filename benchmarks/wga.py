@@ -35,23 +35,21 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from runs import attention_run
 from sklearn.metrics.cluster import contingency_matrix
 
-from pipeline.core.config import RETRAIN_MODES, RunConfig, resolve_path
+from pipeline.core.config import RETRAIN_MODES, RunConfig
 from pipeline.core.data import TEST, load_dataset, load_mask
-from pipeline.core.errors import PipelineError
 from pipeline.core.io import atomic_write_json
 from pipeline.core.run import Run
-from pipeline.core.synth import SynthSpec, generate
+from pipeline.core.synth import SynthSpec
 from pipeline.core.verdicts import CORE, SPURIOUS
 from pipeline.labelstudio.annotator import decide
 from pipeline.model.attention import AttentionArrays, compute_attention
 from pipeline.model.cam import make_extractor
-from pipeline.model.embed import embed_run
 from pipeline.model.evaluate import evaluate_splits, group_metrics
 from pipeline.model.loaders import make_loader, seed_everything
 from pipeline.model.networks import load_checkpoint
-from pipeline.model.train import train_reference
 from pipeline.slim.clustering import elbow_clusters
 from pipeline.slim.curate import curate, default_subset_size
 from pipeline.slim.propagate import Answers, propagate
@@ -65,24 +63,10 @@ METHODS = ("erm", "slim", "slim-published", "slim-no-answers", "random", "jtt", 
 
 
 def build(work: Path, seed: int, spec: SynthSpec | None = None) -> Run:
-    """Dataset, ERM model and attention stage for one seed (reused when already there).
-
-    ``spec`` defaults to the synthetic default with ``seed``; the run starts from its saved config when it has
-    one, else from the defaults, and only the data, the training seed and the PCA embedding are set.
-    """
-    run = Run(work / f"run-seed{seed}")
-    try:
-        data = generate(work / f"data-seed{seed}", spec or SynthSpec(seed=seed), progress=False)
-        config = run.load_config() if run.exists() else RunConfig()
-        config.data.root = resolve_path(data)
-        config.train.seed = seed
-        train_reference(run, config, progress=False)
-        config = run.load_config()
-        config.embed.embedding = "pca"
-        embed_run(run, config, progress=False)
-    except PipelineError as exc:
-        raise SystemExit(f"pipeline failed for seed {seed}: {exc}") from exc
-    return run
+    """Dataset, ERM model and attention stage for one seed (reused when already there); ``spec`` defaults to
+    the synthetic default with ``seed``."""
+    return attention_run(work / f"run-seed{seed}", work / f"data-seed{seed}", spec or SynthSpec(seed=seed),
+                         train_seed=seed)
 
 
 def simulated_answers(run: Run, arrays: AttentionArrays, noise: float, seed: int) -> Answers:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import io
 import json
+import logging
 import shutil
 import time
 from pathlib import Path
@@ -255,3 +256,26 @@ def test_oversized_images_and_bodies_are_refused(client, monkeypatch) -> None:
     assert response.status_code == 413 and "larger than" in response.get_json()["error"]
     huge = b'{"tasks": [' + b" " * (65 * 1024 * 1024) + b"]}"
     assert client.post("/predict", data=huge, content_type="application/json").status_code == 413
+
+
+def test_backend_logs_json_lines_on_stderr(client, backend, capsys) -> None:
+    """Operators parse the backend's log: every line one JSON object, background learning included."""
+    from ml_backend._wsgi import configure_logging
+
+    root = logging.getLogger()
+    saved = root.handlers[:], root.level
+    try:
+        configure_logging("INFO")
+        task = known_task(backend, 0)
+        annotation = {"id": 77, "result": [{"from_name": "answer", "to_name": "attention", "type": "choices",
+                                            "value": {"choices": ["core"]}}], "task": task["id"]}
+        assert client.post("/webhook", json={"action": "ANNOTATION_CREATED", "annotation": annotation,
+                                             "task": task, "project": {"id": 1}}).status_code == 201
+        backend.wait_idle()
+    finally:
+        root.handlers[:], level = saved
+        root.setLevel(level)
+    entries = [json.loads(line) for line in capsys.readouterr().err.splitlines()]
+    assert entries and all({"time", "level", "logger", "message"} <= set(entry) for entry in entries)
+    assert any(entry["logger"] == "ml_backend.model" and "propagation refreshed from 1 answers" in entry["message"]
+               for entry in entries)

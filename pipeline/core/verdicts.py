@@ -9,6 +9,7 @@ from __future__ import annotations
 
 CHOICES = ("core", "spurious", "unsure")
 CORE, SPURIOUS = 1, 0  # a verdict as a label for label spreading
+UNDECIDED = 0.5  # P(core) of an image nothing speaks for or against
 CORE_CUT = 0.5  # P(core) at or above which the verdict is core: the two verdicts are symmetric, no prior favours one
 
 

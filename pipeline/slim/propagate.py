@@ -5,10 +5,10 @@ image an attention-correctness score ``P(core)`` in [0, 1] and a certainty in [0
 are not evidence. Several answers on one image are reduced to the majority; a tie counts as unsure. Nothing
 is dropped silently: :class:`Answers` counts what each rule did.
 
-A class where every answer is the same cannot be spread as two labels. There, the score moves from 0.5
-(no evidence) towards the shared answer with the image's RBF similarity to the nearest answered image: an
-image that looks (to the model) like the answered ones inherits their verdict, one unlike all of them stays
-undecided, which keeps a ranking inside the class instead of a constant.
+A class where every answer is the same cannot be spread as two labels. There, the score moves from
+``UNDECIDED`` (0.5, no evidence) towards the shared answer with the image's RBF similarity to the nearest
+answered image: an image that looks (to the model) like the answered ones inherits their verdict, one unlike
+all of them stays undecided, which keeps a ranking inside the class instead of a constant.
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ from pipeline.core.errors import PipelineError
 from pipeline.core.io import atomic_write
 from pipeline.core.run import Run
 from pipeline.core.store import Annotation, AnnotationStore
-from pipeline.core.verdicts import CHOICES, CORE, SPURIOUS
+from pipeline.core.verdicts import CHOICES, CORE, SPURIOUS, UNDECIDED
 from pipeline.model.attention import AttentionArrays
 
 log = logging.getLogger(__name__)
@@ -80,14 +80,14 @@ def kernel_gamma(points: np.ndarray) -> float:
 def spread_class(points: np.ndarray, labelled: dict[int, int]) -> tuple[np.ndarray, np.ndarray]:
     """(P(core), certainty) for every row of ``points``; ``labelled`` maps row -> 1/0."""
     if not labelled:
-        return np.full(len(points), 0.5), np.zeros(len(points))
+        return np.full(len(points), UNDECIDED), np.zeros(len(points))
     gamma = kernel_gamma(points)
     rows = np.fromiter(labelled, dtype=int)
     values = np.array([labelled[r] for r in rows])
     if len(set(values)) == 1:
         similarity = rbf_kernel(points, points[rows], gamma=gamma).max(axis=1)
         direction = 1.0 if values[0] == CORE else -1.0
-        return 0.5 + 0.5 * direction * similarity, similarity
+        return UNDECIDED * (1.0 + direction * similarity), similarity
     targets = np.full(len(points), -1)
     targets[rows] = values
     model = LabelSpreading(kernel="rbf", gamma=gamma, alpha=SPREAD_ALPHA, max_iter=SPREAD_ITERATIONS)
@@ -99,7 +99,7 @@ def spread_class(points: np.ndarray, labelled: dict[int, int]) -> tuple[np.ndarr
 
 def propagate(arrays: AttentionArrays, answers: Answers) -> tuple[np.ndarray, np.ndarray]:
     """Scores and certainties for every training image (rows of ``arrays``)."""
-    scores = np.full(len(arrays), 0.5)
+    scores = np.full(len(arrays), UNDECIDED)
     certainty = np.zeros(len(arrays))
     representation = arrays.representation("vectors")
     for y in arrays.classes:
