@@ -25,6 +25,7 @@ from pipeline.core.config import RunConfig, option, resolve_path
 from pipeline.core.errors import PipelineError
 from pipeline.core.run import Run
 from pipeline.core.synth import SynthSpec
+from pipeline.core.termination import Terminated, graceful_termination
 from pipeline.demo import DemoOptions, ServerOptions
 from pipeline.labelstudio.annotator import AnnotatorOptions
 from pipeline.labelstudio.client import ConnectionOptions, Settings
@@ -382,10 +383,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     configure_logging(args.log_level)
     try:
-        args.handler(args)
+        with graceful_termination():  # SIGTERM / SIGHUP clean up like Ctrl-C (a local Label Studio is stopped)
+            args.handler(args)
     except PipelineError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except Terminated as exc:
+        print(f"stopped by {exc}; finished stages are kept, re-run the command to continue", file=sys.stderr)
+        return exc.exit_status
     except KeyboardInterrupt:
         print("interrupted; finished stages are kept, re-run the command to continue", file=sys.stderr)
         return 130

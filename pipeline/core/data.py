@@ -162,7 +162,7 @@ def _read_class_tree(root: Path) -> tuple[list[Sample], list[str]]:
 
 def _hash_split(name: str) -> int:
     """A deterministic 70/10/20 train/val/test split for trees that do not say which image is which."""
-    bucket = int(hashlib.md5(name.encode()).hexdigest()[:8], 16) % 10
+    bucket = int(hashlib.md5(name.encode(), usedforsecurity=False).hexdigest()[:8], 16) % 10
     return TRAIN if bucket < 7 else VAL if bucket < 8 else TEST
 
 

@@ -7,8 +7,10 @@ config's XML (:func:`control_names`). Nothing here talks to a server.
 
 from __future__ import annotations
 
-import xml.etree.ElementTree as ET
 from dataclasses import dataclass
+
+from defusedxml import DefusedXmlException
+from defusedxml.ElementTree import ParseError, fromstring
 
 from pipeline.core.store import Annotation
 from pipeline.core.verdicts import CHOICES, verdict
@@ -34,9 +36,11 @@ def control_names(schema: str | None) -> ControlNames:
     """The Choices control offering core/spurious, and the object it labels, read from the config XML."""
     if not schema:
         return ControlNames()
-    try:
-        root = ET.fromstring(schema)
-    except ET.ParseError as exc:
+    try:  # the config arrives over HTTP (the backend's /setup and /predict): no entities, no external DTDs
+        root = fromstring(schema)
+    except DefusedXmlException as exc:
+        raise ConfigError(f"label config uses forbidden XML features ({exc.__class__.__name__})") from None
+    except ParseError as exc:
         raise ConfigError(f"label config is not valid XML: {exc}") from None
     for choices in root.iter("Choices"):
         values = {c.get("value") for c in choices.iter("Choice")}

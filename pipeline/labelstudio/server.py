@@ -12,24 +12,32 @@ names the executable explicitly.
 
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
-import urllib.error
-import urllib.request
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+import httpx
+
 from pipeline.core.errors import PipelineError
+from pipeline.core.termination import TERMINATING_SIGNALS
+
+log = logging.getLogger(__name__)
 
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_USER = "admin@slim.local"
 DEFAULT_PASSWORD = "slim-demo-password"
 DEFAULT_TOKEN = "slim-demo-token-0123456789"
+STOP_GRACE_S = 20  # Label Studio finishes its requests and closes SQLite in a second or two; then SIGKILL
 
 
 @dataclass(frozen=True)
@@ -117,14 +125,22 @@ class LocalLabelStudio:
         executable = find_label_studio()
         self.data_dir.mkdir(parents=True, exist_ok=True)
         self.port = self.port or free_port()
-        log = (self.data_dir / "server.log").open("ab")
+        server_log = (self.data_dir / "server.log").open("ab")
         self.process = subprocess.Popen(
             [executable, "start", "--no-browser", "--internal-host", "127.0.0.1", "--port", str(self.port),
              "--log-level", "WARNING"],
             env=server_environment(self.data_dir, self.credentials, self.files_root),
-            stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True,
+            stdout=server_log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True,
         )
-        log.close()
+        server_log.close()
+        try:
+            self._wait_until_healthy(timeout)
+        except BaseException:  # a timeout, Ctrl-C or SIGTERM while starting: no server left behind
+            self.stop()
+            raise
+        return self.credentials
+
+    def _wait_until_healthy(self, timeout: float) -> None:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
@@ -133,21 +149,27 @@ class LocalLabelStudio:
                     f"see {self.data_dir / 'server.log'}"
                 )
             if is_healthy(self.credentials.url):
-                return self.credentials
+                return
             time.sleep(0.5)
-        self.stop()
         raise PipelineError(f"Label Studio did not answer within {timeout:.0f} s; see {self.data_dir / 'server.log'}")
 
     def stop(self) -> None:
-        """Terminate the server and its workers (it runs in its own process group)."""
-        if self.process is None or self.process.poll() is not None:
+        """Terminate the server and its workers (it runs in its own process group), SIGKILL after a grace time.
+
+        The whole group is signalled even when the launcher already exited, so no worker keeps the port; a
+        second SIGTERM/SIGHUP arriving meanwhile is held back until the group is gone.
+        """
+        if self.process is None:
             return
-        os.killpg(self.process.pid, signal.SIGTERM)
-        try:
-            self.process.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            os.killpg(self.process.pid, signal.SIGKILL)
+        with _signals_held(TERMINATING_SIGNALS):
+            _signal_group(self.process.pid, signal.SIGTERM)
+            try:
+                self.process.wait(timeout=STOP_GRACE_S)
+            except subprocess.TimeoutExpired:
+                log.warning("Label Studio did not stop within %d s; killing it", STOP_GRACE_S)
+            _signal_group(self.process.pid, signal.SIGKILL)  # stragglers of the group, if any
             self.process.wait()
+        self.process = None
 
     def __enter__(self) -> LocalCredentials:
         return self.start()
@@ -156,9 +178,29 @@ class LocalLabelStudio:
         self.stop()
 
 
-def is_healthy(url: str) -> bool:
+def _signal_group(pid: int, sig: int) -> None:
     try:
-        with urllib.request.urlopen(f"{url}/health", timeout=2) as response:
-            return response.status == 200
-    except (urllib.error.URLError, OSError):
+        os.killpg(pid, sig)
+    except ProcessLookupError:  # the group is already gone
+        pass
+
+
+@contextmanager
+def _signals_held(signals: tuple[int, ...]) -> Iterator[None]:
+    """Defer ``signals`` (delivered when the block ends) so a clean-up is not cut short by a second one."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    signal.pthread_sigmask(signal.SIG_BLOCK, signals)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, signals)
+
+
+def is_healthy(url: str) -> bool:
+    """Label Studio answers its health check (2 s: a starting server either answers or refuses at once)."""
+    try:
+        return httpx.get(f"{url}/health", timeout=2).status_code == 200
+    except httpx.HTTPError:
         return False
