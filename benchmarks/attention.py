@@ -41,7 +41,6 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import platform
 import statistics
 import sys
 import tempfile
@@ -52,6 +51,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from machine import describe
 from PIL import Image
 from pytorch_grad_cam.utils.image import show_cam_on_image
 
@@ -237,21 +237,6 @@ def rates(timings: list[tuple[int, float]]) -> dict[str, float | int]:
             "min": min(per_chunk), "max": max(per_chunk), "chunks": len(timings)}
 
 
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def environment(device: torch.device) -> dict[str, object]:
-    return {"torch": torch.__version__, "threads": torch.get_num_threads(), "cpu_model": cpu_model(),
-            "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None}
-
-
 def benchmark(args: argparse.Namespace) -> dict[str, object]:
     device = resolve_device(args.device)
     torch.manual_seed(0)
@@ -300,7 +285,7 @@ def benchmark(args: argparse.Namespace) -> dict[str, object]:
         "data_loading": "excluded (batches preloaded)",
         "forward_precision": "bf16 autocast" if device.type == "cuda" else "fp32",
         "attention_precision": "bf16 autocast" if bf16 else "fp32",
-        **environment(device),
+        **describe(device),
     }
 
 

@@ -15,8 +15,8 @@ import time
 from pathlib import Path
 
 import pytest
-
 from faultkit import port_is_free
+
 from pipeline.labelstudio.server import free_port, is_healthy
 
 START_TIMEOUT_S = 240  # the first start of a fresh Label Studio data folder runs its migrations (~30-60 s)
