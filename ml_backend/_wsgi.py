@@ -1,9 +1,11 @@
 """The HTTP side of the backend: Label Studio's ML backend protocol on Flask.
 
 Routes as Label Studio 1.23 calls them: ``GET /health``, ``POST /setup``, ``POST /predict``, ``POST /webhook``,
-``GET|POST /versions``, plus ``GET /metrics`` for operators. Optional basic auth (``BASIC_AUTH_USER`` /
+``GET|POST /versions``, plus ``GET /metrics`` for operators (request and error counters, background jobs
+succeeded and failed, the last training's status). Optional basic auth (``BASIC_AUTH_USER`` /
 ``BASIC_AUTH_PASS``). Every bad request becomes a 4xx with a one-line JSON error; nothing a caller sends can
-produce a 500. Run it with gunicorn (``ml_backend._wsgi:app`` with ``RUN_DIR`` set) or ``python -m ml_backend``.
+produce a 500. Run it with gunicorn (``ml_backend._wsgi:app`` with ``RUN_DIR`` set) or
+``python -m ml_backend``; every route is safe on the server's concurrent request threads.
 """
 
 from __future__ import annotations
@@ -102,7 +104,11 @@ def create_app(backend: SlimAttentionBackend, basic_auth: tuple[str, str] | None
     @app.get("/health")
     @app.get("/")
     def health():
-        return jsonify({"status": "UP", "model_class": "SlimAttentionBackend", "model_version": backend.version})
+        """Always 200 while serving: Label Studio marks a backend disconnected on any error status (it reads
+        nothing else), yet predictions still work when a background job failed; ``status`` says ``degraded``
+        (with the reason) until the next job succeeds."""
+        return jsonify({**backend.jobs.health(), "model_class": "SlimAttentionBackend",
+                        "model_version": backend.version})
 
     @app.post("/setup")
     def setup():
@@ -139,7 +145,8 @@ def create_app(backend: SlimAttentionBackend, basic_auth: tuple[str, str] | None
     def metrics():
         with counters_lock:
             snapshot = dict(counters)
-        return jsonify({"uptime_s": round(time.time() - started, 1), "model_version": backend.version, **snapshot})
+        return jsonify({"uptime_s": round(time.time() - started, 1), "model_version": backend.version,
+                        **snapshot, **backend.status()})
 
     return app
 
@@ -156,7 +163,10 @@ def app_from_environment() -> Flask:
     configure_logging()
     backend = SlimAttentionBackend(run_dir, os.environ.get("LABEL_STUDIO_URL"), os.environ.get("LABEL_STUDIO_API_KEY"))
     user, password = os.environ.get("BASIC_AUTH_USER"), os.environ.get("BASIC_AUTH_PASS")
-    return create_app(backend, (user, password) if user and password else None)
+    try:
+        return create_app(backend, (user, password) if user and password else None)
+    except PipelineError as exc:  # e.g. a damaged labels.sqlite: gunicorn prints the one line, not a traceback
+        raise SystemExit(f"error: {exc}") from None
 
 
 if os.environ.get("RUN_DIR") or os.environ.get("MODEL_DIR"):

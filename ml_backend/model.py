@@ -6,7 +6,14 @@ milliseconds. Predictions for tasks that ``pipeline push`` created come from the
 attention-correctness (or, before any answer, the attention prior); an image the run has never seen gets its
 attention computed on the fly and is placed among its nearest neighbours in the attention representation.
 Answers that arrive by webhook go into the same database ``pull`` writes (keyed by Label Studio's annotation
-id: no double counting), and propagation is refreshed in the background.
+id: no double counting; the store is safe for the server's request threads and for a ``pull`` running beside
+it), and propagation is refreshed in the background.
+
+Background work (propagation refreshes, ``START_TRAINING``'s curate + retrain) runs on one worker thread, one
+job at a time; asking for a job that is already waiting adds nothing, so a burst of webhooks or of "Start
+training" clicks while a training runs leads to at most one more run. Every job's outcome is recorded
+(:class:`JobLog`): ``/metrics`` shows the counts and the last training's status, ``/health`` says
+``degraded`` while the last job failed.
 """
 
 from __future__ import annotations
@@ -18,7 +25,10 @@ import logging
 import re
 import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import asdict, dataclass, replace
+from datetime import datetime, timezone
 from pathlib import Path
 from urllib.parse import ParseResult, parse_qs, urlparse
 
@@ -45,6 +55,8 @@ log = logging.getLogger(__name__)
 MAX_IMAGE_BYTES = 20 * 1024 * 1024  # a task image larger than this is refused (413): no photo needs more
 NEIGHBOURS = 10  # training images whose scores an unseen image inherits
 VERSION_LENGTH = 12  # hex digits of the model version: unique per run state, short enough to read in the UI
+USERS_REFRESH_S = 60.0  # how often an annotator id unknown to Label Studio is looked up again
+REASON_CHARS = 300  # a failure's reason as /metrics and /health show it: one line an operator can read
 
 
 class BadRequest(ValueError):
@@ -63,6 +75,68 @@ def names_from(schema: str | None) -> ControlNames:
         raise BadRequest(str(exc)) from None
 
 
+def _now() -> str:
+    """UTC, to the second: what an operator compares with the log's times."""
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+def one_line(exc: BaseException) -> str:
+    """A failure as one short line: a PipelineError's message says what to do; anything else is a bug, named
+    by its type (the traceback is in the log)."""
+    text = str(exc) if isinstance(exc, PipelineError) else f"{type(exc).__name__}: {exc}"
+    return (text.strip().splitlines() or [type(exc).__name__])[0][:REASON_CHARS]
+
+
+@dataclass(frozen=True)
+class TrainingStatus:
+    """The last ``START_TRAINING``: idle (none yet), running, succeeded or failed (with the reason)."""
+
+    status: str = "idle"
+    reason: str | None = None
+    started_at: str | None = None
+    finished_at: str | None = None
+    runs: int = 0  # trainings started since the backend started
+
+
+class JobLog:
+    """Outcomes of the background jobs, so that a failure is seen in ``/metrics`` and ``/health``, not only
+    in the log. Written by the worker thread, read by request threads."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.succeeded = 0
+        self.failed = 0
+        self.last_failure: str | None = None  # set while the most recent job failed
+        self.training = TrainingStatus()
+
+    def started(self, training: bool) -> None:
+        with self._lock:
+            if training:
+                self.training = TrainingStatus("running", None, _now(), None, self.training.runs + 1)
+
+    def finished(self, training: bool, failure: str | None) -> None:
+        with self._lock:
+            self.failed += failure is not None
+            self.succeeded += failure is None
+            self.last_failure = failure
+            if training:
+                self.training = replace(self.training, status="failed" if failure else "succeeded",
+                                        reason=failure, finished_at=_now())
+
+    def snapshot(self) -> dict:
+        """What ``/metrics`` adds: job counts, the last failure, the training status."""
+        with self._lock:
+            return {"background_jobs_succeeded": self.succeeded, "background_jobs_failed": self.failed,
+                    "last_job_failure": self.last_failure, "training": asdict(self.training)}
+
+    def health(self) -> dict:
+        """``degraded`` (with the reason) while the last job failed; ``UP`` again after the next success."""
+        with self._lock:
+            if self.last_failure is None:
+                return {"status": "UP"}
+            return {"status": "degraded", "reason": self.last_failure}
+
+
 class SlimAttentionBackend:
     """Serves pre-annotations for a run and learns from the answers Label Studio sends.
 
@@ -74,11 +148,16 @@ class SlimAttentionBackend:
         self.label_studio_url = label_studio_url.rstrip("/") if label_studio_url else None
         self._api_key = api_key
         self._studio: Studio | None = None
+        self._studio_lock = threading.Lock()  # request threads share one client, connected once
+        self._users: dict[int, str] = {}  # Label Studio user id -> email, to name annotators as pull does
+        self._users_lock = threading.Lock()
+        self._users_checked = -USERS_REFRESH_S
         self.projects: dict[str, ControlNames] = {}
         self.lock = threading.Lock()
         self.worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="slim-learn")
         self.pending: Future | None = None
-        self.queued: list = []
+        self.queued: list[Callable[[], None]] = []
+        self.jobs = JobLog()
         self.config: RunConfig | None = None
         self.model: Classifier | None = None
         self.meta: dict = {}
@@ -150,37 +229,84 @@ class SlimAttentionBackend:
             image_id = self._known_image(task)
             if image_id is None:
                 return {"status": "ignored", "reason": "task is not one of this run's images"}
-            self.store.upsert_annotation(parse_annotation(annotation, int(task["id"]), image_id, {}))
+            self.store.upsert_annotation(parse_annotation(annotation, int(task["id"]), image_id,
+                                                          self._users_for(annotation)))
             self._schedule(self._repropagate)
         elif event == "ANNOTATIONS_DELETED":
             ids = [a.get("id") for a in data.get("annotations") or [] if isinstance(a, dict)]
             self.store.delete_annotations(int(i) for i in ids if isinstance(i, int))
             self._schedule(self._repropagate)
         elif event == "START_TRAINING":
-            self._schedule(self._train)
+            return {"status": "ok", "event": event, "coalesced": not self._schedule(self._train)}
         return {"status": "ok", "event": event}
 
+    def _users_for(self, annotation: dict) -> dict[int, str]:
+        """Label Studio's user names, so that a webhook stores exactly the row ``pull`` stores for the same
+        answer (its annotator's email, not a bare id): the two writers never undo each other, and the next
+        pull finds nothing changed. Without Label Studio settings the id is stored and pull names it later."""
+        author = annotation.get("completed_by")
+        if not isinstance(author, int) or not self.label_studio_url or not self._api_key:
+            return {}
+        with self._users_lock:
+            if author not in self._users and time.monotonic() - self._users_checked >= USERS_REFRESH_S:
+                self._users_checked = time.monotonic()
+                try:
+                    self._users = self._client().users()
+                except (PipelineError, httpx.HTTPError) as exc:
+                    log.warning("could not name annotator %d (%s); the next pull will", author, one_line(exc))
+            return self._users
+
+    def _client(self) -> Studio:
+        """The one Label Studio client of the backend, connected on first use by whichever thread needs it."""
+        with self._studio_lock:
+            if self._studio is None:
+                self._studio = Studio(Settings(self.label_studio_url, self._api_key)).connect()
+            return self._studio
+
     # --- learning ---------------------------------------------------------------------------------------
-    def _schedule(self, job) -> None:
-        """Queue ``job`` for the background worker; the same job asked for several times runs once."""
+    def _schedule(self, job: Callable[[], None]) -> bool:
+        """Queue ``job`` for the background worker; False when it is already waiting (the one queued run will
+        see everything the caller stored, so a second one would repeat it)."""
         with self.lock:
-            if job not in self.queued:
+            queued = job not in self.queued
+            if queued:
                 self.queued.append(job)
             if self.pending is None:
                 self.pending = self.worker.submit(self._drain)
+        return queued
 
     def _drain(self) -> None:
-        """Run queued jobs until none is left; a failing job is logged, never fatal to the server."""
+        """Run queued jobs until none is left; a failing job is recorded and logged, never fatal to the
+        server."""
         while True:
             with self.lock:
                 if not self.queued:
                     self.pending = None
                     return
                 job = self.queued.pop(0)
-            try:
-                job()
-            except Exception:
-                log.exception("background job %s failed", getattr(job, "__name__", job))
+            self._run_job(job)
+
+    def _run_job(self, job: Callable[[], None]) -> None:
+        """Run one job and record its outcome; the server keeps serving whatever the job raises."""
+        training = job == self._train
+        self.jobs.started(training)
+        failure = None
+        try:
+            job()
+        except PipelineError as exc:  # e.g. no usable answer yet: what to do is in the message
+            failure = one_line(exc)
+            log.warning("background job %s failed: %s", job.__name__, failure)
+        except Exception as exc:  # a bug or a broken run: keep serving, show it in /metrics and /health
+            failure = one_line(exc)
+            log.exception("background job %s failed", job.__name__)
+        self.jobs.finished(training, failure)
+
+    def status(self) -> dict:
+        """The background work as ``/metrics`` reports it, with whether a training waits to run."""
+        snapshot = self.jobs.snapshot()
+        with self.lock:
+            snapshot["training"]["queued"] = self._train in self.queued
+        return snapshot
 
     def _repropagate(self) -> None:
         answers = consolidate(self.store.annotations())
@@ -191,15 +317,13 @@ class SlimAttentionBackend:
         log.info("propagation refreshed from %d answers; model version %s", len(answers.labels), self.version)
 
     def _train(self) -> None:
+        """Curate + retrain on the answers stored so far; a PipelineError (say, no usable answer yet) makes
+        the training ``failed`` with its message as the reason: the person who pressed the button sees why."""
         from pipeline.slim.curate import curate_run
         from pipeline.slim.retrain import retrain_run
 
-        try:
-            curate_run(self.run, self.config)
-            retrain_run(self.run, self.config, progress=False)
-        except PipelineError as exc:
-            log.warning("training skipped: %s", exc)
-            return
+        curate_run(self.run, self.config)
+        retrain_run(self.run, self.config, progress=False)
         self._load_scores()
         log.info("curate + retrain done; model version %s", self.version)
 
@@ -289,9 +413,8 @@ class SlimAttentionBackend:
         if parsed.netloc and (parsed.scheme, parsed.netloc) != (base.scheme, base.netloc):
             raise BadRequest("image URL is not on the configured Label Studio host", 403)
         try:
-            if self._studio is None:
-                self._studio = Studio(Settings(self.label_studio_url, self._api_key)).connect()
-            response = self._studio.get(parsed.path, params=parse_qs(parsed.query), action="fetch a task's image")
+            response = self._client().get(parsed.path, params=parse_qs(parsed.query),
+                                          action="fetch a task's image")
         except (PipelineError, httpx.HTTPError) as exc:
             raise BadRequest(f"could not fetch the task's image from Label Studio ({exc})", 422) from None
         if response.status_code != 200:

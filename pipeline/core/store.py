@@ -1,21 +1,34 @@
 """The run's annotation database (``labels.sqlite``): Label Studio tasks, uploads and every annotation.
 
-``push`` records which image became which task (so pushing twice creates nothing new), ``pull`` (and later
-the ML backend's webhook) mirror annotations here, keyed by Label Studio's annotation id so that the same
-answer arriving twice is stored once. Each write is one SQLite transaction: a command that dies half-way
-leaves the database as it was before the command.
+``push`` records which image became which task (so pushing twice creates nothing new), ``pull`` and the ML
+backend's webhooks mirror annotations here, keyed by Label Studio's annotation id so that the same answer
+arriving twice is stored once. Each write is one SQLite transaction: a command that dies half-way leaves the
+database as it was before the command.
+
+Writers run at the same time: the backend serves webhooks from a thread pool while a ``pull`` runs in another
+process. SQLite connections must not be shared between threads that open transactions, so the store keeps one
+connection per thread (opened on first use, closed by :meth:`AnnotationStore.close` or when its thread has
+ended), in WAL mode (readers never block the writer) with a busy timeout: ``BEGIN IMMEDIATE`` makes each
+writer wait for the write lock instead of failing. A file that is not a valid database is refused when the
+store opens, with the file left exactly as it was.
 """
 
 from __future__ import annotations
 
 import json
 import sqlite3
+import threading
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from pipeline.core.errors import PipelineError
 from pipeline.core.verdicts import CHOICES
+
+# How long a writer waits for another's transaction (a pull of thousands of tasks commits in well under a
+# second; 30 s only runs out when something holds the database for good, e.g. a stopped process)
+BUSY_TIMEOUT_S = 30.0
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -82,36 +95,100 @@ class TaskRecord:
 
 
 class AnnotationStore:
-    """Thin typed access to ``labels.sqlite``; every public write is one transaction."""
+    """Typed access to ``labels.sqlite``, safe to share between threads; each public write is one transaction.
+
+    Opening checks the file (``PRAGMA quick_check``) before anything is written to it, so a damaged database
+    stops the command with a one-line :class:`PipelineError` instead of failing later or being overwritten.
+    """
 
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self.db = sqlite3.connect(self.path, timeout=30, isolation_level=None, check_same_thread=False)
-        self.db.execute("PRAGMA journal_mode=WAL")
-        self.db.executescript(SCHEMA)
+        self._local = threading.local()
+        self._lock = threading.Lock()  # guards _connections
+        self._connections: dict[threading.Thread, sqlite3.Connection] = {}
+        db = self._open_checked()
+        db.execute("PRAGMA journal_mode=WAL")  # persistent: recorded in the file, every connection uses it
+        db.executescript(SCHEMA)
+
+    def _connection(self) -> sqlite3.Connection:
+        """This thread's connection, opened on first use.
+
+        Opening one also closes the connections of threads that have ended (a threaded HTTP server starts a
+        thread per request), so a long-running backend holds at most one connection per live thread.
+        """
+        db = getattr(self._local, "db", None)
+        if db is not None:
+            return db
+        # check_same_thread=False only so that close() may close it from another thread; it is used by one
+        db = sqlite3.connect(self.path, timeout=BUSY_TIMEOUT_S, isolation_level=None, check_same_thread=False)
+        with self._lock:
+            for thread in [t for t in self._connections if not t.is_alive()]:
+                self._connections.pop(thread).close()
+            self._connections[threading.current_thread()] = db
+        self._local.db = db
+        return db
+
+    def _open_checked(self) -> sqlite3.Connection:
+        """This thread's connection, after a check, before anything is written, that the file is a valid
+        SQLite database; a one-line error otherwise.
+
+        SQLite reports a damaged file lazily (on the first statement that reads the damaged page), so the
+        whole file is checked here: quick_check reads every page in time linear in the file's size
+        (milliseconds for a run's annotations).
+        """
+        try:
+            db = self._connection()
+            problems = [row[0] for row in db.execute("PRAGMA quick_check").fetchall() if row[0] != "ok"]
+            reason = "; ".join(problems[:1])
+        except sqlite3.OperationalError as exc:  # unreadable, or locked for good: not damage
+            self.close()
+            raise PipelineError(f"cannot open {self.path} ({exc}); check its permissions and that no stopped "
+                                "process still holds it") from exc
+        except sqlite3.DatabaseError as exc:
+            reason = str(exc)
+        if reason:
+            self.close()
+            raise PipelineError(
+                f"{self.path} is not a valid SQLite database ({reason}); restore it from a backup, or move "
+                "it away to start over (the next push then creates a new Label Studio project)")
+        return db
 
     def close(self) -> None:
-        self.db.close()
+        """Close every thread's connection; the store opens new ones if it is used again."""
+        with self._lock:
+            connections, self._connections = list(self._connections.values()), {}
+            self._local = threading.local()
+        for db in connections:
+            db.close()
 
     @contextmanager
     def transaction(self) -> Iterator[sqlite3.Connection]:
-        """All-or-nothing: BEGIN IMMEDIATE so concurrent writers (pull and the backend) queue, not clash."""
-        self.db.execute("BEGIN IMMEDIATE")
+        """All-or-nothing on this thread's connection: BEGIN IMMEDIATE takes the write lock at once, so
+        concurrent writers (threads, or pull in another process) wait for each other instead of clashing.
+
+        Inside an open transaction of the same thread it joins that one (the outer one commits or rolls back).
+        """
+        db = self._connection()
+        if db.in_transaction:
+            yield db
+            return
+        db.execute("BEGIN IMMEDIATE")
         try:
-            yield self.db
+            yield db
         except BaseException:
-            self.db.execute("ROLLBACK")
+            db.execute("ROLLBACK")
             raise
-        self.db.execute("COMMIT")
+        db.execute("COMMIT")
 
     # --- meta ---------------------------------------------------------------------------------------
     def get_meta(self, key: str) -> str | None:
-        row = self.db.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
+        row = self._connection().execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
         return row[0] if row else None
 
     def set_meta(self, key: str, value: str, db: sqlite3.Connection | None = None) -> None:
-        (db or self.db).execute("INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)", (key, value))
+        db = db or self._connection()
+        db.execute("INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)", (key, value))
 
     # --- tasks and uploads --------------------------------------------------------------------------
     def tasks(self, project_id: int | None = None, include_deleted: bool = False) -> list[TaskRecord]:
@@ -122,7 +199,8 @@ class AnnotationStore:
             args.append(project_id)
         if clauses:
             sql += " WHERE " + " AND ".join(clauses)
-        return [TaskRecord(*row[:4], bool(row[4]), row[5]) for row in self.db.execute(sql + " ORDER BY task_id", args)]
+        rows = self._connection().execute(sql + " ORDER BY task_id", args)
+        return [TaskRecord(*row[:4], bool(row[4]), row[5]) for row in rows]
 
     def add_tasks(self, records: Iterable[TaskRecord]) -> None:
         with self.transaction() as db:
@@ -135,7 +213,8 @@ class AnnotationStore:
             db.executemany("UPDATE tasks SET deleted = 1 WHERE task_id = ?", [(t,) for t in task_ids])
 
     def uploads(self, project_id: int) -> dict[str, str]:
-        rows = self.db.execute("SELECT local_name, url FROM uploads WHERE project_id = ?", (project_id,))
+        rows = self._connection().execute("SELECT local_name, url FROM uploads WHERE project_id = ?",
+                                          (project_id,))
         return dict(rows.fetchall())
 
     def add_uploads(self, project_id: int, urls: dict[str, str]) -> None:
@@ -179,10 +258,11 @@ class AnnotationStore:
 
     def annotation_counts(self) -> dict[int, int]:
         """Stored annotations (answered or skipped) per task id."""
-        return dict(self.db.execute("SELECT task_id, COUNT(*) FROM annotations GROUP BY task_id").fetchall())
+        rows = self._connection().execute("SELECT task_id, COUNT(*) FROM annotations GROUP BY task_id")
+        return dict(rows.fetchall())
 
     def annotations(self) -> list[Annotation]:
-        rows = self.db.execute(
+        rows = self._connection().execute(
             "SELECT annotation_id, task_id, image_id, annotator, choice, skipped, boxes, note, created_at, "
             "updated_at, lead_time FROM annotations ORDER BY annotation_id")
         return [Annotation(r[0], r[1], r[2], r[3], r[4], bool(r[5]), json.loads(r[6]), *r[7:]) for r in rows]

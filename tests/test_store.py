@@ -1,0 +1,146 @@
+"""labels.sqlite under concurrent writers (threads and processes) and when the file is damaged."""
+
+from __future__ import annotations
+
+import multiprocessing
+import sqlite3
+import threading
+from pathlib import Path
+
+import pytest
+
+from pipeline.core.errors import PipelineError
+from pipeline.core.store import Annotation, AnnotationStore, TaskRecord
+
+THREADS = 8  # the gunicorn worker's thread count in docker/: every one of them writing at once
+WRITES_PER_WRITER = 25  # enough for the writers' transactions to overlap many times
+
+
+def annotation(n: int) -> Annotation:
+    return Annotation(n, n // 3, n // 3, f"annotator-{n % 4}", ("core", "spurious", "unsure")[n % 3])
+
+
+def write_many(path: Path, first: int, start=None) -> None:
+    """One writer: its own transactions, each with a read and a write (what pull and the webhooks do)."""
+    store = AnnotationStore(path)
+    if start is not None:
+        start.wait()
+    try:
+        for n in range(first, first + WRITES_PER_WRITER):
+            with store.transaction() as db:
+                db.execute("SELECT COUNT(*) FROM annotations").fetchone()
+                db.execute("INSERT OR REPLACE INTO annotations VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                           annotation(n).row())
+                store.set_meta(f"last-{first}", str(n), db)
+    finally:
+        store.close()
+
+
+def test_threads_writing_through_one_store_all_succeed(tmp_path: Path) -> None:
+    store = AnnotationStore(tmp_path / "labels.sqlite")
+    errors: list[BaseException] = []
+    start = threading.Barrier(THREADS)
+
+    def writer(first: int) -> None:
+        start.wait()
+        try:
+            for n in range(first, first + WRITES_PER_WRITER):
+                with store.transaction() as db:
+                    db.execute("INSERT INTO annotations VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                               annotation(n).row())
+                    store.set_meta(f"last-{first}", str(n), db)
+                store.upsert_annotation(annotation(n + 10_000))
+        except BaseException as exc:  # noqa: BLE001 - the test reports every failure
+            errors.append(exc)
+
+    threads = [threading.Thread(target=writer, args=(k * WRITES_PER_WRITER,)) for k in range(THREADS)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert errors == []
+    written = THREADS * WRITES_PER_WRITER
+    expected = list(range(written)) + list(range(10_000, 10_000 + written))
+    assert [a.annotation_id for a in store.annotations()] == expected
+    assert store.get_meta(f"last-{WRITES_PER_WRITER}") == str(2 * WRITES_PER_WRITER - 1)
+    store.close()
+
+
+def test_a_failed_transaction_leaves_nothing_and_other_threads_go_on(tmp_path: Path) -> None:
+    store = AnnotationStore(tmp_path / "labels.sqlite")
+    with pytest.raises(RuntimeError), store.transaction() as db:
+        db.execute("INSERT INTO annotations VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                   annotation(1).row())
+        raise RuntimeError("killed half-way")
+    other = threading.Thread(target=store.add_tasks, args=([TaskRecord(5, 1, 5, 1)],))
+    other.start()
+    other.join()
+    assert store.annotations() == [] and [t.task_id for t in store.tasks()] == [5]
+    store.close()
+
+
+def test_close_closes_every_threads_connection(tmp_path: Path) -> None:
+    store = AnnotationStore(tmp_path / "labels.sqlite")
+    seen: list[sqlite3.Connection] = []
+    gate = threading.Event()
+
+    def reader() -> None:
+        store.tasks()
+        seen.append(store._connection())
+        gate.wait()
+
+    thread = threading.Thread(target=reader)
+    thread.start()
+    while not seen:
+        thread.join(0.01)
+    store.close()
+    gate.set()
+    thread.join()
+    with pytest.raises(sqlite3.ProgrammingError):  # closed by close(), from the main thread
+        seen[0].execute("SELECT 1")
+    assert store.tasks() == []  # used again: it reopens
+    store.close()
+
+
+def test_two_processes_write_at_once(tmp_path: Path) -> None:
+    path = tmp_path / "labels.sqlite"
+    AnnotationStore(path).close()
+    context = multiprocessing.get_context("spawn")  # a fresh interpreter, like pull beside the backend
+    start = context.Barrier(3)  # all three writers begin together, so their transactions overlap
+    processes = [context.Process(target=write_many, args=(path, k * WRITES_PER_WRITER, start))
+                 for k in range(2)]
+    for process in processes:
+        process.start()
+    write_many(path, 2 * WRITES_PER_WRITER, start)  # and this process too
+    for process in processes:
+        process.join(timeout=60)
+    assert [p.exitcode for p in processes] == [0, 0]
+    store = AnnotationStore(path)
+    assert [a.annotation_id for a in store.annotations()] == list(range(3 * WRITES_PER_WRITER))
+    store.close()
+
+
+def filled(path: Path) -> bytes:
+    """A database with a few hundred answers (several pages), closed so it is all in the main file."""
+    store = AnnotationStore(path)
+    store.add_tasks(TaskRecord(t, 1, t, 1) for t in range(200))
+    for n in range(300):
+        store.upsert_annotation(annotation(n))
+    store.close()
+    return path.read_bytes()
+
+
+@pytest.mark.parametrize("damage", ["truncated", "garbage", "garbage-header"])
+def test_a_damaged_database_is_refused_in_one_line_and_left_untouched(tmp_path: Path, damage: str) -> None:
+    path = tmp_path / "labels.sqlite"
+    data = filled(path)
+    damaged = {"truncated": data[:len(data) // 2],
+               "garbage": bytes((n * 7919) % 251 for n in range(len(data))),
+               "garbage-header": b"not a database at all" + data[21:]}[damage]
+    path.write_bytes(damaged)
+    with pytest.raises(PipelineError) as caught:
+        AnnotationStore(path)
+    message = str(caught.value)
+    assert "\n" not in message and str(path) in message and "backup" in message
+    assert path.read_bytes() == damaged
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["labels.sqlite"]  # no journal or WAL left behind
