@@ -64,24 +64,24 @@ def simulate_annotator(run: Run, settings: Settings, noise: float = 0.0, seed: i
         store.close()
     if project is None:
         raise PipelineError(f"nothing pushed from {run.root} yet; run `python -m pipeline push --run {run.root}`")
-    studio = Studio(settings).connect()
-    open_tasks = [t for t in studio.list_tasks(int(project))
-                  if (t.get("data") or {}).get("run_id") == run_id
-                  and t["total_annotations"] == 0 and t["cancelled_annotations"] == 0]
     counts = {"core": 0, "spurious": 0, "flipped": 0}
-    for task in tqdm(open_tasks, desc="annotate", unit="task", disable=not progress):
-        image_id = int(task["data"]["image_id"])
-        sample = image_set.samples[image_id]
-        choice, _ = decide(arrays.cam[arrays.row_of(image_id)], load_mask(image_set.root / sample.mask_filename, size),
-                           config.embed.threshold)
-        rng = np.random.default_rng([seed, image_id])
-        if rng.random() < noise:
-            choice = "spurious" if choice == "core" else "core"
-            counts["flipped"] += 1
-        studio.submit_annotation(int(task["id"]), int(project), choice_result(choice),
-                                 lead_time=round(float(rng.uniform(*LEAD_TIME_S)), 2))
-        counts[choice] += 1
-    studio.close()
+    with Studio(settings) as studio:
+        open_tasks = [t for t in studio.list_tasks(int(project))
+                      if (t.get("data") or {}).get("run_id") == run_id
+                      and t["total_annotations"] == 0 and t["cancelled_annotations"] == 0]
+        for task in tqdm(open_tasks, desc="annotate", unit="task", disable=not progress):
+            image_id = int(task["data"]["image_id"])
+            sample = image_set.samples[image_id]
+            choice, _ = decide(arrays.cam[arrays.row_of(image_id)],
+                               load_mask(image_set.root / sample.mask_filename, size), config.embed.threshold)
+            rng = np.random.default_rng([seed, image_id])
+            if rng.random() < noise:
+                choice = "spurious" if choice == "core" else "core"
+                counts["flipped"] += 1
+            # submitted once (a broken connection is reported): a re-run answers only the tasks still open
+            studio.submit_annotation(int(task["id"]), int(project), choice_result(choice),
+                                     lead_time=round(float(rng.uniform(*LEAD_TIME_S)), 2))
+            counts[choice] += 1
     log.info(f"answered {len(open_tasks)} open tasks (core {counts['core']}, spurious "
              f"{counts['spurious']}; {counts['flipped']} flipped by --noise {noise:g})")
     return counts

@@ -10,6 +10,14 @@ module's own ``httpx`` client, authenticated as the SDK is: a legacy token as ``
 token exchanged for a short-lived access token through the SDK's public ``tokens.refresh`` and sent as
 ``Bearer`` (renewed once when the server answers 401). No private SDK attribute is used.
 
+Retries (one layer, :class:`RetryPolicy`): only calls that can be repeated without changing the result are
+tried again after a transient failure (the connection broke, a truncated answer, HTTP 5xx/408/429) --
+listings and reads, file uploads and task imports (both made idempotent by looking up what an earlier attempt
+left before trying again), and project creation (a retry first looks for the project the lost attempt may
+have made). Submitting, editing and deleting annotations are tried once. The SDK's own retries are switched
+off (it re-sends every method, POSTs included, which could duplicate); ``httpx`` re-tries failed *connects*
+only, which is always safe since nothing was sent. Every failure ends as one line, never a traceback.
+
 The API key is handed to the SDK and never formatted into a message or a log line.
 """
 
@@ -18,12 +26,13 @@ from __future__ import annotations
 import json
 import logging
 import os
+import random
 import re
 import threading
+import time
 from collections.abc import Callable, Generator, Iterator, Sequence
-from contextlib import contextmanager
-from dataclasses import dataclass
-from pathlib import Path
+from dataclasses import dataclass, field
+from pathlib import Path, PurePosixPath
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import httpx
@@ -41,6 +50,16 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 TIMEOUT_S = 120  # one request's limit: importing 500 tasks with predictions takes seconds, not minutes
+CONNECT_TIMEOUT_S = 10  # a TCP handshake takes milliseconds on a LAN; 10 s covers a slow WAN, not a dead host
+# httpx re-tries a failed connect (nothing was sent, so it is safe for every method) after 0 s and 0.5 s:
+# enough for a server that is rebinding its port, short enough that a wrong URL is reported in a second
+TRANSPORT_RETRIES = 2
+RETRY_ATTEMPTS = 5  # with 30 % of requests failing (the fault suite), all five fail for 0.2 % of calls
+RETRY_BASE_DELAY_S = 0.5  # first wait: a dropped connection is gone by then, a restarting worker nearly so
+RETRY_MAX_DELAY_S = 8.0  # the longest single wait: 0.5, 1, 2, 4 s before attempts 2..5
+RETRY_BUDGET_S = 30.0  # no attempt starts later than this after the first: a longer outage is reported, not waited out
+# answers that say "try again": request timeout, rate limit, server errors, a proxy whose upstream is down
+RETRY_STATUSES = frozenset({408, 429, 500, 502, 503, 504})
 UPLOAD_BATCH = 100  # Django's DATA_UPLOAD_MAX_NUMBER_FILES
 # Label Studio parses every uploaded file as a task and refuses that for configs with several data keys, so
 # pictures are uploaded into a companion project with this one-image config and referenced by URL.
@@ -54,6 +73,72 @@ TASK_STATE = (*TASK_COUNTS, "data")
 TASK_ANNOTATIONS = ("id", "updated_at", "annotations", "result", "completed_by", "was_cancelled", "lead_time",
                     "created_at")
 T = TypeVar("T")
+# Label Studio stores an upload as upload/<project>/<8 hex digits of a uuid>-<file name>
+STORED_NAME = re.compile(r"^[0-9a-f]{8}-(?P<name>.+)$")
+TRUNCATED = "truncated response"  # a body cut off before its end: the JSON does not parse
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    """How an idempotent call is tried again after a transient failure.
+
+    Attempt ``n + 1`` follows a wait of ``min(max_delay_s, base_delay_s * 2**n)`` with equal jitter (half
+    fixed, half random, so two upload threads that failed together do not come back together); no attempt
+    starts after ``budget_s``, so a call gives up within ``budget_s`` plus one request's timeout.
+    """
+
+    attempts: int = RETRY_ATTEMPTS
+    base_delay_s: float = RETRY_BASE_DELAY_S
+    max_delay_s: float = RETRY_MAX_DELAY_S
+    budget_s: float = RETRY_BUDGET_S
+
+    def delay(self, retry: int, rng: random.Random) -> float:
+        """Seconds to wait before retry number ``retry`` (0 for the first retry)."""
+        ceiling = min(self.max_delay_s, self.base_delay_s * 2 ** retry)
+        return ceiling / 2 + rng.uniform(0, ceiling / 2)
+
+
+class TransientError(PipelineError):
+    """A one-line failure that trying again may cure: a broken connection or a "try again" status.
+
+    It keeps its parts so that an enclosing retry (an import that re-lists tasks) can report its own count.
+    """
+
+    def __init__(self, reason: str, what: str, hint: str, attempts: int = 1, seconds: float = 0.0) -> None:
+        self.reason, self.what, self.hint = reason, what, hint
+        plural = "s" if attempts != 1 else ""
+        super().__init__(f"{what} after {attempts} attempt{plural} in {seconds:.1f} s; {hint}")
+
+    def after(self, attempts: int, seconds: float) -> TransientError:
+        return TransientError(self.reason, self.what, self.hint, attempts, seconds)
+
+
+def retry_reason(exc: BaseException) -> str | None:
+    """Why ``exc`` is worth another attempt (its short name), or None when it is not.
+
+    A refused or timed-out connect is not: the transport already re-tried it, and nothing listening is a
+    definite answer (nor is a URL httpx cannot use). A 2xx ``ApiError`` is how the SDK reports a body that is
+    not JSON: a truncated answer.
+    """
+    if isinstance(exc, TransientError):
+        return exc.reason
+    if isinstance(exc, (httpx.ConnectError, httpx.ConnectTimeout, httpx.UnsupportedProtocol)):
+        return None
+    if isinstance(exc, (httpx.TransportError, httpx.DecodingError)):
+        return exc.__class__.__name__
+    if isinstance(exc, json.JSONDecodeError):
+        return TRUNCATED
+    if isinstance(exc, ApiError) and exc.status_code is not None:
+        if exc.status_code in RETRY_STATUSES:
+            return f"HTTP {exc.status_code}"
+        if 200 <= exc.status_code < 300:
+            return TRUNCATED
+    return None
+
+
+def one_line(text: str, limit: int = 300) -> str:
+    """A server's error body (JSON, or a proxy's HTML page) squeezed onto one line of a message."""
+    return " ".join(text.split())[:limit]
 
 
 @dataclass(frozen=True)
@@ -67,10 +152,11 @@ class ConnectionOptions:
 
 @dataclass(frozen=True)
 class Settings:
-    """Where Label Studio is and how to authenticate; the key is kept out of ``repr``."""
+    """Where Label Studio is, how to authenticate and how to retry; the key is kept out of ``repr``."""
 
     url: str
     api_key: str
+    retry: RetryPolicy = field(default_factory=RetryPolicy)
 
     def __repr__(self) -> str:
         return f"Settings(url={self.url!r}, api_key=<hidden>)"
@@ -90,6 +176,12 @@ class Settings:
         if not re.match(r"^https?://", url):
             raise PipelineError(f"Label Studio URL must start with http:// or https://, got {url!r}")
         return cls(url.rstrip("/"), api_key.strip())
+
+
+def http_client(**options: Any) -> httpx.Client:
+    """A plain ``httpx`` client with the tool's timeouts and connect-only transport retries."""
+    return httpx.Client(transport=httpx.HTTPTransport(retries=TRANSPORT_RETRIES),
+                        timeout=httpx.Timeout(TIMEOUT_S, connect=CONNECT_TIMEOUT_S), **options)
 
 
 def is_personal_access_token(key: str) -> bool:
@@ -139,24 +231,36 @@ class Studio:
         self.settings = settings
         self._client: LabelStudio | None = None
         self._http: httpx.Client | None = None
+        self._sdk_http: httpx.Client | None = None
         self.user: Any = None
+        self._jitter = random.Random()  # only spreads retries in time: nothing to reproduce, so no seed
 
     def connect(self) -> Studio:
         """Open the connection and check the key; a one-line error when the server or the key is wrong."""
         if self._client is not None:
             return self
-        with self._errors("connect"):  # the SDK already checks a personal access token's expiry here
-            client = LabelStudio(base_url=self.settings.url, api_key=self.settings.api_key, timeout=TIMEOUT_S)
-            self.user = client.users.whoami()
+        sdk_http = http_client(follow_redirects=True)  # as the SDK's own default client
+
+        def login() -> tuple[LabelStudio, Any]:  # the SDK already checks a personal access token's expiry here
+            client = LabelStudio(base_url=self.settings.url, api_key=self.settings.api_key, max_retries=0,
+                                 httpx_client=sdk_http)
+            return client, client.users.whoami()
+
+        try:
+            client, self.user = self._call("connect", login)
+        except BaseException:
+            sdk_http.close()
+            raise
         auth = TokenAuth(self.settings.api_key, lambda key: client.tokens.refresh(refresh=key).access)
-        self._client = client
-        self._http = httpx.Client(base_url=self.settings.url, auth=auth, timeout=TIMEOUT_S)
+        self._client, self._sdk_http = client, sdk_http
+        self._http = http_client(base_url=self.settings.url, auth=auth)
         return self
 
     def close(self) -> None:
-        if self._http is not None:
-            self._http.close()
-        self._client = self._http = None
+        for http in (self._http, self._sdk_http):
+            if http is not None:
+                http.close()
+        self._client = self._http = self._sdk_http = None
 
     def __enter__(self) -> Self:
         return self.connect()
@@ -176,26 +280,62 @@ class Studio:
 
     def get(self, path: str, params: dict | None = None, action: str = "fetch a file") -> httpx.Response:
         """A GET of a server path (e.g. an uploaded image); the response, whatever its status."""
-        with self._errors(action):
-            return self.http.get("/" + path.lstrip("/"), params=params)
+        return self._call(action, lambda: self.http.get("/" + path.lstrip("/"), params=params))
 
-    # --- errors -------------------------------------------------------------------------------------
-    def _call(self, action: str, fn: Callable[[], T], project_id: int | None = None) -> T:
-        with self._errors(action, project_id):
-            return fn()
+    # --- retries and errors -------------------------------------------------------------------------
+    def retrying(self, action: str, attempt: Callable[[int], T], project_id: int | None = None,
+                 idempotent: bool = True) -> T:
+        """``attempt(0)``, ``attempt(1)``, ... until one succeeds, a failure is final or the policy says stop.
 
-    @contextmanager
-    def _errors(self, action: str, project_id: int | None = None) -> Iterator[None]:
-        url = self.settings.url
-        try:
-            yield
-        except (httpx.ConnectError, httpx.ConnectTimeout, httpx.RemoteProtocolError, httpx.ReadTimeout) as exc:
-            raise PipelineError(
-                f"cannot reach Label Studio at {url} ({exc.__class__.__name__}) while trying to {action}; "
-                "is it running? check LABEL_STUDIO_URL or --url"
-            ) from None
-        except ApiError as exc:
-            raise PipelineError(self._explain(exc, action, project_id)) from None
+        ``attempt`` gets its number so that an operation which is idempotent only by looking first (an import,
+        a project creation, an upload) can find what a lost attempt did before doing it again. With
+        ``idempotent=False`` there is one attempt: a broken connection may have come after the server acted.
+        Every failure leaves as a one-line :class:`PipelineError`; each retry is logged as a warning.
+        """
+        policy = self.settings.retry
+        attempts = policy.attempts if idempotent else 1
+        start = time.monotonic()
+        number = 0
+        while True:
+            try:
+                return attempt(number)
+            except (httpx.HTTPError, ApiError, json.JSONDecodeError, PipelineError) as exc:
+                reason, elapsed = retry_reason(exc), time.monotonic() - start
+                wait = policy.delay(number, self._jitter)
+                number += 1
+                if reason is None or number >= attempts or elapsed + wait > policy.budget_s:
+                    raise self._failure(exc, action, project_id, number, elapsed) from None
+            log.warning("Label Studio at %s: %s while trying to %s (attempt %d of %d); trying again in %.1f s",
+                        self.settings.url, reason, action, number, attempts, wait)
+            time.sleep(wait)
+
+    def _call(self, action: str, fn: Callable[[], T], project_id: int | None = None, idempotent: bool = True) -> T:
+        return self.retrying(action, lambda _: fn(), project_id, idempotent)
+
+    def _failure(self, exc: Exception, action: str, project_id: int | None, attempts: int,
+                 seconds: float) -> PipelineError:
+        """The one-line error for ``exc``; a :class:`TransientError` when trying later may help."""
+        if isinstance(exc, TransientError):
+            return exc.after(attempts, seconds)
+        if isinstance(exc, PipelineError):
+            return exc
+        reason = retry_reason(exc)
+        if isinstance(exc, ApiError) and reason != TRUNCATED:
+            if reason is None:
+                return PipelineError(self._explain(exc, action, project_id))
+            return TransientError(reason, self._explain(exc, action, project_id),
+                                  "the server (or a proxy in front of it) keeps failing; run the command again later "
+                                  "(it resumes where it stopped)", attempts, seconds)
+        what = f"cannot reach Label Studio at {self.settings.url} ({reason or exc.__class__.__name__}) while trying " \
+               f"to {action}"
+        if isinstance(exc, (httpx.ConnectError, httpx.ConnectTimeout)):  # final: the transport already re-tried
+            return PipelineError(f"{what} after {1 + TRANSPORT_RETRIES} connection attempts in {seconds:.1f} s; "
+                                 "is it running? check LABEL_STUDIO_URL or --url")
+        if reason is None:  # a redirect loop, a URL httpx cannot use: trying again changes nothing
+            return PipelineError(f"{what}; check LABEL_STUDIO_URL or --url")
+        return TransientError(reason, what, "the connection keeps breaking: is Label Studio (or a proxy in front of "
+                              "it) restarting, or the network failing? run the command again when it is back (it "
+                              "resumes where it stopped)", attempts, seconds)
 
     def _explain(self, exc: ApiError, action: str, project_id: int | None) -> str:
         url, status = self.settings.url, exc.status_code
@@ -211,15 +351,34 @@ class Studio:
         if status == 404 and project_id is not None:
             return (f"project {project_id} does not exist in Label Studio at {url} (deleted?); "
                     "push again with --new-project or --project ID of an existing project")
-        detail = exc.body if isinstance(exc.body, str) else json.dumps(exc.body)[:300]
+        detail = one_line(exc.body if isinstance(exc.body, str) else json.dumps(exc.body))
         return f"Label Studio at {url} failed to {action} (HTTP {status}): {detail}"
 
     # --- projects -----------------------------------------------------------------------------------
+    def projects_named(self, title: str, description: str) -> list[int]:
+        """Ids of the projects with exactly this title and description, oldest first (the server's title filter
+        matches substrings, so the exact comparison is made here)."""
+        projects = self._call("list projects", lambda: list(self.client.projects.list(title=title)))
+        return sorted(int(p.id) for p in projects if p.title == title and (p.description or "") == description)
+
     def create_project(self, title: str, description: str, config: str | None = None) -> int:
-        """A project with the SLIM labeling config (or ``config``)."""
-        project = self._call("create a project", lambda: self.client.projects.create(
-            title=title, description=description, label_config=config or label_config.load()))
-        return int(project.id)
+        """A project with the SLIM labeling config (or ``config``).
+
+        Creating is not idempotent and a broken connection leaves unknown whether the server made the project,
+        so a retry first looks for a project with this title and description that was not there before the
+        first attempt, and takes it instead of making a twin.
+        """
+        before = set(self.projects_named(title, description))
+
+        def attempt(number: int) -> int:
+            if number:
+                made = sorted(set(self.projects_named(title, description)) - before)
+                if made:
+                    return made[0]
+            return int(self.client.projects.create(title=title, description=description,
+                                                   label_config=config or label_config.load()).id)
+
+        return self.retrying("create a project", attempt)
 
     def project(self, project_id: int) -> Any:
         return self._call(f"open project {project_id}", lambda: self.client.projects.get(id=project_id), project_id)
@@ -237,37 +396,57 @@ class Studio:
         return f"{self.settings.url}/projects/{project_id}/data"
 
     # --- files and tasks ----------------------------------------------------------------------------
+    def uploaded_files(self, project_id: int) -> dict[str, str]:
+        """{file name as uploaded: URL} of every file in the project (the first copy of a name, if several)."""
+        listing = self._call("list uploaded files", lambda: self.client.files.list(id=project_id, all_=True),
+                             project_id)
+        urls: dict[str, str] = {}
+        for item in sorted(listing, key=lambda item: int(item.id)):
+            match = STORED_NAME.match(PurePosixPath(item.file).name)
+            if match:
+                urls.setdefault(match["name"], "/data/" + item.file.lstrip("/"))
+        return urls
+
     def upload_files(self, project_id: int, paths: Sequence[Path]) -> dict[str, str]:
         """Upload files without creating tasks; returns {file name: URL Label Studio serves it at}.
 
         The SDK has no typed call for multipart uploads, so they go through :attr:`http`; the new files' URLs
-        come from the SDK's ``files.list``.
+        come from the SDK's ``files.list``. A retried batch first takes the files a lost attempt stored (by
+        name), so a broken connection never stores a picture twice.
         """
         urls: dict[str, str] = {}
         for start in range(0, len(paths), UPLOAD_BATCH):
-            batch = paths[start:start + UPLOAD_BATCH]
-            files = {f"file{i}": (p.name, p.read_bytes(), "image/png") for i, p in enumerate(batch)}
-            with self._errors("upload images", project_id):
-                response = self.http.post(f"/api/projects/{project_id}/import", params={"commit_to_project": "false"},
-                                          files=files)
-                self._raise_for(response)
-                ids = response.json()["file_upload_ids"]
-                listing = self.client.files.list(id=project_id, ids=json.dumps(ids))
-            by_id = {item.id: item.file for item in listing}
-            for path, upload_id in zip(batch, ids):
-                urls[path.name] = "/data/" + by_id[upload_id].lstrip("/")
+            batch = list(paths[start:start + UPLOAD_BATCH])
+            urls.update(self.retrying("upload images", lambda number, batch=batch: self._upload_batch(
+                project_id, batch, retry=number > 0), project_id))
+        return urls
+
+    def _upload_batch(self, project_id: int, batch: list[Path], retry: bool) -> dict[str, str]:
+        stored = self.uploaded_files(project_id) if retry else {}
+        urls = {path.name: stored[path.name] for path in batch if path.name in stored}
+        rest = [path for path in batch if path.name not in stored]
+        if not rest:
+            return urls
+        files = {f"file{i}": (p.name, p.read_bytes(), "image/png") for i, p in enumerate(rest)}
+        response = self.http.post(f"/api/projects/{project_id}/import", params={"commit_to_project": "false"},
+                                  files=files)
+        self._raise_for(response)
+        ids = response.json()["file_upload_ids"]
+        by_id = {item.id: item.file for item in self.client.files.list(id=project_id, ids=json.dumps(ids))}
+        urls.update({path.name: "/data/" + by_id[upload_id].lstrip("/") for path, upload_id in zip(rest, ids)})
         return urls
 
     def ensure_local_storage(self, project_id: int, folders: Sequence[str]) -> None:
         """Local-files serving only hands out files below a local storage of the project: make one per
-        folder (never synced: tasks are imported by ``push``, not created from the folder's files)."""
+        folder (never synced: tasks are imported by ``push``, not created from the folder's files). Creating
+        is tried once; the next push lists the storages again and makes only the missing ones."""
         existing = {s.path for s in self._call("list local storages", lambda: self.client.import_storage.local.list(
             project=project_id), project_id)}
         for folder in folders:
             if folder not in existing:
                 self._call("create a local-files storage", lambda folder=folder: self.client.import_storage.local.create(
                     project=project_id, path=folder, title=f"SLIM overlays {Path(folder).name}",
-                    use_blob_urls=True, regex_filter=r".*\.png"), project_id)
+                    use_blob_urls=True, regex_filter=r".*\.png"), project_id, idempotent=False)
 
     @staticmethod
     def _raise_for(response: httpx.Response) -> None:
@@ -279,14 +458,15 @@ class Studio:
             raise ApiError(status_code=response.status_code, body=body)
 
     def import_tasks(self, project_id: int, tasks: Sequence[dict]) -> list[int]:
-        """Create tasks (with their predictions); returns their ids in order."""
-        ids: list[int] = []
-        for start in range(0, len(tasks), IMPORT_BATCH):
-            batch = list(tasks[start:start + IMPORT_BATCH])
-            response = self._call("import tasks", lambda batch=batch: self.client.projects.import_tasks(
-                id=project_id, request=batch, return_task_ids=True), project_id)
-            ids.extend(int(t) for t in response.task_ids)
-        return ids
+        """Create tasks (with their predictions; at most :data:`IMPORT_BATCH`); returns their ids in order.
+
+        Tried once: the server may have created the tasks before the connection broke. A broken connection
+        raises :class:`TransientError`, which a caller's :meth:`retrying` retries after finding out, by the
+        tasks' own ids, what arrived (``push.import_batch``).
+        """
+        response = self._call("import tasks", lambda: self.client.projects.import_tasks(
+            id=project_id, request=list(tasks), return_task_ids=True), project_id, idempotent=False)
+        return [int(t) for t in response.task_ids]
 
     def list_tasks(self, project_id: int, task_ids: Sequence[int] | None = None,
                    fields: Sequence[str] = TASK_STATE) -> Iterator[dict]:
@@ -294,7 +474,7 @@ class Studio:
 
         Label Studio's ``include`` filter also applies to nested annotations, so naming few fields makes the
         listing several times faster; the pages are read as plain JSON through :attr:`http` because validating
-        thousands of tasks into SDK models costs more than the request itself.
+        thousands of tasks into SDK models costs more than the request itself. Each page is retried alone.
         """
         query = None
         if task_ids is not None:
@@ -307,12 +487,9 @@ class Studio:
                       "include": ",".join(fields)}
             if query:
                 params["query"] = query
-            with self._errors("list tasks", project_id):
-                response = self.http.get("/api/tasks/", params=params)
-                if response.status_code == 404 and page > 1:  # past the last page
-                    return
-                self._raise_for(response)
-            body = response.json()
+            body = self._call("list tasks", lambda params=params: self._task_page(params), project_id)
+            if body is None:  # past the last page
+                return
             tasks = body["tasks"] if isinstance(body, dict) else body
             yield from tasks
             seen += len(tasks)
@@ -321,23 +498,35 @@ class Studio:
                 return
             page += 1
 
+    def _task_page(self, params: dict) -> Any:
+        """One page of a task listing as JSON, or None past the last page (Label Studio answers 404)."""
+        response = self.http.get("/api/tasks/", params=params)
+        if response.status_code == 404 and params["page"] > 1:
+            return None
+        self._raise_for(response)
+        return response.json()
+
     def users(self) -> dict[int, str]:
         """User id -> email, to name annotators."""
-        return {int(u.id): u.email or u.username for u in self._call("list users", lambda: self.client.users.list())}
+        return self._call("list users", lambda: {int(u.id): u.email or u.username for u in self.client.users.list()})
 
     # --- annotations --------------------------------------------------------------------------------
     def submit_annotation(self, task_id: int, project_id: int, result: list[dict], lead_time: float) -> int:
-        """Submit an answer through the same endpoint the labeling UI posts to."""
+        """Submit an answer through the same endpoint the labeling UI posts to (once: a lost answer to a
+        submission may hide a stored annotation, and a second one would be a duplicate)."""
         annotation = self._call(f"annotate task {task_id}", lambda: self.client.annotations.create(
-            id=task_id, project=project_id, result=result, lead_time=lead_time, was_cancelled=False), project_id)
+            id=task_id, project=project_id, result=result, lead_time=lead_time, was_cancelled=False), project_id,
+            idempotent=False)
         return int(annotation.id)
 
     def update_annotation(self, annotation_id: int, result: list[dict]) -> None:
+        """Replace an annotation's result (setting the same result twice is harmless: retried)."""
         self._call(f"update annotation {annotation_id}",
                    lambda: self.client.annotations.update(id=annotation_id, result=result))
 
     def delete_annotation(self, annotation_id: int) -> None:
-        self._call(f"delete annotation {annotation_id}", lambda: self.client.annotations.delete(id=annotation_id))
+        self._call(f"delete annotation {annotation_id}", lambda: self.client.annotations.delete(id=annotation_id),
+                   idempotent=False)
 
     def delete_task(self, task_id: int) -> None:
-        self._call(f"delete task {task_id}", lambda: self.client.tasks.delete(id=task_id))
+        self._call(f"delete task {task_id}", lambda: self.client.tasks.delete(id=task_id), idempotent=False)

@@ -1,8 +1,10 @@
 """``push``: the selected images become Label Studio tasks, with pre-annotations.
 
 Idempotent by construction: the run's database remembers which image became which task in which project
-(and which file was uploaded where), and before importing, tasks this run created but never recorded (a push
-killed between import and bookkeeping) are found by their ``run_id`` and adopted instead of duplicated.
+(and which file was uploaded where). What a push killed (or cut off by the network) before its bookkeeping
+left in Label Studio is found again and adopted instead of duplicated: tasks by their ``run_id``, pictures by
+their file name in the companion project, projects by their title and description (which carry the run id).
+The same look-ups make retrying an import, an upload or a project creation safe after a broken connection.
 """
 
 from __future__ import annotations
@@ -67,16 +69,29 @@ def model_version(run: Run) -> str:
     return f"slim-prior-{(run.stage_fingerprint('embed') or 'unknown')[:10]}"
 
 
+def project_identity(run: Run, run_id: str) -> tuple[str, str]:
+    """Title and description of the run's project: the run id in both finds it again after a push that was
+    killed between creating it and remembering it."""
+    return (f"SLIM {run.root.name} {run_id[:6]}"[:TITLE_LENGTH],
+            f"SLIM attention review for run {run.root} (run id {run_id})")
+
+
 def resolve_project(studio: Studio, store: AnnotationStore, run: Run, run_id: str, project_id: int | None,
                     new_project: bool) -> int:
-    """``--project ID``, else the run's project, else a new one; the choice is remembered."""
+    """``--project ID``, else the run's project (remembered, or left by an interrupted push), else a new one;
+    the choice is remembered."""
     if project_id is None and not new_project:
         remembered = store.get_meta("project_id")
         project_id = int(remembered) if remembered else None
     if project_id is None:
-        title = f"SLIM {run.root.name} {run_id[:6]}"[:TITLE_LENGTH]
-        project_id = studio.create_project(title, f"SLIM attention review for run {run.root} (run id {run_id})")
-        log.info("created project %d '%s'", project_id, title)
+        title, description = project_identity(run, run_id)
+        found = [] if new_project else studio.projects_named(title, description)
+        if found:
+            project_id = found[0]
+            log.info("adopted project %d '%s' (created by an interrupted push)", project_id, title)
+        else:
+            project_id = studio.create_project(title, description)
+            log.info("created project %d '%s'", project_id, title)
     else:
         studio.check_project(project_id)
     with store.transaction() as db:
@@ -85,15 +100,17 @@ def resolve_project(studio: Studio, store: AnnotationStore, run: Run, run_id: st
 
 
 def media_project(studio: Studio, store: AnnotationStore, project_id: int) -> int:
-    """The companion project that holds the uploaded pictures of ``project_id`` (created once)."""
+    """The companion project that holds the uploaded pictures of ``project_id`` (created once; one left by an
+    interrupted push is adopted)."""
     key = f"media_project_for_{project_id}"
     remembered = store.get_meta(key)
     if remembered is not None:
         studio.project(int(remembered))
         return int(remembered)
-    title = studio.project(project_id).title
-    media = studio.create_project(f"{title} images"[:TITLE_LENGTH], f"Pictures of project {project_id}'s tasks; "
-                                  "deleting this project breaks their images", config=MEDIA_CONFIG)
+    title = f"{studio.project(project_id).title} images"[:TITLE_LENGTH]
+    description = f"Pictures of project {project_id}'s tasks; deleting this project breaks their images"
+    found = studio.projects_named(title, description)
+    media = found[0] if found else studio.create_project(title, description, config=MEDIA_CONFIG)
     with store.transaction() as db:
         store.set_meta(key, str(media), db)
     return media
@@ -108,6 +125,26 @@ def adopt_unrecorded(studio: Studio, store: AnnotationStore, project_id: int, ru
     if orphans:
         store.add_tasks(orphans)
     return len(orphans)
+
+
+def import_batch(studio: Studio, store: AnnotationStore, project_id: int, run_id: str, round_: int,
+                 tasks: list[dict], rows: list[dict[str, str]]) -> int:
+    """Import one batch of tasks and record them; returns how many this call created.
+
+    An import is not idempotent, but its tasks carry the run id: after a failure on the way (a broken
+    connection, a 5xx: the server may have created them anyway) the next attempt first adopts the tasks of
+    this run that did arrive and imports only the rest, so no task is created twice.
+    """
+    def attempt(number: int) -> int:
+        arrived = adopt_unrecorded(studio, store, project_id, run_id) if number else 0
+        present = {t.image_id for t in store.tasks(project_id)}
+        todo = [(task, row) for task, row in zip(tasks, rows) if int(row["image_id"]) not in present]
+        ids = studio.import_tasks(project_id, [task for task, _ in todo]) if todo else []
+        store.add_tasks(TaskRecord(task_id, project_id, int(row["image_id"]), round_)
+                        for task_id, (_, row) in zip(ids, todo))
+        return arrived + len(ids)
+
+    return studio.retrying("import tasks", attempt, project_id)
 
 
 def local_file_urls(paths: list[Path], document_root: Path) -> dict[str, str]:
@@ -138,7 +175,16 @@ def stage_images(studio: Studio, store: AnnotationStore, project_id: int, paths:
         return urls
     urls = store.uploads(project_id)
     missing = [p for p in paths if p.name not in urls]
-    media = media_project(studio, store, project_id) if missing else None
+    if not missing:
+        return urls
+    media = media_project(studio, store, project_id)
+    stored = studio.uploaded_files(media)  # uploaded by a push that was stopped before it recorded them
+    adopted = {p.name: stored[p.name] for p in missing if p.name in stored}
+    if adopted:
+        store.add_uploads(project_id, adopted)
+        urls.update(adopted)
+        log.info("%d pictures recovered from an interrupted push", len(adopted))
+    missing = [p for p in missing if p.name not in adopted]
     batches = [missing[start:start + UPLOAD_BATCH] for start in range(0, len(missing), UPLOAD_BATCH)]
     with tqdm(total=len(missing), desc="upload", unit="file", disable=not progress or not missing) as bar, \
             ThreadPoolExecutor(UPLOAD_THREADS) as pool:
@@ -181,11 +227,10 @@ def push_run(run: Run, settings: Settings, project_id: int | None = None, new_pr
         created = 0
         with tqdm(total=len(tasks), desc="import", unit="task", disable=not progress or not tasks) as bar:
             for start in range(0, len(tasks), IMPORT_BATCH):
-                batch, rows = tasks[start:start + IMPORT_BATCH], todo[start:start + IMPORT_BATCH]
-                ids = studio.import_tasks(project, batch)
-                store.add_tasks(TaskRecord(task_id, project, int(r["image_id"]), round_) for task_id, r in zip(ids, rows))
-                created += len(ids)
-                bar.update(len(ids))
+                batch = import_batch(studio, store, project, run_id, round_, tasks[start:start + IMPORT_BATCH],
+                                     todo[start:start + IMPORT_BATCH])
+                created += batch
+                bar.update(batch)
     finally:
         store.close()
         studio.close()
