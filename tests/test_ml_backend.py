@@ -451,3 +451,42 @@ def test_start_training_during_a_training_is_coalesced(client, backend, backend_
     metrics = client.get("/metrics").get_json()
     assert metrics["training"]["runs"] == 2 and metrics["training"]["status"] == "succeeded"
     assert metrics["background_jobs_failed"] == 0 and metrics["training"]["queued"] is False
+
+
+def test_answer_stored_by_webhook_while_pull_fetches_is_kept(sampled_run: Path, settings) -> None:
+    """The race window exactly: an annotator answers (Label Studio sends the webhook, the backend stores it)
+    after pull's listing left the server and before pull writes. Pull must not delete that answer because its
+    listing predates it; the next pull mirrors the task, with nothing counted twice."""
+    from faultproxy import FaultProxy
+
+    from pipeline.labelstudio.client import Settings, Studio
+    from pipeline.labelstudio.pull import pull_run
+    from pipeline.labelstudio.push import push_run
+    from pipeline.labelstudio.schema import choice_result
+
+    run = Run(sampled_run)
+    project = push_run(run, settings, progress=False)["project_id"]
+    backend = SlimAttentionBackend(sampled_run, settings.url, settings.api_key).setup()
+    studio = Studio(settings).connect()
+    task = next(iter(studio.list_tasks(project)))
+    studio.submit_annotation(task["id"], project, choice_result("core"), 2.0)
+    late: list[int] = []
+
+    def annotator_answers_meanwhile(request_line: str) -> bool:
+        if not late and "completed_by" in request_line:  # the listing of annotations, not of counts
+            late.append(studio.submit_annotation(task["id"], project, choice_result("spurious"), 2.0))
+            raw = studio.client.annotations.get(id=late[0]).model_dump(mode="json")
+            backend.fit("ANNOTATION_CREATED", {"annotation": raw, "task": task})
+        return False  # the listing itself goes through unharmed
+
+    with FaultProxy(int(settings.url.rsplit(":", 1)[1]), on_response=annotator_answers_meanwhile) as proxy:
+        first = pull_run(run, Settings(proxy.url, settings.api_key))
+    backend.wait_idle()
+    assert late, "the hook should have fired on pull's annotation listing"
+    assert late[0] in {a.annotation_id for a in backend.store.annotations()}, "pull deleted the webhook's answer"
+    assert first["deferred_tasks"] == 1
+    second = pull_run(run, settings)
+    studio.close()
+    assert second["annotations"] == 2 and second["choices"]["core"] == 1 and second["choices"]["spurious"] == 1
+    assert second["deferred_tasks"] == 0
+    assert pull_run(run, settings)["changed_tasks"] == 0

@@ -247,6 +247,22 @@ class AnnotationStore:
             changes["removed"] += 1
         return changes
 
+    def annotation_rows(self, task_ids: Iterable[int], db: sqlite3.Connection | None = None) -> dict[int, frozenset]:
+        """The stored rows of each of ``task_ids`` (an empty set for a task without any), to compare later:
+        a task whose rows changed between two looks was written by someone else meanwhile."""
+        wanted = set(task_ids)
+        rows: dict[int, set] = {task_id: set() for task_id in wanted}
+        for row in (db or self._connection()).execute(
+                "SELECT annotation_id, task_id, image_id, annotator, choice, skipped, boxes, note, created_at, "
+                "updated_at, lead_time FROM annotations"):
+            if row[1] in wanted:
+                rows[row[1]].add(row)
+        return {task_id: frozenset(found) for task_id, found in rows.items()}
+
+    def forget_sync(self, task_ids: Iterable[int], db: sqlite3.Connection) -> None:
+        """The next pull re-mirrors these tasks whatever Label Studio's listing says about them."""
+        db.executemany("UPDATE tasks SET synced_at = NULL WHERE task_id = ?", [(t,) for t in task_ids])
+
     def upsert_annotation(self, annotation: Annotation) -> None:
         with self.transaction() as db:
             db.execute("INSERT OR REPLACE INTO annotations VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",

@@ -62,18 +62,26 @@ def pull_run(run: Run, settings: Settings, accept_deleted: bool = False) -> dict
             )
         ]
         users = studio.users() if changed else {}
+        before = store.annotation_rows(changed)
         fetched = list(studio.list_tasks(project_id, task_ids=changed, fields=TASK_ANNOTATIONS))
         totals = {"added": 0, "updated": 0, "removed": 0}
         if gone:
             store.mark_tasks_deleted(gone)
         with store.transaction() as db:  # all changed tasks or none
+            # the ML backend's webhooks write too; a task they wrote while this pull was fetching holds news the
+            # fetch may predate: keep what they wrote, and let the next pull mirror that task afresh
+            touched = {t for t, rows in store.annotation_rows(changed, db).items() if rows != before[t]}
+            store.forget_sync(touched, db)
             for task in fetched:
                 task_id = int(task["id"])
+                if task_id in touched:
+                    continue
                 annotations = [parse_annotation(a, task_id, known[task_id].image_id, users)
                                for a in task.get("annotations") or []]
                 for key, value in store.sync_task_annotations(task_id, annotations, task["updated_at"], db).items():
                     totals[key] += value
-        summary = {**store.summary(), "changed_tasks": len(fetched), "deleted_tasks": len(gone), **totals}
+        summary = {**store.summary(), "changed_tasks": len(fetched), "deleted_tasks": len(gone),
+                   "deferred_tasks": len(touched), **totals}
     finally:
         store.close()
         studio.close()
@@ -81,5 +89,7 @@ def pull_run(run: Run, settings: Settings, accept_deleted: bool = False) -> dict
     log.info(f"{summary['tasks']} tasks, {summary['annotated_tasks']} annotated "
              f"(core {choices['core']}, spurious {choices['spurious']}, unsure {choices['unsure']}; "
              f"skipped {summary['skipped']}); annotators: {', '.join(summary['annotators']) or 'none'}; "
-             f"this pull: {totals['added']} new, {totals['updated']} updated, {totals['removed']} removed")
+             f"this pull: {totals['added']} new, {totals['updated']} updated, {totals['removed']} removed"
+             + (f"; {len(touched)} task(s) written by the ML backend meanwhile, mirrored by the next pull"
+                if touched else ""))
     return summary
