@@ -30,9 +30,11 @@ def trained_run(tiny_data: Path, tmp_path_factory: pytest.TempPathFactory) -> Pa
 @pytest.fixture(scope="session")
 def labelstudio(tmp_path_factory: pytest.TempPathFactory):
     """A real Label Studio (SQLite, 127.0.0.1) for the whole session; local files served below the temp root."""
-    from pipeline.labelstudio.server import LocalLabelStudio
+    from pipeline.labelstudio.server import LocalLabelStudio, free_port
 
-    server = LocalLabelStudio(tmp_path_factory.mktemp("label-studio"), files_root=tmp_path_factory.getbasetemp())
+    # any free port, not 8080: a developer's own Label Studio (or a parallel session's) may hold that one
+    server = LocalLabelStudio(tmp_path_factory.mktemp("label-studio"), port=free_port(0),
+                              files_root=tmp_path_factory.getbasetemp())
     credentials = server.start()
     yield credentials
     server.stop()
