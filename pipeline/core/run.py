@@ -4,21 +4,59 @@ This is the only module that knows file names inside a run. Every write is atomi
 so a command killed half-way leaves either the old artifact or the new one, never a torn file.
 ``stages.json`` records, per stage, the fingerprint of the inputs that produced its outputs; a re-run with the
 same fingerprint reuses them instead of recomputing.
+
+Long stages keep what they have finished so far under ``.resume/`` (``train.pt`` / ``retrain.pt``: the last
+epoch; ``embed/``: completed shards of the attention pass). It is a cache: each entry is keyed by the stage's
+fingerprint, a torn or stale one is discarded, and the stage removes it once its artifact is written.
 """
 
 from __future__ import annotations
 
 import csv
 import re
-from collections.abc import Iterable, Sequence
+import shutil
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import Any
 
 from pipeline.core.config import RunConfig
 from pipeline.core.errors import PipelineError
-from pipeline.core.io import atomic_write_csv, atomic_write_json, read_json
+from pipeline.core.io import TEMP_SUFFIX, atomic_write_csv, atomic_write_json, read_json
 
 SELECTION_NAME = re.compile(r"selection_round(\d+)\.csv")
+RESUME_DIR = ".resume"
+MODEL, ATTENTION, PROPAGATION = "model.pt", "attention.npz", "propagation.npz"
+CURATED, SLIM_MODEL, REPORT = "curated.csv", "slim_model.pt", "report.html"
+# the stage that writes each artifact: what to re-run when it is torn ("retrain" ignores --force, harmlessly)
+PRODUCERS = {MODEL: "train", ATTENTION: "embed", PROPAGATION: "propagate", CURATED: "curate",
+             SLIM_MODEL: "retrain", REPORT: "report"}
+
+
+def recovery_hint(path: Path) -> str:
+    """What to run to rebuild the run artifact ``path`` (the run is the file's folder)."""
+    stage = PRODUCERS.get(path.name)
+    if stage is None:
+        return "restore it from a backup or re-create it"
+    return f"re-run `python -m pipeline {stage} --run {path.parent} --force`"
+
+
+@contextmanager
+def reading(path: Path) -> Iterator[None]:
+    """Turn a failure to parse the artifact ``path`` into the one-line error naming it and its fix.
+
+    Readers (numpy, zipfile, torch, pickle) fail on a torn file with many exception types; which one is an
+    implementation detail, so anything but our own errors (and running out of memory) is reported as corruption.
+    """
+    try:
+        yield
+    except (PipelineError, MemoryError):
+        raise
+    except FileNotFoundError:
+        raise PipelineError(f"{path} is missing; {recovery_hint(path)}") from None
+    except Exception as exc:  # noqa: BLE001 - see the docstring
+        raise PipelineError(f"{path} is corrupt or truncated ({exc.__class__.__name__}); "
+                            f"{recovery_hint(path)}") from None
 
 
 class Run:
@@ -38,7 +76,7 @@ class Run:
 
     @property
     def checkpoint_path(self) -> Path:
-        return self.root / "model.pt"
+        return self.root / MODEL
 
     @property
     def metrics_path(self) -> Path:
@@ -46,7 +84,7 @@ class Run:
 
     @property
     def attention_path(self) -> Path:
-        return self.root / "attention.npz"
+        return self.root / ATTENTION
 
     @property
     def labels_path(self) -> Path:
@@ -61,19 +99,40 @@ class Run:
     @property
     def propagation_path(self) -> Path:
         """Propagated attention-correctness scores and certainties of the training images."""
-        return self.root / "propagation.npz"
+        return self.root / PROPAGATION
 
     @property
     def curated_path(self) -> Path:
-        return self.root / "curated.csv"
+        return self.root / CURATED
 
     @property
     def slim_checkpoint_path(self) -> Path:
-        return self.root / "slim_model.pt"
+        return self.root / SLIM_MODEL
 
     @property
     def report_path(self) -> Path:
-        return self.root / "report.html"
+        return self.root / REPORT
+
+    def resume_path(self, stage: str) -> Path:
+        """The epoch checkpoint a killed ``stage`` (``train``, ``retrain``) resumes from."""
+        return self.root / RESUME_DIR / f"{stage}.pt"
+
+    def shard_dir(self, stage: str) -> Path:
+        """Completed shards of a killed streaming ``stage`` (``embed``)."""
+        return self.root / RESUME_DIR / stage
+
+    def discard_resume(self, stage: str) -> None:
+        """Forget what ``stage`` kept to resume from, once its artifact is written.
+
+        Also the temporary files of checkpoint writes a kill interrupted: only this stage writes them.
+        """
+        checkpoint = self.resume_path(stage)
+        checkpoint.unlink(missing_ok=True)
+        for torn in checkpoint.parent.glob(f".{checkpoint.name}.*{TEMP_SUFFIX}"):
+            torn.unlink(missing_ok=True)
+        shutil.rmtree(self.shard_dir(stage), ignore_errors=True)
+        with suppress(OSError):  # the folder goes with its last entry; another stage's entries keep it
+            (self.root / RESUME_DIR).rmdir()
 
     def selection_path(self, round_: int) -> Path:
         return self.root / f"selection_round{round_}.csv"
@@ -96,7 +155,12 @@ class Run:
                 f"{self.root} is not a run directory (no config.json); start one with "
                 f"`python -m pipeline train --data DIR --run {self.root}`"
             )
-        return RunConfig.from_dict(read_json(self.config_path))
+        raw = read_json(self.config_path, f"restore it, or start the run again with `python -m pipeline train "
+                                          f"--data DIR --run {self.root}`")
+        if not isinstance(raw, dict):
+            raise PipelineError(f"{self.config_path} is not a run config (a JSON object); restore it or start "
+                                f"the run again with `python -m pipeline train --data DIR --run {self.root}`")
+        return RunConfig.from_dict(raw)
 
     def save_config(self, config: RunConfig) -> None:
         atomic_write_json(self.config_path, config.to_dict())
@@ -106,7 +170,13 @@ class Run:
 
     # --- stage bookkeeping --------------------------------------------------------------------------
     def _stages(self) -> dict[str, str]:
-        return read_json(self.stages_path) if self.stages_path.exists() else {}
+        if not self.stages_path.exists():
+            return {}
+        remedy = "delete it and re-run the stages (their outputs are recomputed)"
+        stages = read_json(self.stages_path, remedy)
+        if not isinstance(stages, dict):
+            raise PipelineError(f"{self.stages_path} is not a stage record (a JSON object); {remedy}")
+        return stages
 
     def stage_fingerprint(self, stage: str) -> str | None:
         return self._stages().get(stage)

@@ -9,11 +9,17 @@ that clustering, propagation and nearest-neighbour look-ups compare is defined o
 drift into different spaces.
 
 Users only index the fields as arrays, so they may be backed by memory-mapped files instead of RAM.
+
+The attention pass streams batches (:func:`attention_batches`); :class:`AttentionShards` keeps its finished
+slices on disk as it goes, so a killed pass continues from the last complete shard instead of the start.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import logging
+import math
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
@@ -26,10 +32,14 @@ from tqdm import tqdm
 
 from pipeline.core.errors import PipelineError
 from pipeline.core.io import atomic_write
+from pipeline.core.run import reading
 from pipeline.model.cam import AttentionBatch, AttentionExtractor, upsample_cams
 
+log = logging.getLogger(__name__)
 SPACES = ("vectors", "embedding")
 UNIT_EPS = 1e-12  # guards the division for an all-zero vector (a CAM that is zero everywhere)
+SHARD_IMAGES = 512  # most work a kill can cost: ~1 s of a GPU's ResNet-50 pass, ~12 MB of its vectors
+MIN_SHARDS = 8  # and at most an eighth of a small pass, so a short one resumes too
 
 
 def unit_rows(vectors: np.ndarray) -> np.ndarray:
@@ -114,11 +124,13 @@ class AttentionArrays:
 
     @classmethod
     def load(cls, path: Path) -> AttentionArrays:
-        with np.load(path, allow_pickle=False) as npz:
-            fields = {f.name for f in dataclasses.fields(cls)}
-            values = {key: npz[key] for key in npz.files if key in fields}
-        values["class_names"] = tuple(str(c) for c in values.get("class_names", ()))
-        return cls(**values)
+        """``attention.npz``; a torn file is the one-line error saying to re-run ``embed``."""
+        with reading(path):
+            with np.load(path, allow_pickle=False) as npz:
+                fields = {f.name for f in dataclasses.fields(cls)}
+                values = {key: npz[key] for key in npz.files if key in fields}
+            values["class_names"] = tuple(str(c) for c in values.get("class_names", ()))
+            return cls(**values)
 
 
 def attention_vectors(batch: AttentionBatch) -> tuple[torch.Tensor, torch.Tensor]:
@@ -150,9 +162,26 @@ def compute_attention(extractor: AttentionExtractor, loader: DataLoader, device:
     Memory holds only the per-image vectors and low-resolution maps, allocated once from the first batch's
     shapes; full-resolution maps (for AIoU) live one batch at a time.
     """
-    n = len(loader.dataset)
+    return stack_rows(attention_batches(extractor, loader, device, threshold, image_size, progress),
+                      len(loader.dataset))
+
+
+def stack_rows(parts: Iterable[dict[str, np.ndarray]], n: int) -> AttentionArrays:
+    """``n`` rows from consecutive parts (batches or shards), into arrays allocated once from the first part."""
     out: dict[str, np.ndarray] = {}
     row = 0
+    for values in parts:
+        if not out:
+            out = {key: np.empty((n, *v.shape[1:]), dtype=v.dtype) for key, v in values.items()}
+        for key, value in values.items():
+            out[key][row:row + len(value)] = value
+        row += len(values["index"])
+    return AttentionArrays(**out)
+
+
+def attention_batches(extractor: AttentionExtractor, loader: DataLoader, device: torch.device, threshold: float,
+                      image_size: int, progress: bool = True) -> Iterator[dict[str, np.ndarray]]:
+    """The per-image values of each batch of ``loader`` (the fields of :class:`AttentionArrays`), in order."""
     for images, labels, index, masks in tqdm(loader, desc="embed", disable=not progress, unit="batch"):
         images, labels = images.to(device, non_blocking=True), labels.to(device)
         batch = extractor(images, labels)
@@ -172,9 +201,84 @@ def compute_attention(extractor: AttentionExtractor, loader: DataLoader, device:
         if masks.numel():
             full = upsample_cams(batch.cams, image_size)
             values["aiou"] = aiou(full, masks.to(device).float(), threshold).cpu().numpy()
-        if not out:
-            out = {key: np.empty((n, *v.shape[1:]), dtype=v.dtype) for key, v in values.items()}
-        for key, value in values.items():
-            out[key][row:row + len(value)] = value
-        row += len(index)
-    return AttentionArrays(**out)
+        yield values
+
+
+def shard_rows(n_images: int, batch_size: int) -> int:
+    """Images per shard: a whole number of batches, so a resumed pass sees exactly the batches (and the float
+    rounding) of an undisturbed one; about ``SHARD_IMAGES``, fewer for a pass under ``MIN_SHARDS`` of those."""
+    wanted = min(SHARD_IMAGES, math.ceil(n_images / MIN_SHARDS))
+    return batch_size * max(1, wanted // batch_size)
+
+
+@dataclass(frozen=True)
+class AttentionShards:
+    """The finished slices of one attention pass: ``FOLDER/KEY-00000.npz``, ``rows`` images each, in order.
+
+    ``key`` is the pass's fingerprint (model bytes, data, settings, device): shards of another pass are never
+    read. Each shard is an ``.npz`` of the per-image fields of its rows, written atomically, so a killed pass
+    leaves whole shards only; one that does not read back is discarded and recomputed. Members are stored
+    uncompressed (``np.savez``), so a shard's arrays can also be memory-mapped where they lie.
+    """
+
+    folder: Path
+    key: str
+    rows: int
+
+    def path(self, shard: int) -> Path:
+        return self.folder / f"{self.key}-{shard:05d}.npz"
+
+    def remove_stale(self) -> None:
+        """Delete shards of other passes (older models or settings): they can never be resumed."""
+        for path in self.folder.glob("*.npz"):
+            if not path.name.startswith(f"{self.key}-"):
+                path.unlink(missing_ok=True)
+
+    def completed(self, index: np.ndarray) -> int:
+        """How many leading shards are whole and hold exactly the expected image ids (``index``, in pass order).
+
+        Each is read in full (the zip's checksums catch a torn one) and dropped again: memory holds one shard.
+        """
+        shard = 0
+        while self.path(shard).exists():
+            expected = index[shard * self.rows:(shard + 1) * self.rows]
+            try:
+                part = self.load(shard)
+                whole = np.array_equal(part["index"], expected) and all(len(v) == len(expected)
+                                                                         for v in part.values())
+            except Exception as exc:  # noqa: BLE001 - a torn file fails in zipfile, zlib or numpy alike; a cache
+                log.warning("discarding the unreadable attention shard %s (%s); recomputing it",
+                            self.path(shard), exc.__class__.__name__)
+                whole = False
+            if not whole:
+                self.path(shard).unlink(missing_ok=True)
+                break
+            shard += 1
+        return shard
+
+    def load(self, shard: int) -> dict[str, np.ndarray]:
+        """One shard's fields; raises on a torn file (:meth:`completed` has checked the ones it counts)."""
+        with np.load(self.path(shard), allow_pickle=False) as npz:
+            return {key: npz[key] for key in npz.files}
+
+    def loaded(self, count: int) -> Iterator[dict[str, np.ndarray]]:
+        """The first ``count`` shards, one at a time."""
+        for shard in range(count):
+            yield self.load(shard)
+
+    def written(self, batches: Iterable[dict[str, np.ndarray]], first: int) -> Iterator[dict[str, np.ndarray]]:
+        """Group ``batches`` into shards numbered from ``first``, save each as it completes and pass it on."""
+        pending: list[dict[str, np.ndarray]] = []
+        shard = first
+        for values in batches:
+            pending.append(values)
+            if sum(len(p["index"]) for p in pending) >= self.rows:
+                yield self._save(shard, pending)
+                shard, pending = shard + 1, []
+        if pending:
+            yield self._save(shard, pending)
+
+    def _save(self, shard: int, batches: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
+        part = {key: np.concatenate([b[key] for b in batches]) for key in batches[0]}
+        atomic_write(self.path(shard), lambda handle: np.savez(handle, **part))
+        return part

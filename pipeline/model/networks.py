@@ -17,6 +17,7 @@ from torchvision import models as tv_models
 
 from pipeline.core.errors import PipelineError
 from pipeline.core.io import atomic_write
+from pipeline.core.run import reading
 
 
 class Classifier(nn.Module):
@@ -114,10 +115,12 @@ def save_checkpoint(model: Classifier, path: Path, meta: dict) -> None:
 
 
 def load_checkpoint(path: Path) -> tuple[Classifier, dict]:
-    blob = torch.load(path, map_location="cpu", weights_only=True)
-    meta = blob["meta"]
-    model = build_model(meta["arch"], meta["num_classes"])
-    model.load_state_dict(blob["model"])
+    """The model and meta of ``save_checkpoint``; a torn file is the one-line error saying what to re-run."""
+    with reading(path):
+        blob = torch.load(path, map_location="cpu", weights_only=True)
+        meta = blob["meta"]
+        model = build_model(meta["arch"], meta["num_classes"])
+        model.load_state_dict(blob["model"])
     return model.eval(), meta
 
 

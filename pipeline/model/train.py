@@ -1,16 +1,27 @@
-"""SLIM step 1: the ERM reference model, trained on the training split and evaluated per group."""
+"""SLIM step 1: the ERM reference model, trained on the training split and evaluated per group.
+
+:func:`fit` is also what ``retrain`` (fresh and full modes) trains with. Given a :class:`Resume`, it writes an
+epoch checkpoint after every epoch (model, optimizer, learning-rate schedule and every random state the rest
+of training draws from) and, when started again after a kill, continues from it: the final weights equal an
+undisturbed run's bit for bit on CPU, because the resumed epochs see the same states in the same order.
+"""
 
 from __future__ import annotations
 
 import logging
+import random
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
+import numpy as np
 import torch
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from pipeline.core.config import RunConfig, fingerprint
 from pipeline.core.data import TRAIN, load_dataset, resolve_image_size
-from pipeline.core.io import atomic_write_json
+from pipeline.core.io import atomic_write, atomic_write_json
 from pipeline.core.run import Run
 from pipeline.model.evaluate import evaluate_splits, format_metrics
 from pipeline.model.loaders import make_loader, seed_everything
@@ -20,20 +31,95 @@ log = logging.getLogger(__name__)
 MOMENTUM = 0.9  # SGD with Nesterov momentum 0.9: the standard ResNet recipe the Waterbirds baselines use
 
 
+@dataclass(frozen=True)
+class Resume:
+    """Where :func:`fit` keeps its epoch checkpoint, and the key a checkpoint must carry to be resumed.
+
+    The key is the stage's fingerprint and the device type (CUDA autocasts to bf16, so it trains a different
+    model): a checkpoint of other settings is never resumed, only overwritten.
+    """
+
+    path: Path
+    key: str
+
+    def refined(self, *parts: Any) -> Resume:
+        """The same place, keyed also by ``parts`` (inputs the stage fingerprint does not cover)."""
+        return Resume(self.path, fingerprint(self.key, *parts))
+
+
+def _generators(loader: DataLoader) -> list[torch.Generator]:
+    """The loader's own random generators: its seed source and its sampler's (the same object for shuffling)."""
+    found: list[torch.Generator] = []
+    for generator in (loader.generator, getattr(loader.sampler, "generator", None)):
+        if generator is not None and all(generator is not g for g in found):
+            found.append(generator)
+    return found
+
+
+def rng_state(loader: DataLoader) -> dict:
+    """Every random state an epoch draws from: torch (CPU, CUDA: flips, seeds), NumPy, Python, the loader's."""
+    name, keys, position, has_gauss, gauss = np.random.get_state()
+    return {"torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+            "numpy": [name, keys.tolist(), position, has_gauss, gauss], "python": random.getstate(),
+            "loader": [g.get_state() for g in _generators(loader)]}
+
+
+def restore_rng_state(state: dict, loader: DataLoader) -> None:
+    """Put back what :func:`rng_state` saved."""
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] and len(state["cuda"]) == torch.cuda.device_count():  # the same GPUs: the key has the device
+        torch.cuda.set_rng_state_all(state["cuda"])
+    name, keys, position, has_gauss, gauss = state["numpy"]
+    np.random.set_state((name, np.array(keys, dtype=np.uint32), position, has_gauss, gauss))
+    random.setstate(state["python"])
+    for generator, saved in zip(_generators(loader), state["loader"], strict=True):
+        generator.set_state(saved)
+
+
+def load_epoch_checkpoint(resume: Resume) -> dict | None:
+    """The checkpoint to continue from, or ``None``: absent, of other settings, or torn (then it is removed)."""
+    if not resume.path.exists():
+        return None
+    try:
+        state = torch.load(resume.path, map_location="cpu", weights_only=True)
+        key = state["key"]
+    except Exception as exc:  # noqa: BLE001 - a torn file fails in torch, zipfile or pickle alike; it is a cache
+        log.warning("discarding the unreadable epoch checkpoint %s (%s); starting over", resume.path,
+                    exc.__class__.__name__)
+        resume.path.unlink(missing_ok=True)
+        return None
+    if key != resume.key:
+        log.info("ignoring %s: it was written with other settings", resume.path)
+        return None
+    return state
+
+
 def fit(model: Classifier, loader: DataLoader, epochs: int, lr: float, weight_decay: float,
-        device: torch.device, progress: bool = True) -> list[float]:
+        device: torch.device, progress: bool = True, resume: Resume | None = None) -> list[float]:
     """Plain ERM: SGD with momentum, cosine schedule, horizontal flips; bf16 autocast on CUDA.
 
-    Returns the mean training loss per epoch.
+    With ``resume``, continues from its epoch checkpoint when there is one and writes one after every epoch;
+    the caller removes it once the trained model is saved. Returns the mean training loss per epoch.
     """
     model.to(device).train()
     optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=MOMENTUM, weight_decay=weight_decay,
                                 nesterov=True)
     steps = max(1, epochs * len(loader))
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=steps)  # stepped once per batch
-    losses = []
-    bar = tqdm(total=steps, desc="train", disable=not progress, unit="batch")
-    for epoch in range(epochs):
+    losses: list[float] = []
+    state = load_epoch_checkpoint(resume) if resume else None
+    if state is not None:
+        losses = list(state["losses"])
+        if 0 < len(losses) < epochs and loader.persistent_workers:
+            iter(loader)  # an undisturbed run made its workers (one seed draw) in epoch 0, not now: draw first
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        schedule.load_state_dict(state["schedule"])
+        restore_rng_state(state["rng"], loader)
+        log.info("resuming from %s after epoch %d of %d", resume.path, len(losses), epochs)
+    bar = tqdm(total=steps, initial=len(losses) * len(loader), desc="train", disable=not progress, unit="batch")
+    for epoch in range(len(losses), epochs):
         total, count = 0.0, 0
         for images, labels, _, _ in loader:
             images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
@@ -50,12 +136,26 @@ def fit(model: Classifier, loader: DataLoader, epochs: int, lr: float, weight_de
             bar.update(1)
         losses.append(total / count)
         bar.set_postfix(epoch=epoch + 1, loss=f"{losses[-1]:.3f}")
+        if resume:
+            save_epoch_checkpoint(resume, model, optimizer, schedule, loader, losses)
     bar.close()
     return losses
 
 
+def save_epoch_checkpoint(resume: Resume, model: Classifier, optimizer: torch.optim.Optimizer,
+                          schedule: torch.optim.lr_scheduler.LRScheduler, loader: DataLoader,
+                          losses: list[float]) -> None:
+    """Everything the next epoch needs, atomically: a kill while writing keeps the previous epoch's."""
+    state = {"key": resume.key, "losses": losses, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+             "schedule": schedule.state_dict(), "rng": rng_state(loader)}
+    atomic_write(resume.path, lambda handle: torch.save(state, handle))
+
+
 def train_reference(run: Run, config: RunConfig, force: bool = False, progress: bool = True) -> dict:
-    """Train (or reuse) the ERM reference model of ``run``; returns the metrics it wrote."""
+    """Train (or reuse) the ERM reference model of ``run``; returns the metrics it wrote.
+
+    A run killed during training resumes from its last finished epoch (``.resume/train.pt``).
+    """
     image_set = load_dataset(config.data.root)
     size = resolve_image_size(image_set, config.data.image_size)
     stamp = fingerprint("train", image_set.fingerprint(), config.data, config.train)
@@ -63,6 +163,7 @@ def train_reference(run: Run, config: RunConfig, force: bool = False, progress: 
     run.save_config(config)
     if not force and run.is_done("train", stamp, [run.checkpoint_path, run.metrics_path]):
         log.info("reusing %s (same data and settings; --force retrains)", run.checkpoint_path)
+        run.discard_resume("train")
         return run.load_metrics()
     device = resolve_device(config.device)
     seed_everything(config.train.seed)
@@ -71,7 +172,9 @@ def train_reference(run: Run, config: RunConfig, force: bool = False, progress: 
         load_weights(model, config.train.weights)
     loader = make_loader(image_set, image_set.split(TRAIN), size, config.train.batch_size, config.data.workers,
                          shuffle=True, seed=config.train.seed)
-    losses = fit(model, loader, config.train.epochs, config.train.lr, config.train.weight_decay, device, progress)
+    resume = Resume(run.resume_path("train"), fingerprint(stamp, device.type))
+    losses = fit(model, loader, config.train.epochs, config.train.lr, config.train.weight_decay, device, progress,
+                 resume)
     meta = {"arch": config.train.arch, "num_classes": image_set.num_classes, "image_size": size,
             "class_names": image_set.class_names, "fingerprint": stamp}
     save_checkpoint(model.cpu(), run.checkpoint_path, meta)
@@ -80,6 +183,7 @@ def train_reference(run: Run, config: RunConfig, force: bool = False, progress: 
     metrics = {"erm": {**results.get("test", {}), "val": results.get("val"), "train_loss": losses}}
     atomic_write_json(run.metrics_path, metrics)  # a new reference model starts the run's metrics afresh
     run.mark_done("train", stamp)
+    run.discard_resume("train")
     for name, split_metrics in results.items():
         log.info(format_metrics(f"ERM {name}", split_metrics))
     return metrics

@@ -28,7 +28,7 @@ from sklearn.semi_supervised import LabelSpreading
 from pipeline.core.config import RunConfig, fingerprint
 from pipeline.core.errors import PipelineError
 from pipeline.core.io import atomic_write
-from pipeline.core.run import Run
+from pipeline.core.run import Run, reading
 from pipeline.core.store import Annotation, AnnotationStore
 from pipeline.core.verdicts import CHOICES, CORE, SPURIOUS, UNDECIDED
 from pipeline.model.attention import AttentionArrays
@@ -139,7 +139,7 @@ class Propagation:
 
     @classmethod
     def load(cls, path: Path) -> Propagation:
-        with np.load(path, allow_pickle=False) as npz:
+        with reading(path), np.load(path, allow_pickle=False) as npz:
             return cls(npz["index"], npz["score"], npz["certainty"], npz["answered"])
 
 
