@@ -73,3 +73,26 @@ def test_bad_spec_is_refused(tmp_path: Path, spec: SynthSpec, message: str) -> N
     with pytest.raises(PipelineError, match=message):
         generate(tmp_path / "x", spec, progress=False)
     assert not (tmp_path / "x" / "metadata.csv").exists()
+
+
+def _file_size_limit() -> None:
+    """In the child: a 1 kB file-size limit stands in for a full disk (writes past it fail with EFBIG)."""
+    import resource
+    import signal
+
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # ignored dispositions survive exec
+    resource.setrlimit(resource.RLIMIT_FSIZE, (1024, 1024))
+
+
+def test_full_disk_while_generating_is_one_line(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    out = tmp_path / "synth"
+    done = subprocess.run([sys.executable, "-m", "pipeline", "synth", str(out), "--n-train", "4", "--n-val", "2",
+                           "--n-test", "2", "--image-size", "64", "--quiet"], preexec_fn=_file_size_limit,
+                          capture_output=True, text=True, timeout=120, check=False)
+    assert done.returncode == 2
+    assert done.stderr.splitlines() == [
+        f"error: no space left on device while writing {out} (EFBIG); free space and re-run"]
+    assert not (out / "metadata.csv").exists()

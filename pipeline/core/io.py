@@ -18,7 +18,8 @@ import io
 import json
 import os
 import secrets
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import IO, Any
 
@@ -37,16 +38,26 @@ def atomic_write(path: Path, write: Callable[[IO[bytes]], None]) -> None:
     its write callback as a ``RuntimeError`` with the ``OSError`` as its context).
     """
     tmp = path.parent / f".{path.name}.{secrets.token_hex(6)}{TEMP_SUFFIX}"
+    with no_space_is_an_error(path):
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+            with os.fdopen(fd, "wb") as handle:
+                write(handle)
+                handle.flush()
+                os.fsync(handle.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+
+
+@contextmanager
+def no_space_is_an_error(path: Path) -> Iterator[None]:
+    """A full disk while writing ``path`` (a file, or files below a folder) becomes the one-line error."""
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
-        with os.fdopen(fd, "wb") as handle:
-            write(handle)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
+        yield
     except BaseException as exc:
-        tmp.unlink(missing_ok=True)
         full = _no_space(exc)
         if full is not None:
             raise PipelineError(f"no space left on device while writing {path} ({errno.errorcode[full]}); "

@@ -24,7 +24,7 @@ from tqdm import tqdm
 from pipeline.core.config import option
 from pipeline.core.data import TEST, TRAIN, VAL
 from pipeline.core.errors import PipelineError
-from pipeline.core.io import atomic_write_bytes
+from pipeline.core.io import atomic_write_bytes, no_space_is_an_error
 
 SHAPES = ("disc", "triangle", "square", "star", "cross", "hexagon")
 
@@ -55,15 +55,16 @@ def generate(out: str | Path, spec: SynthSpec, progress: bool = True) -> Path:
     (out / "masks").mkdir(parents=True, exist_ok=True)
     splits = [TRAIN] * spec.n_train + [VAL] * spec.n_val + [TEST] * spec.n_test
     rows = ["img_filename,y,split,place,mask_filename"]
-    for index, split in enumerate(tqdm(splits, desc="synth", disable=not progress, unit="img")):
-        rng = np.random.default_rng([spec.seed, index])
-        y = int(rng.integers(spec.classes))
-        place = _draw_place(rng, y, spec.classes, spec.corr if split == TRAIN else None)
-        image, mask = render(rng, y, place, spec.classes, spec.image_size)
-        name = f"{index:05d}.png"
-        Image.fromarray(image).save(out / "images" / name)
-        Image.fromarray(mask.astype(np.uint8) * 255).save(out / "masks" / name)
-        rows.append(f"images/{name},{y},{split},{place},masks/{name}")
+    with no_space_is_an_error(out):  # pictures are written in place (thousands of fsyncs would cost more)
+        for index, split in enumerate(tqdm(splits, desc="synth", disable=not progress, unit="img")):
+            rng = np.random.default_rng([spec.seed, index])
+            y = int(rng.integers(spec.classes))
+            place = _draw_place(rng, y, spec.classes, spec.corr if split == TRAIN else None)
+            image, mask = render(rng, y, place, spec.classes, spec.image_size)
+            name = f"{index:05d}.png"
+            Image.fromarray(image).save(out / "images" / name)
+            Image.fromarray(mask.astype(np.uint8) * 255).save(out / "masks" / name)
+            rows.append(f"images/{name},{y},{split},{place},masks/{name}")
     # metadata last: a generator killed half-way leaves no metadata.csv, so it is never mistaken for a dataset
     atomic_write_bytes(info_path, (json.dumps(info, indent=2) + "\n").encode())
     atomic_write_bytes(meta_path, ("\n".join(rows) + "\n").encode())
