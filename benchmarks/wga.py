@@ -17,6 +17,17 @@ on subsets chosen five ways:
   ``jtt`` is: only the weights differ, so it shows what group balancing itself can reach against error
   upweighting.
 
+Two more rows are the other works' remedies, fed by the same simulated answers:
+
+* ``corm`` (``--mode fresh`` only): Core Risk Minimization, the reference recipe with each training image's
+  likely-spurious region (from its attention map and propagated verdict; the simulated annotator draws no
+  boxes) corrupted by ``--corruption`` in ``--corrupt-probability`` of the draws; its row also carries core
+  accuracy (test, background replaced by noise), as does ERM's;
+* ``low-spuriosity`` (every mode: it only refits the head on frozen ERM features): the least spurious share of
+  each class, the share chosen on validation worst-class accuracy.
+
+``--only corm low-spuriosity`` trains just the named rows (and ERM), to add them to a table measured before.
+
 It also records how pure SLIM's curated cells are with respect to the true groups (evaluation only): the
 share of curated images that belong to their cell's most common group.
 
@@ -24,6 +35,7 @@ Writes JSON (``--out``) with mean ± std of test worst-group and mean accuracy p
 fraction and the gap closed ``(slim - erm) / (oracle - erm)``, and prints a markdown table.
 
     python benchmarks/wga.py --seeds 0 1 2 --out bench-out/wga.json
+    python benchmarks/wga.py --seeds 0 1 2 --mode fresh --noise 0 --only corm low-spuriosity --out bench-out/wga-corm.json
 """
 
 from __future__ import annotations
@@ -38,8 +50,8 @@ import torch
 from runs import attention_run
 from sklearn.metrics.cluster import contingency_matrix
 
-from pipeline.core.config import RETRAIN_MODES, RunConfig
-from pipeline.core.data import TEST, load_dataset, load_mask
+from pipeline.core.config import CORRUPTIONS, RetrainConfig, RunConfig
+from pipeline.core.data import TEST, VAL, load_dataset, load_mask
 from pipeline.core.io import atomic_write_json
 from pipeline.core.run import Run
 from pipeline.core.synth import SynthSpec
@@ -53,13 +65,26 @@ from pipeline.model.networks import load_checkpoint
 from pipeline.slim.clustering import elbow_clusters
 from pipeline.slim.curate import curate, default_subset_size
 from pipeline.slim.propagate import Answers, propagate
-from pipeline.slim.retrain import fresh_model, last_layer_head, retrain_full, retrain_last_layer
+from pipeline.slim.regions import SpuriousRegions
+from pipeline.slim.report import core_accuracy
+from pipeline.slim.retrain import (
+    fresh_model,
+    frozen_attention,
+    last_layer_head,
+    retrain_corm,
+    retrain_full,
+    retrain_last_layer,
+    retrain_low_spuriosity,
+)
 from pipeline.slim.sample import select
 from pipeline.slim.weights import cell_balanced_weights, class_normalised, spurious_space_cells
 
 ALL_IMAGES_EPOCHS = 5  # full mode over all 2,400 images: ~2.5x the gradient steps of 20 passes over 240
 
-METHODS = ("erm", "slim", "slim-published", "slim-no-answers", "random", "jtt", "oracle", "oracle-all")
+METHODS = ("erm", "slim", "slim-published", "slim-no-answers", "random", "jtt", "oracle", "oracle-all", "corm",
+           "low-spuriosity")
+WGA_MODES = ("last-layer", "full", "fresh")  # the retrainings every method of a table shares
+SUMMARY_KEYS = ("worst_group_acc", "mean_acc", "avg_acc")
 
 
 def build(work: Path, seed: int, spec: SynthSpec | None = None) -> Run:
@@ -130,7 +155,46 @@ def evaluate_on_test(model, run: Run, test_features: np.ndarray | None, mode: st
     return evaluate_splits(model, image_set, size, config, torch.device("cpu"), progress=False)["test"]
 
 
-def fresh_seed(run: Run, seed: int, noise: float, upweight: float, no_answer_results: dict) -> dict:
+def low_spuriosity_row(model, run: Run, arrays: AttentionArrays, scores: np.ndarray, test_features: np.ndarray,
+                       seed: int) -> dict:
+    """``low-spuriosity``: the head refit on each class's least spurious share (chosen on val worst class)."""
+    config = run.load_config()
+    image_set = load_dataset(config.data.root)
+    size = load_checkpoint(run.checkpoint_path)[1]["image_size"]
+    val = frozen_attention(model, image_set, VAL, size, config, torch.device("cpu"))
+    seed_everything(seed)
+    retrained, details = retrain_low_spuriosity(model, arrays, scores, val.features, val.y, seed)
+    return {**evaluate_on_test(retrained, run, test_features, "last-layer"), "share": details["share"]}
+
+
+def corm_row(run: Run, arrays: AttentionArrays, scores: np.ndarray, seed: int, retrain: RetrainConfig) -> dict:
+    """``corm``: the reference recipe, each draw's likely-spurious region corrupted as ``retrain`` says."""
+    config = copy.deepcopy(run.load_config())
+    config.retrain.corruption, config.retrain.corrupt_probability = retrain.corruption, retrain.corrupt_probability
+    size = load_checkpoint(run.checkpoint_path)[1]["image_size"]
+    seed_everything(seed)
+    model, details = retrain_corm(arrays, SpuriousRegions(arrays.index, arrays.cam, scores, {}), config,
+                                  torch.device("cpu"), size, False)
+    return {**evaluate_on_test(model, run, None, "fresh"), "core_acc": core_accuracy_on_test(model, run),
+            "regions": details["regions"]}
+
+
+def core_accuracy_on_test(model, run: Run) -> float:
+    """Core accuracy on test (background replaced by noise; masks used for evaluation only)."""
+    config = run.load_config()
+    image_set = load_dataset(config.data.root)
+    size = load_checkpoint(run.checkpoint_path)[1]["image_size"]
+    return core_accuracy(model, image_set, image_set.split(TEST), size, config, torch.device("cpu"))
+
+
+def summarise(results: dict) -> dict:
+    """Per method the headline numbers, with core accuracy and the remedies' choices where measured."""
+    extra = ("core_acc", "share", "regions")
+    return {name: {key: r[key] for key in (*SUMMARY_KEYS, *extra) if key in r} for name, r in results.items()}
+
+
+def fresh_seed(run: Run, seed: int, noise: float, upweight: float, no_answer_results: dict,
+               only: set[str] | None = None, remedy: RetrainConfig | None = None) -> dict:
     """``--mode fresh``: each method trains a new model with the reference recipe under its own weights.
 
     ``slim`` balances the cells of the space the answers point at; ``slim-no-answers`` the label-free cells
@@ -155,7 +219,16 @@ def fresh_seed(run: Run, seed: int, noise: float, upweight: float, no_answer_res
     answers = simulated_answers(run, arrays, noise, seed)
     scores, _ = propagate(arrays, answers)
     cells = spurious_space_cells(arrays, scores, seed)
-    results = {"slim": trained(cell_balanced_weights(labels, cells))}
+    results = {}
+    if only is None or "slim" in only:
+        results["slim"] = trained(cell_balanced_weights(labels, cells))
+    if only is None or "corm" in only:
+        results["corm"] = corm_row(run, arrays, scores, seed, remedy or RetrainConfig())
+    if only is None or "low-spuriosity" in only:
+        results["low-spuriosity"] = low_spuriosity_row(model, run, arrays, scores, erm_test_features(run, model), seed)
+    if only is not None and "erm" not in no_answer_results:
+        no_answer_results["erm"] = {**evaluate_on_test(model, run, None, "fresh"),
+                                    "core_acc": core_accuracy_on_test(model, run)}
     if not no_answer_results:
         crossed = np.zeros_like(cells)  # label-free attention cells: attended x ignored clusters, per class
         for y in np.unique(labels):
@@ -169,19 +242,29 @@ def fresh_seed(run: Run, seed: int, noise: float, upweight: float, no_answer_res
         for y in np.unique(labels):  # same cell sizes, members at random
             members = np.flatnonzero(labels == y)
             shuffled[members] = np.random.default_rng(seed).permutation(cells[members])
-        no_answer_results["erm"] = evaluate_on_test(model, run, None, "fresh")
+        no_answer_results["erm"] = {**evaluate_on_test(model, run, None, "fresh"),
+                                    "core_acc": core_accuracy_on_test(model, run)}
         no_answer_results["random"] = trained(cell_balanced_weights(labels, shuffled))
         errors = np.where(arrays.pred != labels, upweight, 1.0)
         no_answer_results["jtt"] = trained(class_normalised(errors, labels))
         no_answer_results["oracle"] = trained(cell_balanced_weights(labels, groups))
     results.update(no_answer_results)
-    summary = {name: {"worst_group_acc": r["worst_group_acc"], "mean_acc": r["mean_acc"], "avg_acc": r["avg_acc"]}
-               for name, r in results.items()}
+    summary = summarise(results)
     summary["cell_purity"] = {"slim": cell_purity(cells, groups)}
     summary["annotated"] = len(answers.labels)
     summary["annotated_fraction"] = len(answers.labels) / len(labels)
     summary["subset_size"] = len(labels)
     return summary
+
+
+def erm_test_features(run: Run, model) -> np.ndarray:
+    """The ERM model's pooled features of the test split, in the split's order (what group_metrics expects)."""
+    config = run.load_config()
+    image_set = load_dataset(config.data.root)
+    size = load_checkpoint(run.checkpoint_path)[1]["image_size"]
+    loader = make_loader(image_set, image_set.split(TEST), size, 256, 0)
+    return compute_attention(make_extractor(model, "gradcam"), loader, torch.device("cpu"), 0.8, size,
+                             progress=False).features
 
 
 def one_seed(run: Run, seed: int, mode: str, noise: float, upweight: float, subset_size: int | None,
@@ -222,8 +305,8 @@ def one_seed(run: Run, seed: int, mode: str, noise: float, upweight: float, subs
     for name, weights in (("jtt", errors), ("oracle-all", group_balanced)):
         results[name] = evaluate_on_test(reweighted_model(model, arrays, weights, mode, config, meta),
                                          run, test_features, mode)
-    summary = {name: {"worst_group_acc": r["worst_group_acc"], "mean_acc": r["mean_acc"], "avg_acc": r["avg_acc"]}
-               for name, r in results.items()}
+    results["low-spuriosity"] = low_spuriosity_row(model, run, arrays, scores, test_features, seed)
+    summary = summarise(results)
     summary["cell_purity"] = {name: cell_purity([(int(arrays.y[p.row]), *p.cell) for p in picks],
                                                 groups[[p.row for p in picks]]) for name, picks in curated.items()}
     summary["annotated"] = len(answers.labels)
@@ -243,9 +326,14 @@ def aggregate(per_seed: list[dict]) -> dict:
             values = [r[key] for r in runs]
             out[method][key] = {"mean": statistics.mean(values),
                                 "std": statistics.stdev(values) if len(values) > 1 else 0.0}
-    gaps = [(s["slim"]["worst_group_acc"] - s["erm"]["worst_group_acc"])
-            / max(s["oracle"]["worst_group_acc"] - s["erm"]["worst_group_acc"], 1e-9) for s in per_seed]
-    out["gap_closed"] = {"mean": statistics.mean(gaps), "per_seed": gaps}
+        if all("core_acc" in r for r in runs):
+            values = [r["core_acc"] for r in runs]
+            out[method]["core_acc"] = {"mean": statistics.mean(values),
+                                       "std": statistics.stdev(values) if len(values) > 1 else 0.0}
+    if all("slim" in s and "oracle" in s for s in per_seed):  # not when --only left them out
+        gaps = [(s["slim"]["worst_group_acc"] - s["erm"]["worst_group_acc"])
+                / max(s["oracle"]["worst_group_acc"] - s["erm"]["worst_group_acc"], 1e-9) for s in per_seed]
+        out["gap_closed"] = {"mean": statistics.mean(gaps), "per_seed": gaps}
     out["annotated_fraction"] = statistics.mean(s["annotated_fraction"] for s in per_seed)
     out["cell_purity"] = {name: statistics.mean(s["cell_purity"][name] for s in per_seed)
                           for name in per_seed[0]["cell_purity"]}
@@ -253,37 +341,49 @@ def aggregate(per_seed: list[dict]) -> dict:
 
 
 def markdown(result: dict, label: str) -> str:
-    lines = [f"| method ({label}) | worst-group | mean |", "| --- | ---: | ---: |"]
+    lines = [f"| method ({label}) | worst-group | mean | core accuracy |", "| --- | ---: | ---: | ---: |"]
     for method in METHODS:
         if method in result:
             w, m = result[method]["worst_group_acc"], result[method]["mean_acc"]
-            lines.append(f"| {method} | {w['mean']:.1%} ± {w['std']:.1%} | {m['mean']:.1%} ± {m['std']:.1%} |")
+            c = result[method].get("core_acc")
+            core = f"{c['mean']:.1%} ± {c['std']:.1%}" if c else ""
+            lines.append(f"| {method} | {w['mean']:.1%} ± {w['std']:.1%} | {m['mean']:.1%} ± {m['std']:.1%} | {core} |")
     return "\n".join(lines)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="dataset/model seeds")
-    parser.add_argument("--mode", choices=RETRAIN_MODES, default="last-layer", help="retraining mode")
+    parser.add_argument("--mode", choices=WGA_MODES, default="last-layer", help="retraining mode")
     parser.add_argument("--noise", type=float, nargs="+", default=[0.0, 0.1], help="annotation noise levels")
     parser.add_argument("--jtt-upweight", type=float, default=50.0, help="JTT's error upweighting")
     parser.add_argument("--subset-size", type=int, default=None, help="curated subset size (default: curate's)")
     parser.add_argument("--variants", nargs="+", default=["attention", "published"],
                         help="curation variants; the first is reported as 'slim'")
+    parser.add_argument("--corruption", choices=CORRUPTIONS, default=RetrainConfig.corruption,
+                        help="corm row: how the likely-spurious region is corrupted")
+    parser.add_argument("--corrupt-probability", type=float, default=RetrainConfig.corrupt_probability,
+                        help="corm row: share of the training draws corrupted")
+    parser.add_argument("--only", nargs="+", choices=("slim", "corm", "low-spuriosity"), default=None,
+                        help="fresh mode: train only these rows (and ERM), e.g. to add the remedies to a table")
     parser.add_argument("--work", default="bench-out/wga", help="datasets and runs go here")
     parser.add_argument("--out", default="bench-out/wga.json", help="JSON result file")
     args = parser.parse_args()
     runs = {seed: build(Path(args.work), seed) for seed in args.seeds}
-    result = {"mode": args.mode, "seeds": args.seeds, "by_noise": {}}
+    remedy = RetrainConfig(corruption=args.corruption, corrupt_probability=args.corrupt_probability)
+    result = {"mode": args.mode, "seeds": args.seeds, "corm": {"corruption": remedy.corruption,
+              "corrupt_probability": remedy.corrupt_probability}, "by_noise": {}}
     no_answer_results: dict[int, dict] = {seed: {} for seed in args.seeds}
     for noise in args.noise:
-        per_seed = [fresh_seed(runs[s], s, noise, args.jtt_upweight, no_answer_results[s]) if args.mode == "fresh"
+        per_seed = [fresh_seed(runs[s], s, noise, args.jtt_upweight, no_answer_results[s],
+                               set(args.only) if args.only else None, remedy) if args.mode == "fresh"
                     else one_seed(runs[s], s, args.mode, noise, args.jtt_upweight, args.subset_size, args.variants)
                     for s in args.seeds]
         result["by_noise"][str(noise)] = {**aggregate(per_seed), "per_seed": per_seed}
         print(markdown(result["by_noise"][str(noise)], f"noise {noise:g}, {args.mode}"))
         summary = result["by_noise"][str(noise)]
-        print(f"gap closed by SLIM: {summary['gap_closed']['mean']:.0%}; curated cells' group purity: "
+        gap = f"gap closed by SLIM: {summary['gap_closed']['mean']:.0%}; " if "gap_closed" in summary else ""
+        print(gap + "curated cells' group purity: "
               + ", ".join(f"{name} {purity:.1%}" for name, purity in summary["cell_purity"].items()) + "\n")
     atomic_write_json(Path(args.out), result)
 

@@ -20,7 +20,8 @@ CAM_METHODS = ("gradcam", "gradcam++", "xgradcam", "eigencam", "layercam", "scor
 EMBEDDINGS = ("umap", "pca")
 SAMPLE_SPACES = ("vectors", "embedding")
 PRECISIONS = ("auto", "fp32", "bf16")
-RETRAIN_MODES = ("last-layer", "full", "fresh")
+RETRAIN_MODES = ("last-layer", "full", "fresh", "corm", "low-spuriosity")
+CORRUPTIONS = ("noise", "blur")
 CURATION_VARIANTS = ("attention", "published")
 DEVICES = ("auto", "cpu", "cuda")
 
@@ -113,9 +114,16 @@ class RetrainConfig:
 
     mode: str = option("fresh", "fresh: the reference recipe again on all images, cell-balanced; last-layer: "
                                 "logistic regression on frozen features of the subset; full: fine-tune on the "
-                                "subset", choices=RETRAIN_MODES)
-    epochs: int = option(20, "full mode: passes over the (class-balanced) subset (fresh uses the reference's)")
-    lr: float = option(0.001, "full mode: learning rate (fresh uses the reference's)")
+                                "subset; corm: the reference recipe with each image's likely-spurious region "
+                                "corrupted (Core Risk Minimization); low-spuriosity: the linear head refit on "
+                                "the least spurious images of each class", choices=RETRAIN_MODES)
+    epochs: int = option(20, "full mode: passes over the (class-balanced) subset (fresh and corm use the "
+                             "reference's)")
+    lr: float = option(0.001, "full mode: learning rate (fresh and corm use the reference's)")
+    corruption: str = option("noise", "corm mode: replace the likely-spurious region by Gaussian noise, or blur "
+                                      "it", choices=CORRUPTIONS)
+    corrupt_probability: float = option(0.5, "corm mode: share of training draws that are corrupted (the others "
+                                             "stay natural images)", metavar="P")
     seed: int = option(0, "seed of the retraining's sampling and initialisation")
 
 

@@ -9,7 +9,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Sampler
 
-from pipeline.core.data import ImageDataset, ImageSet, Sample
+from pipeline.core.data import Corruption, ImageDataset, ImageSet, Sample
 
 
 def seed_everything(seed: int) -> None:
@@ -21,12 +21,15 @@ def seed_everything(seed: int) -> None:
 
 def make_loader(image_set: ImageSet, samples: Sequence[Sample], size: int, batch_size: int, workers: int,
                 shuffle: bool = False, with_masks: bool = False, seed: int = 0, sampler: Sampler | None = None,
-                core_only: bool = False) -> DataLoader:
-    """Batches of ``(image, y, index, mask)``; shuffling (or ``sampler``) is seeded, so epochs are repeatable."""
+                core_only: bool = False, corruption: Corruption | None = None) -> DataLoader:
+    """Batches of ``(image, y, index, mask)``; shuffling (or ``sampler``) is seeded, so epochs are repeatable.
+
+    ``corruption``: training images with their estimated spurious region corrupted (``retrain --mode corm``).
+    """
     generator = torch.Generator().manual_seed(seed)
     return DataLoader(
-        ImageDataset(image_set, samples, size, with_masks=with_masks, core_only=core_only), batch_size=batch_size,
-        shuffle=shuffle,
+        ImageDataset(image_set, samples, size, with_masks=with_masks, core_only=core_only, corruption=corruption),
+        batch_size=batch_size, shuffle=shuffle,
         sampler=sampler, num_workers=workers, persistent_workers=workers > 0, pin_memory=torch.cuda.is_available(),
         generator=None if sampler is not None else generator,
     )

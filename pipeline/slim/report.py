@@ -21,7 +21,7 @@ from PIL import Image
 from sklearn.neighbors import KNeighborsRegressor
 
 from pipeline.core.config import RunConfig
-from pipeline.core.data import TEST, VAL, ImageSet, load_dataset, load_rgb
+from pipeline.core.data import TEST, VAL, ImageSet, Sample, load_dataset, load_rgb
 from pipeline.core.io import atomic_write_bytes, atomic_write_json
 from pipeline.core.run import Run
 from pipeline.core.store import AnnotationStore
@@ -51,11 +51,17 @@ def evaluate_model(model: Classifier, image_set: ImageSet, split: int, size: int
     metrics = group_metrics(image_set, samples, predictions)
     if image_set.has_masks:
         metrics["aiou"] = float(arrays.aiou.mean())
-        core_loader = make_loader(image_set, samples, size, config.embed.batch_size, config.data.workers,
-                                  core_only=True)
-        probs, _ = predict(model, core_loader, device, progress=False)
-        metrics["core_acc"] = float((probs.argmax(1) == np.array([s.y for s in samples])).mean())
+        metrics["core_acc"] = core_accuracy(model, image_set, samples, size, config, device)
     return metrics, arrays
+
+
+def core_accuracy(model: Classifier, image_set: ImageSet, samples: list[Sample], size: int, config: RunConfig,
+                  device: torch.device) -> float:
+    """Accuracy with everything outside each object's mask replaced by noise (Salient ImageNet's core accuracy):
+    what the model gets right from the object alone. Needs the dataset's masks (evaluation only)."""
+    loader = make_loader(image_set, samples, size, config.embed.batch_size, config.data.workers, core_only=True)
+    probs, _ = predict(model.to(device), loader, device, progress=False)
+    return float((probs.argmax(1) == np.array([s.y for s in samples])).mean())
 
 
 def bias_gaps(train: AttentionArrays, scores: np.ndarray, val: AttentionArrays) -> dict[str, dict]:
@@ -93,7 +99,10 @@ def report_run(run: Run, config: RunConfig) -> dict:
         val, val_arrays = evaluate_model(model, image_set, VAL, meta["image_size"], config, device)
         metrics[name] = {**metrics.get(name, {}), **test, "val": val}
         spuriosity[name] = bias_gaps(train, propagation.score, val_arrays)
-    metrics["slim"]["mode"] = models["slim"][1].get("mode")
+    mode = models["slim"][1].get("mode")
+    metrics["slim"]["mode"] = mode
+    # each retraining mode's last report, so modes tried on one run can be compared side by side
+    metrics["modes"] = {**metrics.get("modes", {}), mode: mode_summary(metrics["slim"], spuriosity["slim"])}
     metrics["annotated"] = annotated_images(run, propagation)
     metrics["annotated_fraction"] = metrics["annotated"] / len(train)
     metrics["spuriosity"] = spuriosity
@@ -104,6 +113,12 @@ def report_run(run: Run, config: RunConfig) -> dict:
           f"{erm['mean_acc']:.1%} -> {slim['mean_acc']:.1%} ({slim['mode']}, {metrics['annotated']} images "
           f"annotated = {metrics['annotated_fraction']:.1%}); {run.report_path}")
     return metrics
+
+
+def mode_summary(slim: dict, gaps: dict[str, dict]) -> dict:
+    """The headline numbers of one retraining mode (test split): what the report's mode table shows."""
+    summary = {key: slim[key] for key in ("worst_group_acc", "mean_acc", "aiou", "core_acc") if key in slim}
+    return {**summary, "bias_gap": {name: gap["bias_gap"] for name, gap in gaps.items()}}
 
 
 def annotated_images(run: Run, propagation: Propagation) -> int:
@@ -144,11 +159,36 @@ def _maps(train: AttentionArrays, propagation: Propagation) -> str:
     return _png(figure)
 
 
+TRAINED_ON = {  # mode -> what its retrained model saw, from the details retrain recorded
+    "fresh": lambda s: f"a new model on all {s.get('images', '?')} training images, balanced over "
+                       f"{s.get('cells', '?')} cells",
+    "corm": lambda s: f"a new model on all {s.get('images', '?')} training images, the likely-spurious region "
+                      f"of {s.get('corrupt_probability', 0):.0%} of the draws corrupted by {s.get('corruption', '?')} "
+                      f"(regions from {', '.join(f'{k}: {v}' for k, v in s.get('regions', {}).items())})",
+    "low-spuriosity": lambda s: f"the head refit on the {s.get('share', 0):.0%} least spurious images of each class "
+                                f"({s.get('images', '?')} images; share chosen on validation worst-class accuracy)",
+}
+
+
 def _trained_on(slim: dict) -> str:
-    """What the retrained model saw: the curated subset, or (``fresh``) every image balanced over the cells."""
-    if slim.get("mode") == "fresh":
-        return f"a new model on all {slim.get('images', '?')} training images, balanced over {slim.get('cells', '?')} cells"
-    return f"curated subset {slim.get('subset_size', '?')} images"
+    """What the retrained model saw: the curated subset, or what the mode's own recipe used."""
+    describe = TRAINED_ON.get(slim.get("mode"))
+    return describe(slim) if describe else f"curated subset {slim.get('subset_size', '?')} images"
+
+
+def _modes_table(metrics: dict) -> str:
+    """ERM, then every retraining mode reported on this run: WGA, mean, core accuracy, AIoU, bias gap per class."""
+    classes = list(metrics["spuriosity"]["erm"])
+    rows = {"ERM": {**metrics["erm"], "bias_gap": {c: g["bias_gap"] for c, g in metrics["spuriosity"]["erm"].items()}},
+            **metrics.get("modes", {})}
+    header = "".join(f"<th>bias gap {html.escape(c)}</th>" for c in classes)
+    body = "".join(
+        f"<tr><td>{html.escape(name)}</td><td>{m['worst_group_acc']:.1%}</td><td>{m['mean_acc']:.1%}</td>"
+        f"<td>{m.get('core_acc', float('nan')):.1%}</td><td>{m.get('aiou', float('nan')):.2f}</td>"
+        + "".join(f"<td>{m['bias_gap'].get(c, float('nan')):+.1%}</td>" for c in classes) + "</tr>"
+        for name, m in rows.items())
+    return (f"<table><tr><th>model</th><th>worst group</th><th>mean</th><th>core acc.</th><th>AIoU</th>{header}</tr>"
+            f"{body}</table>")
 
 
 def _bars(metrics: dict) -> str:
@@ -199,6 +239,7 @@ table{{border-collapse:collapse}}tr:nth-child(even){{background:#f3f3f3}}img{{ma
 <h2>Numbers (test unless marked)</h2>
 <table><tr><th>model</th><th>worst group</th><th>mean</th><th>average</th><th>AIoU</th><th>core acc.</th>
 <th>val worst group</th></tr>{table}</table>
+<h2>Retraining modes run on this run (test; each mode's last report)</h2>{_modes_table(metrics)}
 <h2>Per-group accuracy</h2>{_bars(metrics)}
 <h2>Attention map</h2>{_maps(train, propagation)}
 <h2>Most spurious training images (lowest propagated score)</h2>{_grid(image_set, train, order[:GRID], threshold)}
