@@ -181,6 +181,17 @@ def test_faint_objects_are_the_share_asked_in_every_class_and_smaller(tmp_path: 
     assert not any(is_faint(SynthSpec(), i) for i in range(200))
 
 
+def test_mixed_changes_only_its_faint_images(tmp_path: Path) -> None:
+    """Faintness has its own RNG stream: every other picture is the default's, pixel for pixel."""
+    mixed = SynthSpec(n_train=30, n_val=2, n_test=2, image_size=32, variant="mixed")
+    a = generate(tmp_path / "mixed", mixed, progress=False)
+    b = generate(tmp_path / "default", SynthSpec(n_train=30, n_val=2, n_test=2, image_size=32), progress=False)
+    assert (a / "metadata.csv").read_text() == (b / "metadata.csv").read_text()
+    for index in range(34):
+        same = (a / f"images/{index:05d}.png").read_bytes() == (b / f"images/{index:05d}.png").read_bytes()
+        assert same != is_faint(mixed, index)
+
+
 def test_minority_groups_are_the_share_the_spec_says(tmp_path: Path) -> None:
     """97 % agreement over two balanced classes: each minority group (1 - 0.97) / 2 = 1.5 % of training."""
     spec = SynthSpec(n_train=2000, n_val=2, n_test=2, image_size=32, variant="minority")

@@ -8,9 +8,8 @@ minority groups exactly as Waterbirds' ERM does. Every image comes with its true
 Defaults tuned on one dataset need not carry over, so ``--variant`` names a family of harder sets, each a
 preset of three orthogonal options (any of which can also be given on its own):
 
-* ``mixed``: ``--faint``: a share of each class's images has a small, low-contrast object and the others a
-  bold one, so the reference model attends to the object in some images of a class and to the background in
-  others;
+* ``mixed``: ``--faint``: a share of each class's images has a small, low-contrast object, so the reference
+  model attends to the object in some images of a class and to the background in others;
 * ``glyphs``: ``--core glyphs``: hand-drawn strokes of two similar characters (a one and a seven) of varying
   thickness and slant instead of clean polygons;
 * ``minority``: ``--corr 0.97``: each minority group is about 1.5 % of training, near Waterbirds' smallest.
@@ -64,10 +63,7 @@ FAMILY_FIELDS = ("variant", "core", "faint")  # added with the family: dataset.j
 
 FAINT_SCALE = 0.6  # a faint object's size against a default one's: ~11-17 px across at 64 px
 FAINT_CONTRAST = 0.3  # share of its colour's difference from the background mean that a faint object keeps
-# beside faint objects the others are drawn larger: at the default size the model still left a faint disc on
-# the object about half the time; at 1.35x it attends to 95 % of the bold discs and 19 % of the faint ones
-BOLD_SCALE = 1.35
-FAINT_STREAM = 1  # faintness is drawn from its own RNG stream, apart from the image's own draws
+FAINT_STREAM = 1  # faintness is drawn from its own RNG stream, so the other images are the default's exactly
 
 
 @dataclass(frozen=True)
@@ -88,8 +84,8 @@ class SynthSpec:
     core: str | None = option(None, "what a class is drawn as: shapes (polygons) or glyphs (hand-drawn "
                                     "strokes) (default: the variant's)", choices=tuple(CORES))
     faint: float | None = option(None, "share of each class's images whose object is small and low-contrast, "
-                                       "so the model finds the background easier there; the others are drawn "
-                                       "bolder (default: the variant's)")
+                                       "so the model finds the background easier there (default: the "
+                                       "variant's)")
 
     def resolved(self) -> SynthSpec:
         """This spec with every option left to the variant (``None``) filled in from its preset."""
@@ -152,10 +148,8 @@ def is_faint(spec: SynthSpec, index: int) -> bool:
 
 
 def _object_style(spec: SynthSpec, index: int) -> tuple[float, float]:
-    """(size factor, contrast) of image ``index``'s object: the default's, or faint or bold (``--faint``)."""
-    if not spec.faint:
-        return 1.0, 1.0
-    return (FAINT_SCALE, FAINT_CONTRAST) if is_faint(spec, index) else (BOLD_SCALE, 1.0)
+    """(size factor, contrast) of image ``index``'s object: the default's, or faint (``--faint``)."""
+    return (FAINT_SCALE, FAINT_CONTRAST) if is_faint(spec, index) else (1.0, 1.0)
 
 
 def _validate(spec: SynthSpec) -> None:
@@ -274,7 +268,7 @@ def _glyph_mask(rng: np.random.Generator, glyph: str, size: int, scale: float = 
     slant = rng.uniform(-GLYPH_SLANT, GLYPH_SLANT)
     rotation = rng.uniform(-0.25, 0.25)
     pen = max(MIN_STROKE_PX, round(size * rng.uniform(0.045, 0.1) * scale))
-    margin = min(1.25 * half_height + pen, size / 2)  # a bold glyph may touch the border, never leave it
+    margin = 1.25 * half_height + pen
     cx, cy = rng.uniform(margin, size - margin, 2)
     cos, sin = math.cos(rotation), math.sin(rotation)
     canvas = Image.new("L", (size, size), 0)
