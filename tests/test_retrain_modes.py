@@ -24,7 +24,8 @@ from pipeline.model.networks import load_checkpoint
 from pipeline.slim import retrain as retrain_module
 from pipeline.slim.propagate import Propagation
 from pipeline.slim.regions import box_mask, spurious_region
-from pipeline.slim.retrain import least_spurious_rows, retrain_last_layer, spuriosity, worst_class_accuracy
+from pipeline.slim.retrain import least_spurious_rows, retrain_last_layer, worst_class_accuracy
+from pipeline.slim.spuriosity import spuriosity
 
 SIZE = 32  # the tiny fixture's image side
 BOX = {"x": 25.0, "y": 25.0, "width": 50.0, "height": 50.0}  # the middle of the image, in percent
@@ -175,8 +176,25 @@ def test_low_spuriosity_keeps_each_class_s_least_spurious_images() -> None:
     assert least_spurious_rows(labels, spurious, 0.1).tolist() == [5, 6, 7, 8, 9, 10, 11, 12, 13, 14]  # >= 5 each
     assert least_spurious_rows(labels, spurious, 0.8).tolist() == [*range(2, 10), *range(10, 18)]
     assert least_spurious_rows(labels[:13], spurious[:13], 0.1).tolist() == [5, 6, 7, 8, 9, 10, 11, 12]  # all it has
-    assert spuriosity(np.array([0.9, 0.2])) == pytest.approx([0.1, 0.8])
     assert worst_class_accuracy(np.array([0, 0, 1, 0]), np.array([0, 0, 1, 1])) == 0.5
+
+
+def test_spuriosity_is_typicality_where_the_verdict_places_the_shortcut() -> None:
+    """Class 0 (attention judged core): the cue is in what the model ignores; class 1 (spurious): in what it
+    attends to. The image unlike its class there is the least spurious; the other space does not matter."""
+    usual, unusual = [1.0, 0.0], [0.0, 1.0]
+    f_att = np.array([usual, usual, usual, usual, unusual, usual])  # class 1's odd one out: row 4
+    f_rev = np.array([usual, unusual, usual, unusual, unusual, unusual])  # class 0's: row 1
+    n = len(f_att)
+    arrays = AttentionArrays(index=np.arange(n), y=np.array([0, 0, 0, 1, 1, 1]), pred=np.zeros(n, int),
+                             confidence=np.ones(n), entropy=np.zeros(n), features=np.zeros((n, 2)), f_att=f_att,
+                             f_rev=f_rev, cam=np.zeros((n, 2, 2), np.float16), class_names=("a", "b"))
+    scores = np.array([0.9, 0.8, 0.7, 0.2, 0.1, 0.3])
+    spurious = spuriosity(arrays, scores)
+    assert np.argmin(spurious[:3]) == 1 and 3 + np.argmin(spurious[3:]) == 4
+    assert least_spurious_rows(arrays.y, spurious, 0.1).tolist() == list(range(6))  # <= 5 per class: all of them
+    flipped = spuriosity(arrays, 1 - scores)  # the opposite verdicts read the other spaces
+    assert 3 + np.argmin(flipped[3:]) != 4
 
 
 def test_low_spuriosity_chooses_the_share_on_validation_worst_class(run: Path) -> None:
@@ -188,7 +206,7 @@ def test_low_spuriosity_chooses_the_share_on_validation_worst_class(run: Path) -
     assert meta["share"] == max(val_worst, key=lambda share: (val_worst[share], share))  # ties: the larger share
     arrays = AttentionArrays.load(run / "attention.npz")
     scores = Propagation.load(run / "propagation.npz").score
-    rows = least_spurious_rows(arrays.y, spuriosity(scores), meta["share"])
+    rows = least_spurious_rows(arrays.y, spuriosity(arrays, scores), meta["share"])
     assert meta["images"] == len(rows)
     expected, _ = retrain_last_layer(model, arrays.features[rows], arrays.y[rows], seed=0)
     assert torch.allclose(head_model.head.weight, expected.head.weight)  # the head of exactly those images

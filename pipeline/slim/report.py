@@ -2,9 +2,9 @@
 
 Per model, on val and test: per-group accuracy, mean and worst group; where masks exist, AIoU (how much of
 the strongest attention lies on the object) and core accuracy (accuracy when everything outside the object
-is noise). From the propagated scores, the spuriosity ranking of each class (Moayeri et al.): validation
-images inherit the score of their nearest training images in the attention representation, and the bias gap
-is the accuracy on the most-spurious quartile minus the most-core quartile.
+is noise). The spuriosity ranking of each class (Moayeri et al.; :mod:`pipeline.slim.spuriosity`) orders the
+validation images by the reference model's attention, and the bias gap of each model is its accuracy on the
+most-spurious quartile minus the least-spurious quartile of that one ranking.
 """
 
 from __future__ import annotations
@@ -18,7 +18,6 @@ import numpy as np
 import torch
 from matplotlib.figure import Figure
 from PIL import Image
-from sklearn.neighbors import KNeighborsRegressor
 
 from pipeline.core.config import RunConfig
 from pipeline.core.data import TEST, VAL, ImageSet, Sample, load_dataset, load_rgb
@@ -32,9 +31,9 @@ from pipeline.model.loaders import make_loader
 from pipeline.model.networks import Classifier, load_checkpoint, resolve_device
 from pipeline.slim.overlays import full_cam, panels
 from pipeline.slim.propagate import Propagation
+from pipeline.slim.spuriosity import spuriosity
 
 log = logging.getLogger(__name__)
-NEIGHBOURS = 10  # training images whose scores a validation image inherits: smooths single-image noise
 GRID = 6  # thumbnails per row of the most-spurious / most-core grids
 THUMBNAIL = 128  # side of a thumbnail in the grids, in pixels
 BIAS_QUANTILE = 4  # the bias gap compares the top and bottom quartile (Moayeri et al.)
@@ -64,23 +63,26 @@ def core_accuracy(model: Classifier, image_set: ImageSet, samples: list[Sample],
     return float((probs.argmax(1) == np.array([s.y for s in samples])).mean())
 
 
-def bias_gaps(train: AttentionArrays, scores: np.ndarray, val: AttentionArrays) -> dict[str, dict]:
-    """Per class: accuracy on the most-spurious minus the most-core quartile of validation images (a model
-    that leans on the spurious cue does better where it is present: a positive gap)."""
-    train_points, val_points = train.representation(), val.representation()
+def bias_gaps(train: AttentionArrays, scores: np.ndarray, ranked: AttentionArrays,
+              predictions: np.ndarray) -> dict[str, dict]:
+    """Per class: accuracy on the most-spurious minus the least-spurious quartile of validation images (a model
+    that leans on the spurious cue does better where it is present: a positive gap).
+
+    ``ranked`` is the reference model's validation attention (the one ranking every model is judged on);
+    ``predictions`` are one model's, in the same row order.
+    """
+    spurious = spuriosity(train, scores, ranked)
+    correct = predictions == ranked.y
     gaps = {}
     for y in train.classes:
-        members, targets = train.y == y, val.for_class(y)
+        targets = ranked.for_class(y)
         if len(targets) < BIAS_QUANTILE:
             continue
-        knn = KNeighborsRegressor(n_neighbors=min(NEIGHBOURS, int(members.sum()))).fit(train_points[members],
-                                                                                       scores[members])
-        order = targets[np.argsort(knn.predict(val_points[targets]))]
+        order = targets[np.argsort(spurious[targets], kind="stable")]  # least spurious first
         quarter = max(1, len(order) // BIAS_QUANTILE)
-        correct = val.pred == val.y
-        spurious, core = correct[order[:quarter]].mean(), correct[order[-quarter:]].mean()
-        gaps[train.class_names[y]] = {"most_core_acc": float(core), "most_spurious_acc": float(spurious),
-                                              "bias_gap": float(spurious - core)}
+        least, most = correct[order[:quarter]].mean(), correct[order[-quarter:]].mean()
+        gaps[train.class_names[y]] = {"least_spurious_acc": float(least), "most_spurious_acc": float(most),
+                                      "bias_gap": float(most - least)}
     return gaps
 
 
@@ -93,19 +95,20 @@ def report_run(run: Run, config: RunConfig) -> dict:
     device = resolve_device(config.device)
     metrics = run.load_metrics()
     models = {"erm": load_checkpoint(run.checkpoint_path), "slim": load_checkpoint(run.slim_checkpoint_path)}
-    spuriosity = {}
+    val_arrays = {}
     for name, (model, meta) in models.items():
         test, _ = evaluate_model(model, image_set, TEST, meta["image_size"], config, device)
-        val, val_arrays = evaluate_model(model, image_set, VAL, meta["image_size"], config, device)
+        val, val_arrays[name] = evaluate_model(model, image_set, VAL, meta["image_size"], config, device)
         metrics[name] = {**metrics.get(name, {}), **test, "val": val}
-        spuriosity[name] = bias_gaps(train, propagation.score, val_arrays)
+    gaps = {name: bias_gaps(train, propagation.score, val_arrays["erm"], arrays.pred)
+            for name, arrays in val_arrays.items()}
     mode = models["slim"][1].get("mode")
     metrics["slim"]["mode"] = mode
     # each retraining mode's last report, so modes tried on one run can be compared side by side
-    metrics["modes"] = {**metrics.get("modes", {}), mode: mode_summary(metrics["slim"], spuriosity["slim"])}
+    metrics["modes"] = {**metrics.get("modes", {}), mode: mode_summary(metrics["slim"], gaps["slim"])}
     metrics["annotated"] = annotated_images(run, propagation)
     metrics["annotated_fraction"] = metrics["annotated"] / len(train)
-    metrics["spuriosity"] = spuriosity
+    metrics["spuriosity"] = gaps
     atomic_write_json(run.metrics_path, metrics)
     atomic_write_bytes(run.report_path, render_html(run, image_set, train, propagation, metrics).encode())
     erm, slim = metrics["erm"], metrics["slim"]
@@ -226,7 +229,7 @@ def render_html(run: Run, image_set: ImageSet, train: AttentionArrays, propagati
         f"<td>{metrics[name]['mean_acc']:.1%}</td><td>{metrics[name]['avg_acc']:.1%}</td>"
         f"<td>{metrics[name].get('aiou', float('nan')):.2f}</td><td>{metrics[name].get('core_acc', float('nan')):.1%}</td>"
         f"<td>{metrics[name]['val']['worst_group_acc']:.1%}</td></tr>" for name in ("erm", "slim"))
-    gaps = "".join(f"<tr><td>{m.upper()}</td><td>{html.escape(c)}</td><td>{g['most_core_acc']:.1%}</td>"
+    gaps = "".join(f"<tr><td>{m.upper()}</td><td>{html.escape(c)}</td><td>{g['least_spurious_acc']:.1%}</td>"
                    f"<td>{g['most_spurious_acc']:.1%}</td><td>{g['bias_gap']:+.1%}</td></tr>"
                    for m, per_class in metrics["spuriosity"].items() for c, g in per_class.items())
     return f"""<!doctype html><html><head><meta charset="utf-8"><title>SLIM report: {html.escape(run.root.name)}</title>
@@ -245,6 +248,6 @@ table{{border-collapse:collapse}}tr:nth-child(even){{background:#f3f3f3}}img{{ma
 <h2>Most spurious training images (lowest propagated score)</h2>{_grid(image_set, train, order[:GRID], threshold)}
 <h2>Most core training images (highest propagated score)</h2>{_grid(image_set, train, order[-GRID:][::-1], threshold)}
 <h2>Spuriosity ranking: bias gap on validation (Moayeri et al.)</h2>
-<table><tr><th>model</th><th>class</th><th>most-core quartile</th><th>most-spurious quartile</th><th>gap</th></tr>{gaps}</table>
+<table><tr><th>model</th><th>class</th><th>least-spurious quartile</th><th>most-spurious quartile</th><th>gap</th></tr>{gaps}</table>
 </body></html>
 """

@@ -57,6 +57,7 @@ from pipeline.model.train import Resume, fit
 from pipeline.slim.propagate import propagate_run
 from pipeline.slim.regions import SpuriousRegions, run_regions
 from pipeline.slim.report import core_accuracy
+from pipeline.slim.spuriosity import spuriosity
 from pipeline.slim.weights import cell_balanced_weights, class_normalised, spurious_space_cells
 
 log = logging.getLogger(__name__)
@@ -66,8 +67,8 @@ MIN_PER_CLASS_FOR_C = 5  # a held-out fifth needs at least one image of every cl
 HELD_OUT = 0.2  # the fifth of the subset that chooses C
 MAX_ITER = 5000  # lbfgs iterations: standardised features converge far below this
 # shares of each class kept for low-spuriosity, least spurious first: a ladder from the annotation budget's scale
-# (2 %: the few images where the cue is weakest) to all of them (the plain class-balanced refit), so the validation
-# choice can also decline to filter. On the synthetic default the validation worst class peaks at 2 % (seed 0).
+# (2 %) to all of them (the plain class-balanced refit), so the validation choice can also decline to filter; a
+# minority is often a few percent of a class, and keeping about as many as it has balances the head best
 SPURIOSITY_SHARES = (0.02, 0.05, 0.10, 0.25, 0.50, 1.00)
 
 
@@ -199,21 +200,6 @@ def retrain_corm(arrays: AttentionArrays, regions: SpuriousRegions, config: RunC
                    "corrupt_probability": corruption.probability, "regions": regions.sources()}
 
 
-def spuriosity(scores: np.ndarray) -> np.ndarray:
-    """How strongly the spurious cue is present in each image, from its propagated ``P(core)``: ``1 - P(core)``.
-
-    Propagation scores an image by how much its attention looks like attention the annotators judged core
-    versus spurious, so within a class the images whose attention looks most like the spurious pattern (where
-    the cue was strong enough to draw the model) rank highest. This holds for a class judged spurious (most
-    images low, the most typical lowest) and for one judged core (most images high, those pulled away from the
-    object lowest). Only the order within a class is used, so the class's overall level does not matter; the
-    report's bias gap ranks images the same way. On the synthetic default (seed 0, places used only to check)
-    the least spurious tenth of each class holds 14 % / 44 % minority images against 5 % in the class, where the
-    opposite order (spuriosity = P(core)) would keep 1 % / 6 %.
-    """
-    return 1.0 - np.asarray(scores, dtype=float)
-
-
 def least_spurious_rows(labels: np.ndarray, spurious: np.ndarray, share: float) -> np.ndarray:
     """Rows of the ``share`` least spurious images of each class (ties in row order), at least
     ``MIN_PER_CLASS_FOR_C`` of each (or all it has), so the head's regularisation can still be chosen."""
@@ -232,12 +218,13 @@ def worst_class_accuracy(predictions: np.ndarray, labels: np.ndarray) -> float:
 
 def retrain_low_spuriosity(model: Classifier, arrays: AttentionArrays, scores: np.ndarray, val_features: np.ndarray,
                            val_labels: np.ndarray, seed: int) -> tuple[Classifier, dict]:
-    """The linear head refit (as ``last-layer``) on frozen features of the least spurious images of each class,
-    for each of ``SPURIOSITY_SHARES``; the share whose head has the best validation worst-class accuracy wins.
+    """The linear head refit (as ``last-layer``) on frozen features of the least spurious images of each class
+    (:func:`pipeline.slim.spuriosity.spuriosity`), for each of ``SPURIOSITY_SHARES``; the share whose head has
+    the best validation worst-class accuracy wins.
 
     Ties go to the larger share: with the same validation evidence, more images give the steadier head.
     """
-    spurious = spuriosity(scores)
+    spurious = spuriosity(arrays, scores)
     val_worst: dict[str, float] = {}
     best: tuple[float, float, Classifier, dict, int] | None = None
     for share in SPURIOSITY_SHARES:
