@@ -87,11 +87,15 @@ WGA_MODES = ("last-layer", "full", "fresh")  # the retrainings every method of a
 SUMMARY_KEYS = ("worst_group_acc", "mean_acc", "avg_acc")
 
 
-def build(work: Path, seed: int, spec: SynthSpec | None = None) -> Run:
-    """Dataset, ERM model and attention stage for one seed (reused when already there); ``spec`` defaults to
-    the synthetic default with ``seed``."""
-    return attention_run(work / f"run-seed{seed}", work / f"data-seed{seed}", spec or SynthSpec(seed=seed),
-                         train_seed=seed)
+def build(work: Path, seed: int, variant: str = "default") -> Run:
+    """Dataset (``synth --variant``), ERM model and attention stage for one seed, reused when already there.
+
+    The default variant keeps ``work``'s top level (tables measured before the family stay reproducible); the
+    others get a folder each.
+    """
+    folder = work if variant == "default" else work / variant
+    return attention_run(folder / f"run-seed{seed}", folder / f"data-seed{seed}",
+                         SynthSpec(seed=seed, variant=variant), train_seed=seed)
 
 
 def simulated_answers(run: Run, arrays: AttentionArrays, noise: float, seed: int) -> Answers:
