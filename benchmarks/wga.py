@@ -54,7 +54,7 @@ from pipeline.core.config import CORRUPTIONS, RetrainConfig, RunConfig
 from pipeline.core.data import TEST, VAL, load_dataset, load_mask
 from pipeline.core.io import atomic_write_json
 from pipeline.core.run import Run
-from pipeline.core.synth import SynthSpec
+from pipeline.core.synth import VARIANTS, SynthSpec
 from pipeline.core.verdicts import CORE, SPURIOUS
 from pipeline.labelstudio.annotator import decide
 from pipeline.model.attention import AttentionArrays, compute_attention
@@ -63,6 +63,7 @@ from pipeline.model.evaluate import evaluate_splits, group_metrics
 from pipeline.model.loaders import make_loader, seed_everything
 from pipeline.model.networks import load_checkpoint
 from pipeline.slim.clustering import elbow_clusters
+from pipeline.slim.counterfactual import CompositeEditor, Counterfactuals, plan, read_counterfactuals, write_counterfactuals
 from pipeline.slim.curate import curate, default_subset_size
 from pipeline.slim.propagate import Answers, propagate
 from pipeline.slim.regions import SpuriousRegions
@@ -82,7 +83,9 @@ from pipeline.slim.weights import cell_balanced_weights, class_normalised, spuri
 ALL_IMAGES_EPOCHS = 5  # full mode over all 2,400 images: ~2.5x the gradient steps of 20 passes over 240
 
 METHODS = ("erm", "slim", "slim-published", "slim-no-answers", "random", "jtt", "oracle", "oracle-all", "corm",
-           "low-spuriosity")
+           "low-spuriosity", "slim+counterfactual", "corm+counterfactual")
+ANSWER_ROWS = ("slim", "corm", "low-spuriosity", "slim+counterfactual", "corm+counterfactual")  # --only's choices
+NO_ANSWER_ROWS = ("slim-no-answers", "random", "jtt", "oracle")  # fresh mode: trained once per seed, all noises
 WGA_MODES = ("last-layer", "full", "fresh")  # the retrainings every method of a table shares
 SUMMARY_KEYS = ("worst_group_acc", "mean_acc", "avg_acc")
 
@@ -171,16 +174,32 @@ def low_spuriosity_row(model, run: Run, arrays: AttentionArrays, scores: np.ndar
     return {**evaluate_on_test(retrained, run, test_features, "last-layer"), "share": details["share"]}
 
 
-def corm_row(run: Run, arrays: AttentionArrays, scores: np.ndarray, seed: int, retrain: RetrainConfig) -> dict:
+def corm_row(run: Run, arrays: AttentionArrays, scores: np.ndarray, seed: int, retrain: RetrainConfig,
+             counterfactuals: Counterfactuals | None = None) -> dict:
     """``corm``: the reference recipe, each draw's likely-spurious region corrupted as ``retrain`` says."""
     config = copy.deepcopy(run.load_config())
     config.retrain.corruption, config.retrain.corrupt_probability = retrain.corruption, retrain.corrupt_probability
     size = load_checkpoint(run.checkpoint_path)[1]["image_size"]
     seed_everything(seed)
     model, details = retrain_corm(arrays, SpuriousRegions(arrays.index, arrays.cam, scores, {}), config,
-                                  torch.device("cpu"), size, False)
+                                  torch.device("cpu"), size, False, counterfactuals=counterfactuals)
     return {**evaluate_on_test(model, run, None, "fresh"), "core_acc": core_accuracy_on_test(model, run),
             "regions": details["regions"]}
+
+
+def simulated_counterfactuals(run: Run, arrays: AttentionArrays, scores: np.ndarray, noise: float, seed: int,
+                              share: float) -> Counterfactuals:
+    """``retrain --augment counterfactual``'s images (composite editor) from the simulated answers' regions,
+    kept beside the run per noise level and share; none rejected (no verification in the benchmark)."""
+    config = run.load_config()
+    image_set = load_dataset(config.data.root)
+    size = load_checkpoint(run.checkpoint_path)[1]["image_size"]
+    folder = run.root / f"counterfactuals-noise{noise:g}-share{share:g}"
+    if not (folder / "metadata.csv").exists():
+        regions = SpuriousRegions(arrays.index, arrays.cam, scores, {})
+        write_counterfactuals(folder, plan(arrays, regions, share, size, seed), image_set, regions,
+                              CompositeEditor(), size)
+    return read_counterfactuals(folder)
 
 
 def core_accuracy_on_test(model, run: Run) -> float:
@@ -214,44 +233,37 @@ def fresh_seed(run: Run, seed: int, noise: float, upweight: float, no_answer_res
     ids = [int(i) for i in arrays.index]
     labels = arrays.y
 
-    def trained(weights: np.ndarray) -> dict:
+    def trained(weights: np.ndarray, counterfactuals: Counterfactuals | None = None) -> dict:
         seed_everything(seed)
         fresh, _ = fresh_model(config, len(arrays.class_names), ids, weights, torch.device("cpu"),
-                               meta["image_size"], False)
-        return evaluate_on_test(fresh, run, None, "fresh")
+                               meta["image_size"], False, counterfactuals=counterfactuals)
+        return {**evaluate_on_test(fresh, run, None, "fresh"), "core_acc": core_accuracy_on_test(fresh, run)}
 
     answers = simulated_answers(run, arrays, noise, seed)
     scores, _ = propagate(arrays, answers)
     cells = spurious_space_cells(arrays, scores, seed)
+    remedy = remedy or RetrainConfig()
+    wanted = set(ANSWER_ROWS) if only is None else only
+    counterfactuals = (simulated_counterfactuals(run, arrays, scores, noise, seed, remedy.counterfactual_share)
+                       if wanted & {"slim+counterfactual", "corm+counterfactual"} else None)
     results = {}
-    if only is None or "slim" in only:
+    if "slim" in wanted:
         results["slim"] = trained(cell_balanced_weights(labels, cells))
-    if only is None or "corm" in only:
-        results["corm"] = corm_row(run, arrays, scores, seed, remedy or RetrainConfig())
-    if only is None or "low-spuriosity" in only:
+    if "slim+counterfactual" in wanted:  # counterfactuals: one more cell per class, as retrain_fresh does
+        cf_cells = np.concatenate([cells, cells.max() + 1 + counterfactuals.labels])
+        results["slim+counterfactual"] = trained(
+            cell_balanced_weights(np.concatenate([labels, counterfactuals.labels]), cf_cells), counterfactuals)
+    if "corm" in wanted:
+        results["corm"] = corm_row(run, arrays, scores, seed, remedy)
+    if "corm+counterfactual" in wanted:
+        results["corm+counterfactual"] = corm_row(run, arrays, scores, seed, remedy, counterfactuals)
+    if "low-spuriosity" in wanted:
         results["low-spuriosity"] = low_spuriosity_row(model, run, arrays, scores, erm_test_features(run, model), seed)
-    if only is not None and "erm" not in no_answer_results:
+    if "erm" not in no_answer_results:
         no_answer_results["erm"] = {**evaluate_on_test(model, run, None, "fresh"),
                                     "core_acc": core_accuracy_on_test(model, run)}
-    if not no_answer_results:
-        crossed = np.zeros_like(cells)  # label-free attention cells: attended x ignored clusters, per class
-        for y in np.unique(labels):
-            members = np.flatnonzero(labels == y)
-            attended = elbow_clusters(arrays.f_att[members], seed)[1]
-            ignored = elbow_clusters(arrays.f_rev[members], seed)[1]
-            crossed[members] = 100 * y + 10 * attended + ignored  # k <= 5: distinct per (class, pair)
-        no_answer_results["slim-no-answers"] = trained(cell_balanced_weights(labels, np.unique(crossed,
-                                                                                           return_inverse=True)[1]))
-        shuffled = cells.copy()
-        for y in np.unique(labels):  # same cell sizes, members at random
-            members = np.flatnonzero(labels == y)
-            shuffled[members] = np.random.default_rng(seed).permutation(cells[members])
-        no_answer_results["erm"] = {**evaluate_on_test(model, run, None, "fresh"),
-                                    "core_acc": core_accuracy_on_test(model, run)}
-        no_answer_results["random"] = trained(cell_balanced_weights(labels, shuffled))
-        errors = np.where(arrays.pred != labels, upweight, 1.0)
-        no_answer_results["jtt"] = trained(class_normalised(errors, labels))
-        no_answer_results["oracle"] = trained(cell_balanced_weights(labels, groups))
+    for name in (set(NO_ANSWER_ROWS) if only is None else only & set(NO_ANSWER_ROWS)) - set(no_answer_results):
+        no_answer_results[name] = trained(no_answer_weights(name, arrays, cells, groups, seed, upweight))
     results.update(no_answer_results)
     summary = summarise(results)
     summary["cell_purity"] = {"slim": cell_purity(cells, groups)}
@@ -259,6 +271,29 @@ def fresh_seed(run: Run, seed: int, noise: float, upweight: float, no_answer_res
     summary["annotated_fraction"] = len(answers.labels) / len(labels)
     summary["subset_size"] = len(labels)
     return summary
+
+
+def no_answer_weights(name: str, arrays: AttentionArrays, cells: np.ndarray, groups: np.ndarray, seed: int,
+                      upweight: float) -> np.ndarray:
+    """Sampling weights of the fresh-mode rows that use no answers (``NO_ANSWER_ROWS``)."""
+    labels = arrays.y
+    if name == "slim-no-answers":  # label-free attention cells: attended x ignored clusters, per class
+        crossed = np.zeros_like(cells)
+        for y in np.unique(labels):
+            members = np.flatnonzero(labels == y)
+            attended = elbow_clusters(arrays.f_att[members], seed)[1]
+            ignored = elbow_clusters(arrays.f_rev[members], seed)[1]
+            crossed[members] = 100 * y + 10 * attended + ignored  # k <= 5: distinct per (class, pair)
+        return cell_balanced_weights(labels, np.unique(crossed, return_inverse=True)[1])
+    if name == "random":  # SLIM's cell sizes, members at random
+        shuffled = cells.copy()
+        for y in np.unique(labels):
+            members = np.flatnonzero(labels == y)
+            shuffled[members] = np.random.default_rng(seed).permutation(cells[members])
+        return cell_balanced_weights(labels, shuffled)
+    if name == "jtt":
+        return class_normalised(np.where(arrays.pred != labels, upweight, 1.0), labels)
+    return cell_balanced_weights(labels, groups)  # oracle: the true groups balanced
 
 
 def erm_test_features(run: Run, model) -> np.ndarray:
@@ -334,10 +369,13 @@ def aggregate(per_seed: list[dict]) -> dict:
             values = [r["core_acc"] for r in runs]
             out[method]["core_acc"] = {"mean": statistics.mean(values),
                                        "std": statistics.stdev(values) if len(values) > 1 else 0.0}
-    if all("slim" in s and "oracle" in s for s in per_seed):  # not when --only left them out
-        gaps = [(s["slim"]["worst_group_acc"] - s["erm"]["worst_group_acc"])
-                / max(s["oracle"]["worst_group_acc"] - s["erm"]["worst_group_acc"], 1e-9) for s in per_seed]
-        out["gap_closed"] = {"mean": statistics.mean(gaps), "per_seed": gaps}
+    for method in (*ANSWER_ROWS, "jtt"):  # (method - erm) / (oracle - erm), where both were trained
+        if all(method in s and "oracle" in s for s in per_seed):
+            gaps = [(s[method]["worst_group_acc"] - s["erm"]["worst_group_acc"])
+                    / max(s["oracle"]["worst_group_acc"] - s["erm"]["worst_group_acc"], 1e-9) for s in per_seed]
+            out[method]["gap_closed"] = {"mean": statistics.mean(gaps), "per_seed": gaps}
+    if "gap_closed" in out.get("slim", {}):
+        out["gap_closed"] = out["slim"]["gap_closed"]
     out["annotated_fraction"] = statistics.mean(s["annotated_fraction"] for s in per_seed)
     out["cell_purity"] = {name: statistics.mean(s["cell_purity"][name] for s in per_seed)
                           for name in per_seed[0]["cell_purity"]}
@@ -345,13 +383,16 @@ def aggregate(per_seed: list[dict]) -> dict:
 
 
 def markdown(result: dict, label: str) -> str:
-    lines = [f"| method ({label}) | worst-group | mean | core accuracy |", "| --- | ---: | ---: | ---: |"]
+    lines = [f"| method ({label}) | worst-group | mean | core accuracy | gap closed |",
+             "| --- | ---: | ---: | ---: | ---: |"]
     for method in METHODS:
         if method in result:
             w, m = result[method]["worst_group_acc"], result[method]["mean_acc"]
-            c = result[method].get("core_acc")
+            c, g = result[method].get("core_acc"), result[method].get("gap_closed")
             core = f"{c['mean']:.1%} ± {c['std']:.1%}" if c else ""
-            lines.append(f"| {method} | {w['mean']:.1%} ± {w['std']:.1%} | {m['mean']:.1%} ± {m['std']:.1%} | {core} |")
+            gap = f"{g['mean']:.0%}" if g else ""
+            lines.append(f"| {method} | {w['mean']:.1%} ± {w['std']:.1%} | {m['mean']:.1%} ± {m['std']:.1%} | {core} "
+                         f"| {gap} |")
     return "\n".join(lines)
 
 
@@ -368,28 +409,37 @@ def main() -> None:
                         help="corm row: how the likely-spurious region is corrupted")
     parser.add_argument("--corrupt-probability", type=float, default=RetrainConfig.corrupt_probability,
                         help="corm row: share of the training draws corrupted")
-    parser.add_argument("--only", nargs="+", choices=("slim", "corm", "low-spuriosity"), default=None,
+    parser.add_argument("--counterfactual-share", type=float, default=RetrainConfig.counterfactual_share,
+                        help="+counterfactual rows: images generated per class, as a share of the class")
+    parser.add_argument("--only", nargs="+", choices=(*ANSWER_ROWS, *NO_ANSWER_ROWS), default=None,
                         help="fresh mode: train only these rows (and ERM), e.g. to add the remedies to a table")
+    parser.add_argument("--synth", nargs="+", default=["default"], choices=list(VARIANTS),
+                        help="datasets: synth variants of the family, each with every seed")
     parser.add_argument("--work", default="bench-out/wga", help="datasets and runs go here")
-    parser.add_argument("--out", default="bench-out/wga.json", help="JSON result file")
+    parser.add_argument("--out", default="bench-out/wga.json", help="JSON result file (rewritten after every seed)")
     args = parser.parse_args()
-    runs = {seed: build(Path(args.work), seed) for seed in args.seeds}
-    remedy = RetrainConfig(corruption=args.corruption, corrupt_probability=args.corrupt_probability)
+    remedy = RetrainConfig(corruption=args.corruption, corrupt_probability=args.corrupt_probability,
+                           counterfactual_share=args.counterfactual_share)
     result = {"mode": args.mode, "seeds": args.seeds, "corm": {"corruption": remedy.corruption,
-              "corrupt_probability": remedy.corrupt_probability}, "by_noise": {}}
-    no_answer_results: dict[int, dict] = {seed: {} for seed in args.seeds}
-    for noise in args.noise:
-        per_seed = [fresh_seed(runs[s], s, noise, args.jtt_upweight, no_answer_results[s],
+              "corrupt_probability": remedy.corrupt_probability},
+              "counterfactual_share": remedy.counterfactual_share, "by_variant": {}}
+    per_seed: dict[str, dict[str, list]] = {v: {str(n): [] for n in args.noise} for v in args.synth}
+    for seed in args.seeds:  # seeds outermost: an interrupted run has whole seeds of every variant
+        for variant in args.synth:
+            run, no_answer_results = build(Path(args.work), seed, variant), {}
+            for noise in args.noise:
+                per_seed[variant][str(noise)].append(
+                    fresh_seed(run, seed, noise, args.jtt_upweight, no_answer_results,
                                set(args.only) if args.only else None, remedy) if args.mode == "fresh"
-                    else one_seed(runs[s], s, args.mode, noise, args.jtt_upweight, args.subset_size, args.variants)
-                    for s in args.seeds]
-        result["by_noise"][str(noise)] = {**aggregate(per_seed), "per_seed": per_seed}
-        print(markdown(result["by_noise"][str(noise)], f"noise {noise:g}, {args.mode}"))
-        summary = result["by_noise"][str(noise)]
-        gap = f"gap closed by SLIM: {summary['gap_closed']['mean']:.0%}; " if "gap_closed" in summary else ""
-        print(gap + "curated cells' group purity: "
-              + ", ".join(f"{name} {purity:.1%}" for name, purity in summary["cell_purity"].items()) + "\n")
-    atomic_write_json(Path(args.out), result)
+                    else one_seed(run, seed, args.mode, noise, args.jtt_upweight, args.subset_size, args.variants))
+                result["by_variant"][variant] = {"by_noise": {n: {**aggregate(rows), "per_seed": rows}
+                                                              for n, rows in per_seed[variant].items() if rows}}
+            atomic_write_json(Path(args.out), result)
+    for variant, by_variant in result["by_variant"].items():
+        for noise, summary in by_variant["by_noise"].items():
+            print(markdown(summary, f"{variant}, noise {float(noise):g}, {args.mode}"))
+            print("curated cells' group purity: "
+                  + ", ".join(f"{name} {purity:.1%}" for name, purity in summary["cell_purity"].items()) + "\n")
 
 
 if __name__ == "__main__":

@@ -22,6 +22,7 @@ SAMPLE_SPACES = ("vectors", "embedding")
 PRECISIONS = ("auto", "fp32", "bf16")
 RETRAIN_MODES = ("last-layer", "full", "fresh", "corm", "low-spuriosity")
 CORRUPTIONS = ("noise", "blur")
+AUGMENTATIONS = ("none", "counterfactual")
 CURATION_VARIANTS = ("attention", "published")
 DEVICES = ("auto", "cpu", "cuda")
 
@@ -124,6 +125,15 @@ class RetrainConfig:
                                       "it", choices=CORRUPTIONS)
     corrupt_probability: float = option(0.5, "corm mode: share of training draws that are corrupted (the others "
                                              "stay natural images)", metavar="P")
+    augment: str = option("none", "counterfactual: add generated images of each class on the other classes' "
+                                  "backgrounds (every mode; `counterfactuals --run RUN` makes and lists them)",
+                          choices=AUGMENTATIONS)
+    counterfactual_share: float = option(0.25, "counterfactual images generated per class, as a share of the "
+                                               "class's training images", metavar="F")
+    editor: str | None = option(None, "generative editor for counterfactuals as module:Class (e.g. a diffusers "
+                                      "inpainting pipeline from local weights; docs/counterfactuals.md); default: "
+                                      "composite the class's core region onto other classes' backgrounds",
+                                metavar="MODULE:CLASS")
     seed: int = option(0, "seed of the retraining's sampling and initialisation")
 
 

@@ -113,6 +113,11 @@ class Run:
     def report_path(self) -> Path:
         return self.root / REPORT
 
+    @property
+    def counterfactual_dir(self) -> Path:
+        """Generated counterfactual training images: a dataset folder (metadata.csv, images/, dataset.json)."""
+        return self.root / "counterfactuals"
+
     def resume_path(self, stage: str) -> Path:
         """The epoch checkpoint a killed ``stage`` (``train``, ``retrain``) resumes from."""
         return self.root / RESUME_DIR / f"{stage}.pt"

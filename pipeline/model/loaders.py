@@ -7,7 +7,7 @@ from collections.abc import Sequence
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Sampler
+from torch.utils.data import ConcatDataset, DataLoader, Dataset, Sampler
 
 from pipeline.core.data import Corruption, ImageDataset, ImageSet, Sample
 
@@ -21,15 +21,21 @@ def seed_everything(seed: int) -> None:
 
 def make_loader(image_set: ImageSet, samples: Sequence[Sample], size: int, batch_size: int, workers: int,
                 shuffle: bool = False, with_masks: bool = False, seed: int = 0, sampler: Sampler | None = None,
-                core_only: bool = False, corruption: Corruption | None = None) -> DataLoader:
+                core_only: bool = False, corruption: Corruption | None = None,
+                extra: Sequence[tuple[ImageSet, Sequence[Sample]]] = ()) -> DataLoader:
     """Batches of ``(image, y, index, mask)``; shuffling (or ``sampler``) is seeded, so epochs are repeatable.
 
     ``corruption``: training images with their estimated spurious region corrupted (``retrain --mode corm``).
+    ``extra``: more images after ``samples``, from other folders and never corrupted (counterfactuals, whose
+    spurious region was already replaced); their ``index`` is their own set's.
     """
     generator = torch.Generator().manual_seed(seed)
+    dataset: Dataset = ImageDataset(image_set, samples, size, with_masks=with_masks, core_only=core_only,
+                                    corruption=corruption)
+    if extra:
+        dataset = ConcatDataset([dataset, *(ImageDataset(other, rows, size) for other, rows in extra)])
     return DataLoader(
-        ImageDataset(image_set, samples, size, with_masks=with_masks, core_only=core_only, corruption=corruption),
-        batch_size=batch_size, shuffle=shuffle,
+        dataset, batch_size=batch_size, shuffle=shuffle,
         sampler=sampler, num_workers=workers, persistent_workers=workers > 0, pin_memory=torch.cuda.is_available(),
         generator=None if sampler is not None else generator,
     )

@@ -96,6 +96,10 @@ class SpuriousRegions:
         return spurious_region(np.asarray(self.cam[row], np.float32), float(self.score[row]),
                                self.boxes.get(int(image_id), []), size)
 
+    def source(self, image_id: int) -> str:
+        """Which rule decides ``image_id``'s region (one of ``SOURCES``)."""
+        return region_source(float(self.score[self._rows[int(image_id)]]), self.boxes.get(int(image_id), []))
+
     def sources(self) -> dict[str, int]:
         """How many images each rule decided: what the run's metrics report."""
         counts = Counter(region_source(float(p), self.boxes.get(int(i), [])) for i, p in zip(self.index, self.score))

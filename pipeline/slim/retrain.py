@@ -36,8 +36,8 @@ from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 from torch.utils.data import WeightedRandomSampler
 
-from pipeline.core.config import RETRAIN_MODES, RunConfig, fingerprint
-from pipeline.core.data import TEST, VAL, Corruption, ImageSet, load_dataset
+from pipeline.core.config import AUGMENTATIONS, RETRAIN_MODES, RunConfig, fingerprint
+from pipeline.core.data import TEST, VAL, Corruption, ImageSet, Sample, load_dataset
 from pipeline.core.errors import PipelineError
 from pipeline.core.io import file_digest
 from pipeline.core.run import Run
@@ -54,6 +54,7 @@ from pipeline.model.networks import (
     save_checkpoint,
 )
 from pipeline.model.train import Resume, fit
+from pipeline.slim.counterfactual import Counterfactuals, load_counterfactuals
 from pipeline.slim.propagate import propagate_run
 from pipeline.slim.regions import SpuriousRegions, run_regions
 from pipeline.slim.report import core_accuracy
@@ -122,40 +123,53 @@ def retrain_last_layer(model: Classifier, features: np.ndarray, labels: np.ndarr
 
 def weighted_fit(model: Classifier, config: RunConfig, image_ids: list[int], weights: np.ndarray | None,
                  epochs: int, lr: float, device: torch.device, size: int,
-                 progress: bool, resume: Resume | None = None,
-                 corruption: Corruption | None = None) -> tuple[Classifier, list[float]]:
-    """Train ``model`` on ``image_ids`` drawn with replacement by ``weights`` (one epoch = as many draws);
-    ``None`` draws every class equally often. ``resume``: continue from / keep an epoch checkpoint there;
-    ``corruption``: corrupt the draws (corm)."""
+                 progress: bool, resume: Resume | None = None, corruption: Corruption | None = None,
+                 counterfactuals: Counterfactuals | None = None) -> tuple[Classifier, list[float]]:
+    """Train ``model`` on ``image_ids`` (then ``counterfactuals``, if any) drawn with replacement by ``weights``,
+    one weight per image in that order (one epoch = as many draws as images); ``None`` draws every class
+    equally often. ``resume``: continue from / keep an epoch checkpoint there; ``corruption``: corrupt the
+    dataset's draws (corm; counterfactuals stay as generated)."""
     image_set = load_dataset(config.data.root)
     samples = [image_set.samples[i] for i in image_ids]
+    extra = [(counterfactuals.image_set, counterfactuals.samples)] if counterfactuals else []
     if weights is None:
-        labels = np.array([s.y for s in samples])
-        weights = class_normalised(np.ones(len(samples)), labels)
+        labels = with_counterfactuals(np.array([s.y for s in samples]), counterfactuals)
+        weights = class_normalised(np.ones(len(labels)), labels)
     draws = np.asarray(weights, dtype=float)
     generator = torch.Generator().manual_seed(config.retrain.seed)
-    sampler = WeightedRandomSampler(torch.from_numpy(draws), num_samples=len(samples),
+    sampler = WeightedRandomSampler(torch.from_numpy(draws), num_samples=len(draws),
                                     replacement=True, generator=generator)
     loader = make_loader(image_set, samples, size, config.train.batch_size, config.data.workers, sampler=sampler,
-                         corruption=corruption)
+                         corruption=corruption, extra=extra)
     if resume:  # the images and their weights come from the answers: part of what a checkpoint must match
-        resume = resume.refined(image_ids, hashlib.sha256(draws.tobytes()).hexdigest(), epochs, lr, size)
+        resume = resume.refined(image_ids, hashlib.sha256(draws.tobytes()).hexdigest(), epochs, lr, size,
+                                counterfactuals.digest() if counterfactuals else None)
     losses = fit(model, loader, epochs, lr, config.train.weight_decay, device, progress, resume)
     return model.cpu().eval(), losses
 
 
+def with_counterfactuals(values: np.ndarray, counterfactuals: Counterfactuals | None,
+                         extra: np.ndarray | None = None) -> np.ndarray:
+    """``values`` of the dataset's images followed by the counterfactuals' (their labels unless ``extra``)."""
+    if not counterfactuals:
+        return values
+    return np.concatenate([values, counterfactuals.labels if extra is None else extra])
+
+
 def retrain_full(model: Classifier, config: RunConfig, image_ids: list[int], device: torch.device,
                  size: int, progress: bool, sample_weight: np.ndarray | None = None,
-                 resume: Resume | None = None) -> tuple[Classifier, dict]:
+                 resume: Resume | None = None, counterfactuals: Counterfactuals | None = None) -> tuple[Classifier, dict]:
     """Fine-tune the whole model, drawing images by ``sample_weight`` (default: class-balanced)."""
     retrained, losses = weighted_fit(copy.deepcopy(model), config, image_ids, sample_weight, config.retrain.epochs,
-                                     config.retrain.lr, device, size, progress, resume)
+                                     config.retrain.lr, device, size, progress, resume,
+                                     counterfactuals=counterfactuals)
     return retrained, {"train_loss": losses}
 
 
 def fresh_model(config: RunConfig, num_classes: int, image_ids: list[int], weights: np.ndarray,
-                device: torch.device, size: int, progress: bool,
-                resume: Resume | None = None, corruption: Corruption | None = None) -> tuple[Classifier, list[float]]:
+                device: torch.device, size: int, progress: bool, resume: Resume | None = None,
+                corruption: Corruption | None = None,
+                counterfactuals: Counterfactuals | None = None) -> tuple[Classifier, list[float]]:
     """A new model, trained with the reference recipe (architecture, start weights, epochs, lr) under ``weights``.
 
     Only the sampling (and, for corm, the ``corruption``) differs from the reference run, so whatever changes
@@ -165,38 +179,45 @@ def fresh_model(config: RunConfig, num_classes: int, image_ids: list[int], weigh
     if config.train.weights:
         load_weights(model, config.train.weights)
     return weighted_fit(model, config, image_ids, weights, config.train.epochs, config.train.lr, device, size,
-                        progress, resume, corruption)
+                        progress, resume, corruption, counterfactuals)
 
 
 def retrain_fresh(arrays: AttentionArrays, scores: np.ndarray, config: RunConfig, device: torch.device,
-                  size: int, progress: bool, resume: Resume | None = None) -> tuple[Classifier, dict]:
+                  size: int, progress: bool, resume: Resume | None = None,
+                  counterfactuals: Counterfactuals | None = None) -> tuple[Classifier, dict]:
     """Every training image, drawn so each class and each cell of its shortcut space count the same.
 
     Uses all images rather than the curated subset: the cells say how to balance, and a network trained from
     the start needs the data volume (the default subset is a tenth of it) to learn the core feature.
+    Counterfactuals form one more cell of their class: as much weight as any group the answers found.
     """
     cells = spurious_space_cells(arrays, scores, config.curate.seed)
-    weights = cell_balanced_weights(arrays.y, cells)
+    all_cells = with_counterfactuals(cells, counterfactuals,
+                                     None if not counterfactuals else cells.max() + 1 + counterfactuals.labels)
+    weights = cell_balanced_weights(with_counterfactuals(arrays.y, counterfactuals), all_cells)
     model, losses = fresh_model(config, len(arrays.class_names), [int(i) for i in arrays.index], weights,
-                                device, size, progress, resume)
-    return model, {"train_loss": losses, "cells": int(cells.max()) + 1, "images": len(weights)}
+                                device, size, progress, resume, counterfactuals=counterfactuals)
+    return model, {"train_loss": losses, "cells": int(all_cells.max()) + 1, "images": len(weights)}
 
 
 def retrain_corm(arrays: AttentionArrays, regions: SpuriousRegions, config: RunConfig, device: torch.device,
-                 size: int, progress: bool, resume: Resume | None = None) -> tuple[Classifier, dict]:
+                 size: int, progress: bool, resume: Resume | None = None,
+                 counterfactuals: Counterfactuals | None = None) -> tuple[Classifier, dict]:
     """Core Risk Minimization: the reference recipe on every training image, each draw corrupted in the image's
     likely-spurious region with ``config.retrain.corrupt_probability``.
 
     Images are drawn uniformly (the reference run's distribution), so the corruption is the only change: what
-    this mode adds can be read against ERM directly.
+    this mode adds can be read against ERM directly. Counterfactuals join the uniform draws uncorrupted: their
+    likely-spurious region already shows another class's background, which corruption would only erase.
     """
     corruption = Corruption(regions, config.retrain.corruption, config.retrain.corrupt_probability)
     image_ids = [int(i) for i in arrays.index]
     if resume:  # the regions come from the answers and boxes: a checkpoint must match them too
         resume = resume.refined(regions.digest())
-    model, losses = fresh_model(config, len(arrays.class_names), image_ids, np.ones(len(image_ids)), device, size,
-                                progress, resume, corruption)
-    return model, {"train_loss": losses, "images": len(image_ids), "corruption": corruption.kind,
+    draws = np.ones(len(image_ids) + (len(counterfactuals) if counterfactuals else 0))
+    model, losses = fresh_model(config, len(arrays.class_names), image_ids, draws, device, size, progress, resume,
+                                corruption, counterfactuals)
+    return model, {"train_loss": losses, "images": len(draws), "corruption": corruption.kind,
                    "corrupt_probability": corruption.probability, "regions": regions.sources()}
 
 
@@ -216,11 +237,26 @@ def worst_class_accuracy(predictions: np.ndarray, labels: np.ndarray) -> float:
     return float(min((predictions[labels == y] == y).mean() for y in np.unique(labels)))
 
 
+@dataclass(frozen=True)
+class FrozenImages:
+    """Images as the reference model's frozen pooled features, with their labels: what a refit head learns from."""
+
+    features: np.ndarray
+    labels: np.ndarray
+
+    def joined(self, other: FrozenImages | None) -> tuple[np.ndarray, np.ndarray]:
+        """Features and labels of these images followed by ``other``'s."""
+        if other is None:
+            return self.features, self.labels
+        return np.concatenate([self.features, other.features]), np.concatenate([self.labels, other.labels])
+
+
 def retrain_low_spuriosity(model: Classifier, arrays: AttentionArrays, scores: np.ndarray, val_features: np.ndarray,
-                           val_labels: np.ndarray, seed: int) -> tuple[Classifier, dict]:
+                           val_labels: np.ndarray, seed: int,
+                           extra: FrozenImages | None = None) -> tuple[Classifier, dict]:
     """The linear head refit (as ``last-layer``) on frozen features of the least spurious images of each class
     (:func:`pipeline.slim.spuriosity.spuriosity`), for each of ``SPURIOSITY_SHARES``; the share whose head has
-    the best validation worst-class accuracy wins.
+    the best validation worst-class accuracy wins. ``extra`` (counterfactuals) joins every share's images.
 
     Ties go to the larger share: with the same validation evidence, more images give the steadier head.
     """
@@ -229,14 +265,16 @@ def retrain_low_spuriosity(model: Classifier, arrays: AttentionArrays, scores: n
     best: tuple[float, float, Classifier, dict, int] | None = None
     for share in SPURIOSITY_SHARES:
         rows = least_spurious_rows(arrays.y, spurious, share)
-        candidate, fitted = retrain_last_layer(model, arrays.features[rows], arrays.y[rows], seed)
+        features, labels = FrozenImages(arrays.features[rows], arrays.y[rows]).joined(extra)
+        candidate, fitted = retrain_last_layer(model, features, labels, seed)
         with torch.no_grad():
             predictions = candidate.head(torch.from_numpy(val_features).float()).argmax(1).numpy()
         val_worst[f"{share:g}"] = worst_class_accuracy(predictions, val_labels)
         if best is None or (val_worst[f"{share:g}"], share) >= best[:2]:
             best = (val_worst[f"{share:g}"], share, candidate, fitted, len(rows))
     _, share, retrained, fitted, images = best
-    return retrained, {"share": share, "images": images, "val_worst_class": val_worst, **fitted}
+    return retrained, {"share": share, "images": images + (len(extra.labels) if extra else 0),
+                       "val_worst_class": val_worst, **fitted}
 
 
 @dataclass(frozen=True)
@@ -251,6 +289,7 @@ class RetrainInputs:
     device: torch.device
     resume: Resume
     progress: bool
+    counterfactuals: Counterfactuals | None  # --augment counterfactual: added to every mode's training images
 
     @property
     def size(self) -> int:
@@ -263,20 +302,29 @@ class RetrainInputs:
     def curated_ids(self) -> list[int]:
         return [int(r["image_id"]) for r in self.run.load_csv(self.run.curated_path, "curate --run RUN")]
 
+    def frozen_counterfactuals(self) -> FrozenImages | None:
+        """The counterfactuals as the reference model's features (for the modes that refit the head only)."""
+        if not self.counterfactuals:
+            return None
+        cf = self.counterfactuals
+        arrays = frozen_attention(self.model, cf.image_set, cf.samples, self.size, self.config, self.device)
+        return FrozenImages(arrays.features, arrays.y)
+
 
 def _fresh(inputs: RetrainInputs) -> tuple[Classifier, dict]:
     scores = inputs.scores()
     seed_everything(inputs.config.retrain.seed)
     return retrain_fresh(inputs.arrays, scores, inputs.config, inputs.device, inputs.size, inputs.progress,
-                         inputs.resume)
+                         inputs.resume, inputs.counterfactuals)
 
 
 def _last_layer(inputs: RetrainInputs) -> tuple[Classifier, dict]:
     image_ids = inputs.curated_ids()
     seed_everything(inputs.config.retrain.seed)
     rows = inputs.arrays.rows_of(image_ids)
-    retrained, fitted = retrain_last_layer(inputs.model, inputs.arrays.features[rows], inputs.arrays.y[rows],
-                                           inputs.config.retrain.seed)
+    features, labels = FrozenImages(inputs.arrays.features[rows], inputs.arrays.y[rows]).joined(
+        inputs.frozen_counterfactuals())
+    retrained, fitted = retrain_last_layer(inputs.model, features, labels, inputs.config.retrain.seed)
     return retrained, {"subset_size": len(image_ids), **fitted}
 
 
@@ -284,7 +332,7 @@ def _full(inputs: RetrainInputs) -> tuple[Classifier, dict]:
     image_ids = inputs.curated_ids()
     seed_everything(inputs.config.retrain.seed)
     retrained, fitted = retrain_full(inputs.model, inputs.config, image_ids, inputs.device, inputs.size,
-                                     inputs.progress, resume=inputs.resume)
+                                     inputs.progress, resume=inputs.resume, counterfactuals=inputs.counterfactuals)
     return retrained, {"subset_size": len(image_ids), **fitted}
 
 
@@ -292,24 +340,32 @@ def _corm(inputs: RetrainInputs) -> tuple[Classifier, dict]:
     regions = run_regions(inputs.run, inputs.arrays, inputs.scores())
     seed_everything(inputs.config.retrain.seed)
     return retrain_corm(inputs.arrays, regions, inputs.config, inputs.device, inputs.size, inputs.progress,
-                        inputs.resume)
+                        inputs.resume, inputs.counterfactuals)
 
 
 def _low_spuriosity(inputs: RetrainInputs) -> tuple[Classifier, dict]:
     scores = inputs.scores()
     config = inputs.config
-    val = frozen_attention(inputs.model, load_dataset(config.data.root), VAL, inputs.size, config, inputs.device)
+    val = validation_attention(inputs.model, load_dataset(config.data.root), inputs.size, config, inputs.device)
+    extra = inputs.frozen_counterfactuals()
     seed_everything(config.retrain.seed)
-    return retrain_low_spuriosity(inputs.model, inputs.arrays, scores, val.features, val.y, config.retrain.seed)
+    return retrain_low_spuriosity(inputs.model, inputs.arrays, scores, val.features, val.y, config.retrain.seed,
+                                  extra)
 
 
-def frozen_attention(model: Classifier, image_set: ImageSet, split: int, size: int, config: RunConfig,
-                     device: torch.device) -> AttentionArrays:
-    """The reference model's features (and attention) on ``split``: what a refit head is judged on."""
-    samples = image_set.split(split)
+def validation_attention(model: Classifier, image_set: ImageSet, size: int, config: RunConfig,
+                         device: torch.device) -> AttentionArrays:
+    """The reference model's features on the validation split: what low-spuriosity's share is chosen on."""
+    samples = image_set.split(VAL)
     if not samples:
         raise PipelineError("low-spuriosity chooses its share on the validation split, and the dataset has none; "
                             "add images with split 1")
+    return frozen_attention(model, image_set, samples, size, config, device)
+
+
+def frozen_attention(model: Classifier, image_set: ImageSet, samples: list[Sample], size: int, config: RunConfig,
+                     device: torch.device) -> AttentionArrays:
+    """The reference model's features (and attention) on ``samples``, in their order."""
     loader = make_loader(image_set, samples, size, config.embed.batch_size, config.data.workers)
     return compute_attention(make_extractor(model.to(device), "gradcam"), loader, device, config.embed.threshold,
                              size, progress=False)
@@ -331,10 +387,17 @@ def retrain_run(run: Run, config: RunConfig, progress: bool = True) -> dict:
     if mode not in MODES:
         raise PipelineError(f"unknown --mode {mode!r}; choose {', '.join(RETRAIN_MODES)}")
     arrays = AttentionArrays.load(run.require(run.attention_path, "embed --run RUN"))
+    if config.retrain.augment not in AUGMENTATIONS:
+        raise PipelineError(f"unknown --augment {config.retrain.augment!r}; choose {' or '.join(AUGMENTATIONS)}")
     model, meta = load_checkpoint(run.require(run.checkpoint_path, "train --data DIR --run RUN"))
     device = resolve_device(config.device)
-    inputs = RetrainInputs(run, config, arrays, model, meta, device, retrain_resume(run, config, device), progress)
+    counterfactuals = load_counterfactuals(run, config) if config.retrain.augment == "counterfactual" else None
+    inputs = RetrainInputs(run, config, arrays, model, meta, device, retrain_resume(run, config, device), progress,
+                           counterfactuals)
     retrained, details = MODES[mode](inputs)
+    details["augment"] = config.retrain.augment
+    if counterfactuals:
+        details["counterfactuals"] = {"images": len(counterfactuals), "rejected": counterfactuals.rejected}
     save_checkpoint(retrained, run.slim_checkpoint_path, {**meta, "mode": mode, **details})
     run.save_config(config)
     image_set = load_dataset(config.data.root)

@@ -1,0 +1,339 @@
+"""Counterfactual training images (ASPIRE, Ghosh et al.): each class shown *without* the cue it is confounded with.
+
+ASPIRE edits images with a language-guided editor and a personalised text-to-image model. The default editor
+here needs no weights: it keeps an image's core region and replaces its likely-spurious region
+(:mod:`pipeline.slim.regions`: outside an annotator's box, else the low-CAM region of attention judged core or
+the high-CAM region of attention judged spurious) with the background of images of the *other* classes, taken
+where *their* likely-spurious region is, so no other object is pasted in. The class no longer agrees with the
+background: exactly the images the minority groups are short of.
+
+``retrain --augment counterfactual`` adds them to the training images of every mode. Annotators can check a
+sample in Label Studio ("does this still show a <class>?", :mod:`pipeline.labelstudio.verify`); an image they
+reject is never trained on. A generative editor plugs in through ``--editor module:Class`` (see
+:class:`Editor` and docs/counterfactuals.md); nothing is downloaded.
+
+The images are a dataset folder of their own (``RUN/counterfactuals``: metadata.csv, images/, dataset.json), so
+the loaders read them like any dataset. Each image's ``key`` is the digest of its bytes: answers stay attached
+to exactly the picture that was checked, across regenerations.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import importlib
+import io
+import itertools
+import json
+import logging
+import math
+import shutil
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+import numpy as np
+from PIL import Image
+
+from pipeline.core.config import RunConfig, fingerprint
+from pipeline.core.data import TRAIN, ImageSet, Sample, load_dataset, load_rgb, resolve_image_size
+from pipeline.core.errors import PipelineError
+from pipeline.core.io import atomic_write_bytes, atomic_write_csv, atomic_write_json
+from pipeline.core.run import Run
+from pipeline.core.store import AnnotationStore
+from pipeline.model.attention import AttentionArrays
+from pipeline.slim.propagate import propagate_run
+from pipeline.slim.regions import SpuriousRegions, run_regions
+
+log = logging.getLogger(__name__)
+STAGE = "counterfactuals"
+# backgrounds tried per image, in order, until its spurious region is filled: one core-judged image of another
+# class covers most of it (its object is the only hole), a spurious-judged one only where its model looked; on
+# the synthetic default (seed 0) four leave 0.3 % of the region unfilled on average, six 0.1 %
+BACKGROUNDS_PER_IMAGE = 6
+MIN_FILLED = 0.5  # share of an image's region its backgrounds must fill: below it, the image is mostly itself
+ATTEMPTS = 4  # candidates tried per image wanted before a class settles for fewer
+MIN_REGION = 0.02  # share of the image a region must cover to be worth replacing (flat maps localise nothing)
+COLUMNS = ("img_filename", "y", "split", "key", "donor", "backgrounds", "filled", "source")
+
+
+@dataclass(frozen=True)
+class Background:
+    """An image of another class and the pixels of it that are background (its likely-spurious region)."""
+
+    rgb: np.ndarray  # (H, W, 3) float in [0, 1]
+    usable: np.ndarray  # (H, W) bool
+
+
+class Editor(Protocol):
+    """What generates a counterfactual: the extension point for generative editors.
+
+    ``setup()`` loads whatever the editor needs (weights from a local path the user configured: never a
+    download); ``edit`` returns the image with ``replace`` (True: the likely-spurious pixels) changed so the
+    class's cue is gone, e.g. inpainted with the other classes' backgrounds as reference. ``class_name`` is the
+    image's class, for a text prompt.
+    """
+
+    name: str
+
+    def setup(self) -> None: ...
+
+    def edit(self, rgb: np.ndarray, replace: np.ndarray, backgrounds: Sequence[Background],
+             class_name: str) -> np.ndarray: ...
+
+
+class CompositeEditor:
+    """The default editor: each replaced pixel from the first background that has background there (horizontal
+    flips double the choice); pixels no background covers keep their own value."""
+
+    name = "composite"
+
+    def setup(self) -> None:
+        """Nothing to load."""
+
+    def edit(self, rgb: np.ndarray, replace: np.ndarray, backgrounds: Sequence[Background],
+             class_name: str) -> np.ndarray:
+        out = rgb.copy()
+        todo = replace.copy()
+        for background in backgrounds:
+            take = todo & background.usable
+            out[take] = background.rgb[take]
+            todo &= ~take
+        return out
+
+
+def load_editor(spec: str | None) -> Editor:
+    """``None``: :class:`CompositeEditor`; ``module:Class``: that class, constructed with no arguments (its
+    settings from its own environment or files), then ``setup()``."""
+    if not spec:
+        editor: Editor = CompositeEditor()
+    else:
+        module_name, _, class_name = spec.partition(":")
+        try:
+            editor = getattr(importlib.import_module(module_name), class_name)()
+        except (ImportError, AttributeError, ValueError) as exc:
+            raise PipelineError(f"--editor {spec!r} cannot be loaded ({exc}); give an importable module:Class") from None
+    editor.setup()
+    return editor
+
+
+@dataclass(frozen=True)
+class Plan:
+    """One counterfactual to make: ``donor``'s core region kept, ``backgrounds`` (other classes) filling the rest."""
+
+    y: int
+    donor: int  # image id
+    backgrounds: tuple[int, ...]  # image ids, in fill order
+    flips: tuple[bool, ...]  # whether each background is mirrored left-right
+    source: str  # the donor's region rule: box, low_cam (core-judged) or high_cam (spurious-judged)
+
+
+def donor_rows(arrays: AttentionArrays, regions: SpuriousRegions, y: int, size: int) -> tuple[np.ndarray, str]:
+    """Images of class ``y`` whose core region is known: a box, or attention judged core (the high-CAM region is
+    the object). A class with neither falls back to its spurious-judged images (the attended cue is replaced,
+    the rest kept), which is said in the log and the manifest."""
+    members = arrays.for_class(y)
+    sources = np.array([regions.source(int(arrays.index[r])) for r in members])
+    located = members[sources != "high_cam"]
+    chosen = located if len(located) else members
+    if not len(located):
+        log.warning("class %s has no boxes and no attention judged core: its counterfactuals replace the attended "
+                    "region of spurious-judged images instead", arrays.class_names[y])
+    useful = [r for r in chosen if regions(int(arrays.index[r]), size).mean() >= MIN_REGION]
+    return np.array(useful, dtype=int), "located" if len(located) else "high_cam"
+
+
+@dataclass(frozen=True)
+class ClassPlan:
+    """How many counterfactuals class ``y`` gets, and an endless seeded stream of candidates to make them from."""
+
+    y: int
+    target: int
+    candidates: Iterator[Plan]
+
+
+def candidates(arrays: AttentionArrays, regions: SpuriousRegions, y: int, donors: np.ndarray,
+               rng: np.random.Generator) -> Iterator[Plan]:
+    """Donors cycled in a seeded random order, each with ``BACKGROUNDS_PER_IMAGE`` random other-class images."""
+    others = np.flatnonzero(arrays.y != y)
+    order = rng.permutation(donors)
+    for i in itertools.count():
+        donor = int(arrays.index[order[i % len(order)]])
+        picks = rng.choice(others, size=min(BACKGROUNDS_PER_IMAGE, len(others)), replace=False)
+        yield Plan(int(y), donor, tuple(int(arrays.index[r]) for r in picks),
+                   tuple(bool(f) for f in rng.random(len(picks)) < 0.5), regions.source(donor))
+
+
+def plan(arrays: AttentionArrays, regions: SpuriousRegions, share: float, size: int, seed: int) -> list[ClassPlan]:
+    """``ceil(share x class size)`` counterfactuals for every class that has a donor."""
+    if not 0.0 < share <= 1.0:
+        raise PipelineError(f"--counterfactual-share must be in (0, 1], got {share}")
+    if len(arrays.classes) < 2:
+        raise PipelineError("counterfactuals need at least two classes: backgrounds come from the other classes")
+    rng = np.random.default_rng(seed)
+    plans = []
+    for y in arrays.classes:
+        donors, _ = donor_rows(arrays, regions, y, size)
+        if not len(donors):
+            log.warning("class %s has no image with a usable region: no counterfactuals for it", arrays.class_names[y])
+            continue
+        plans.append(ClassPlan(int(y), math.ceil(share * len(arrays.for_class(y))),
+                               candidates(arrays, regions, y, donors, rng)))
+    return plans
+
+
+@dataclass(frozen=True)
+class Made:
+    """A generated image: its PNG bytes and how much of the region the backgrounds filled."""
+
+    png: bytes
+    filled: float
+
+
+def make(plan_: Plan, image_set: ImageSet, regions: SpuriousRegions, editor: Editor, size: int) -> Made:
+    """Render one plan with ``editor``."""
+    rgb = load_rgb(image_set.root / image_set.samples[plan_.donor].filename, size)
+    replace = regions(plan_.donor, size)
+    backgrounds = []
+    for image_id, flip in zip(plan_.backgrounds, plan_.flips):
+        other = load_rgb(image_set.root / image_set.samples[image_id].filename, size)
+        usable = regions(image_id, size)
+        backgrounds.append(Background(other[:, ::-1] if flip else other, usable[:, ::-1] if flip else usable))
+    edited = editor.edit(rgb, replace, backgrounds, image_set.class_names[plan_.y])
+    covered = np.zeros_like(replace)
+    for background in backgrounds:
+        covered |= background.usable
+    buffer = io.BytesIO()
+    Image.fromarray((np.clip(edited, 0, 1) * 255).round().astype(np.uint8)).save(buffer, format="PNG")
+    return Made(buffer.getvalue(), float((replace & covered).sum() / max(int(replace.sum()), 1)))
+
+
+@dataclass(frozen=True)
+class Counterfactuals:
+    """The run's generated images that may be trained on (rejected ones left out), as a loadable dataset."""
+
+    image_set: ImageSet
+    samples: list[Sample]
+    keys: list[str]
+    rejected: int
+
+    @property
+    def labels(self) -> np.ndarray:
+        return np.array([s.y for s in self.samples], dtype=int)
+
+    def digest(self) -> str:
+        """Which images these are: part of a retraining's resume key."""
+        return hashlib.sha256("\n".join(self.keys).encode()).hexdigest()
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+
+def counterfactual_stamp(run: Run, regions: SpuriousRegions, config: RunConfig, size: int) -> str:
+    """What the images depend on: the regions (maps, verdicts, boxes), the settings and the editor."""
+    settings = config.retrain
+    return fingerprint(STAGE, regions.digest(), settings.counterfactual_share, settings.editor or "composite",
+                       settings.seed, size, run.stage_fingerprint("embed"))
+
+
+def write_counterfactuals(out: Path, plans: Sequence[ClassPlan], image_set: ImageSet, regions: SpuriousRegions,
+                          editor: Editor, size: int) -> int:
+    """Render each class's ``target`` images into the dataset folder ``out`` (replaced whole: written beside it,
+    then swapped in, so a kill leaves either set complete); returns how many images it holds.
+
+    A candidate whose backgrounds fill less than ``MIN_FILLED`` of its region is skipped (it would mostly be the
+    original image); a class gives up after ``ATTEMPTS`` candidates per image wanted.
+    """
+    staging = out.with_name(out.name + ".new")
+    shutil.rmtree(staging, ignore_errors=True)
+    rows = []
+    for class_plan in plans:
+        made_here = 0
+        for plan_ in itertools.islice(class_plan.candidates, ATTEMPTS * class_plan.target):
+            made = make(plan_, image_set, regions, editor, size)
+            if made.filled < MIN_FILLED:
+                continue
+            key = hashlib.sha256(made.png).hexdigest()[:20]
+            filename = f"images/{key}.png"
+            atomic_write_bytes(staging / filename, made.png)
+            rows.append((filename, plan_.y, TRAIN, key, plan_.donor, " ".join(map(str, plan_.backgrounds)),
+                         f"{made.filled:.4f}", plan_.source))
+            made_here += 1
+            if made_here == class_plan.target:
+                break
+        if made_here < class_plan.target:
+            log.warning("class %s: %d of %d counterfactuals (the other classes' backgrounds rarely cover its "
+                        "regions)", image_set.class_names[class_plan.y], made_here, class_plan.target)
+    if not rows:
+        raise PipelineError("no counterfactual could be made: no class has an image whose region is known; "
+                            "annotate (or draw boxes on) some images first")
+    atomic_write_csv(staging / "metadata.csv", COLUMNS, rows)
+    atomic_write_json(staging / "dataset.json", {"class_names": list(image_set.class_names), "image_size": size,
+                                                 "editor": editor.name, "counterfactual_of": str(image_set.root)})
+    shutil.rmtree(out, ignore_errors=True)
+    staging.rename(out)
+    log.info("%d counterfactual images (%s) in %s; backgrounds filled %.1f%% of the replaced regions", len(rows),
+             ", ".join(f"{name} {sum(r[1] == y for r in rows)}" for y, name in enumerate(image_set.class_names)),
+             out, 100 * np.mean([float(r[6]) for r in rows]))
+    return len(rows)
+
+
+def generate_run(run: Run, config: RunConfig, force: bool = False) -> Path:
+    """The ``counterfactuals`` stage: (re)make ``RUN/counterfactuals`` from the run's regions unless current."""
+    arrays = AttentionArrays.load(run.require(run.attention_path, "embed --run RUN"))
+    scores = propagate_run(run, config)[0].score
+    regions = run_regions(run, arrays, scores)
+    image_set = load_dataset(config.data.root)
+    size = resolve_image_size(image_set, config.data.image_size)
+    stamp = counterfactual_stamp(run, regions, config, size)
+    if not force and run.is_done(STAGE, stamp, [run.counterfactual_dir / "metadata.csv"]):
+        log.info("reusing %s (same regions and settings; --force remakes them)", run.counterfactual_dir)
+        return run.counterfactual_dir
+    plans = plan(arrays, regions, config.retrain.counterfactual_share, size, config.retrain.seed)
+    write_counterfactuals(run.counterfactual_dir, plans, image_set, regions, load_editor(config.retrain.editor), size)
+    run.mark_done(STAGE, stamp)
+    return run.counterfactual_dir
+
+
+def manifest(run: Run) -> list[dict[str, str]]:
+    """The rows of ``RUN/counterfactuals/metadata.csv`` (key, class, donor, backgrounds, filled share, source)."""
+    return run.load_csv(run.counterfactual_dir / "metadata.csv", "counterfactuals --run RUN")
+
+
+def rejected_keys(run: Run) -> set[str]:
+    """Keys of the counterfactuals an annotator said no longer show their class."""
+    if not run.labels_path.exists():
+        return set()
+    store = AnnotationStore(run.labels_path)
+    try:
+        return {key for key, accepted in store.counterfactual_checks().items() if not accepted}
+    finally:
+        store.close()
+
+
+def read_counterfactuals(folder: Path, rejected: set[str] = frozenset()) -> Counterfactuals:
+    """The counterfactual dataset in ``folder``, without the ``rejected`` keys."""
+    image_set = load_dataset(folder)
+    with (folder / "metadata.csv").open(newline="") as handle:
+        keys = [row["key"] for row in csv.DictReader(handle)]
+    kept = [(sample, key) for sample, key in zip(image_set.samples, keys) if key not in rejected]
+    if len(kept) < len(keys):
+        log.info("%d counterfactual(s) rejected by annotators are left out", len(keys) - len(kept))
+    return Counterfactuals(image_set, [s for s, _ in kept], [k for _, k in kept], len(keys) - len(kept))
+
+
+def load_counterfactuals(run: Run, config: RunConfig) -> Counterfactuals:
+    """The run's counterfactuals (made or remade when stale), without the ones annotators rejected."""
+    return read_counterfactuals(generate_run(run, config), rejected_keys(run))
+
+
+def describe(run: Run) -> dict:
+    """What the report and the CLI say about the run's counterfactuals: counts per class and source, checks."""
+    rows = manifest(run)
+    names = json.loads((run.counterfactual_dir / "dataset.json").read_text())["class_names"]
+    rejected = rejected_keys(run)
+    return {"images": len(rows), "rejected": sum(r["key"] in rejected for r in rows),
+            "per_class": {name: sum(int(r["y"]) == y for r in rows) for y, name in enumerate(names)},
+            "sources": {s: sum(r["source"] == s for r in rows) for s in sorted({r["source"] for r in rows})},
+            "filled": float(np.mean([float(r["filled"]) for r in rows])) if rows else 0.0}

@@ -1,0 +1,154 @@
+"""Counterfactual augmentation (ASPIRE-style): each class's core region on the other classes' backgrounds, added
+to the training images of every retraining mode."""
+
+from __future__ import annotations
+
+import csv
+import math
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from pipeline.cli import main
+from pipeline.core.data import load_dataset, load_rgb
+from pipeline.core.errors import PipelineError
+from pipeline.core.run import Run
+from pipeline.model.attention import AttentionArrays
+from pipeline.model.loaders import make_loader
+from pipeline.model.networks import load_checkpoint
+from pipeline.slim import retrain as retrain_module
+from pipeline.slim.counterfactual import (
+    Background,
+    CompositeEditor,
+    generate_run,
+    load_editor,
+    read_counterfactuals,
+)
+from pipeline.slim.propagate import Propagation
+from pipeline.slim.regions import run_regions
+
+SHARE = 0.25  # the default share of each class generated
+
+
+@pytest.fixture()
+def run(trained_run: Path, tmp_path: Path) -> Path:
+    """A private copy of the trained run, answered from a CSV: every third image spurious, the rest core."""
+    run = Path(shutil.copytree(trained_run, tmp_path / "run"))
+    arrays = np.load(run / "attention.npz")
+    (run / "answers.csv").write_text("image_id,label\n" + "".join(
+        f"{i},{'spurious' if k % 3 == 0 else 'core'}\n" for k, i in enumerate(arrays["index"][::8])))
+    assert main(["propagate", "--run", str(run), "--labels", str(run / "answers.csv"), "--quiet"]) == 0
+    return run
+
+
+def manifest(run: Path) -> list[dict[str, str]]:
+    with (run / "counterfactuals" / "metadata.csv").open(newline="") as handle:
+        return list(csv.DictReader(handle))
+
+
+def test_composite_fills_the_region_from_the_first_background_that_has_background_there() -> None:
+    rgb = np.zeros((2, 2, 3), np.float32)
+    replace = np.array([[True, True], [True, False]])
+    first = Background(np.full((2, 2, 3), 0.5, np.float32), np.array([[True, False], [False, True]]))
+    second = Background(np.ones((2, 2, 3), np.float32), np.ones((2, 2), bool))
+    out = CompositeEditor().edit(rgb, replace, [first, second], "disc")
+    assert out[..., 0].tolist() == [[0.5, 1.0], [1.0, 0.0]]  # kept pixel untouched; first background wins
+    assert rgb.max() == 0.0  # the input is not modified
+
+
+def test_an_editor_is_loaded_from_module_and_class_and_a_bad_one_is_one_line() -> None:
+    assert load_editor(None).name == "composite"
+    assert load_editor("pipeline.slim.counterfactual:CompositeEditor").name == "composite"
+    with pytest.raises(PipelineError, match="module:Class"):
+        load_editor("no_such_module:Editor")
+
+
+def test_each_class_s_core_on_other_classes_backgrounds(run: Path) -> None:
+    folder = generate_run(Run(run), Run(run).load_config())
+    rows = manifest(run)
+    arrays = AttentionArrays.load(run / "attention.npz")
+    for y in arrays.classes:  # the share of every class, labelled as its donor
+        assert sum(int(r["y"]) == y for r in rows) == math.ceil(SHARE * len(arrays.for_class(y)))
+    config = Run(run).load_config()
+    image_set = load_dataset(config.data.root)
+    regions = run_regions(Run(run), arrays, Propagation.load(run / "propagation.npz").score)
+    size = image_set.native_size
+    for row in rows[:: max(1, len(rows) // 6)]:  # a few: every pixel is the donor's or a background's
+        donor, backgrounds = int(row["donor"]), [int(b) for b in row["backgrounds"].split()]
+        assert image_set.samples[donor].y == int(row["y"])
+        assert all(image_set.samples[b].y != int(row["y"]) for b in backgrounds)
+        made = load_rgb(folder / row["img_filename"], size)
+        original = load_rgb(image_set.root / image_set.samples[donor].filename, size)
+        replaced = regions(donor, size)
+        assert np.allclose(made[~replaced], original[~replaced], atol=1 / 255)  # the core region kept
+        candidates = [load_rgb(image_set.root / image_set.samples[b].filename, size) for b in backgrounds]
+        candidates += [c[:, ::-1] for c in candidates]
+        from_background = np.zeros(replaced.shape, bool)
+        for candidate in candidates:
+            from_background |= np.abs(made - candidate).max(axis=2) <= 1 / 255
+        changed = replaced & (np.abs(made - original).max(axis=2) > 1 / 255)
+        assert from_background[changed].all()
+        assert float(row["filled"]) >= 0.5  # MIN_FILLED: a candidate filled less is skipped
+
+
+def test_generation_is_reused_until_what_it_depends_on_changes(run: Path) -> None:
+    config = Run(run).load_config()
+    generate_run(Run(run), config)
+    first = manifest(run)
+    stamp = (run / "counterfactuals" / "metadata.csv").stat().st_mtime_ns
+    generate_run(Run(run), config)
+    assert (run / "counterfactuals" / "metadata.csv").stat().st_mtime_ns == stamp
+    config.retrain.counterfactual_share = 2 * SHARE
+    generate_run(Run(run), config)  # other settings: remade whole, in place
+    assert len(manifest(run)) > len(first)
+    assert not (run / "counterfactuals.new").exists()
+    config.retrain.counterfactual_share = 0.0
+    with pytest.raises(PipelineError, match="counterfactual-share"):
+        generate_run(Run(run), config)
+
+
+def test_rejected_counterfactuals_are_left_out(run: Path) -> None:
+    folder = generate_run(Run(run), Run(run).load_config())
+    keys = [r["key"] for r in manifest(run)]
+    kept = read_counterfactuals(folder, {keys[0], keys[3]})
+    assert len(kept) == len(keys) - 2 and kept.rejected == 2 and keys[0] not in kept.keys
+
+
+def test_head_refit_modes_learn_from_the_counterfactuals_features(run: Path) -> None:
+    assert main(["retrain", "--run", str(run), "--mode", "low-spuriosity", "--augment", "counterfactual",
+                 "--quiet"]) == 0
+    model, meta = load_checkpoint(run / "slim_model.pt")
+    reference, _ = load_checkpoint(run / "model.pt")
+    cf = read_counterfactuals(run / "counterfactuals")
+    assert meta["augment"] == "counterfactual" and meta["counterfactuals"]["images"] == len(cf)
+    arrays = AttentionArrays.load(run / "attention.npz")
+    spurious = retrain_module.spuriosity(arrays, Propagation.load(run / "propagation.npz").score)
+    rows = retrain_module.least_spurious_rows(arrays.y, spurious, meta["share"])
+    frozen = retrain_module.frozen_attention(reference, cf.image_set, cf.samples, meta["image_size"],
+                                             Run(run).load_config(), torch.device("cpu"))
+    assert meta["images"] == len(rows) + len(cf)
+    expected, _ = retrain_module.retrain_last_layer(reference, np.concatenate([arrays.features[rows], frozen.features]),
+                                                    np.concatenate([arrays.y[rows], frozen.y]), seed=0)
+    assert torch.allclose(model.head.weight, expected.head.weight)
+
+
+def test_training_modes_draw_the_counterfactuals_uncorrupted(run: Path, monkeypatch) -> None:
+    seen = []
+
+    def recording_make_loader(*args, **kwargs):  # the real loader; the test keeps what retrain asked for
+        loader = make_loader(*args, **kwargs)
+        seen.append((kwargs.get("corruption"), kwargs.get("extra"), len(loader.sampler)))
+        return loader
+
+    monkeypatch.setattr(retrain_module, "make_loader", recording_make_loader)
+    assert main(["retrain", "--run", str(run), "--mode", "corm", "--augment", "counterfactual", "--epochs", "1",
+                 "--quiet"]) == 0
+    corruption, extra, draws = seen[0]
+    cf = read_counterfactuals(run / "counterfactuals")
+    (image_set, samples), = extra
+    assert corruption is not None and image_set.root == cf.image_set.root and len(samples) == len(cf)
+    arrays = AttentionArrays.load(run / "attention.npz")
+    assert draws == len(arrays) + len(cf)  # one epoch: as many draws as images, counterfactuals included
