@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+from dataclasses import dataclass
 import statistics
 from pathlib import Path
 
@@ -101,12 +102,30 @@ def build(work: Path, seed: int, variant: str = "default") -> Run:
                          SynthSpec(seed=seed, variant=variant), train_seed=seed)
 
 
-def simulated_answers(run: Run, arrays: AttentionArrays, noise: float, seed: int) -> Answers:
-    """SLIM's sample (2 % per class) answered by the mask rule, ``noise`` of the answers flipped."""
+@dataclass(frozen=True)
+class SimulatedAnswers:
+    """The simulated annotator's verdicts and, on a share of the answered images, a box around the object."""
+
+    answers: Answers
+    boxes: dict[int, list[dict]]
+
+
+def mask_box(mask: np.ndarray) -> dict:
+    """The bounding box of a mask as a Label Studio rectangle (percent of the image): what an annotator draws."""
+    rows, cols = np.flatnonzero(mask.any(axis=1)), np.flatnonzero(mask.any(axis=0))
+    side = 100.0 / mask.shape[0]
+    return {"x": cols[0] * side, "y": rows[0] * side, "width": (cols[-1] + 1 - cols[0]) * side,
+            "height": (rows[-1] + 1 - rows[0]) * side}
+
+
+def simulated_answers(run: Run, arrays: AttentionArrays, noise: float, seed: int,
+                      box_share: float = 0.0) -> SimulatedAnswers:
+    """SLIM's sample (2 % per class) answered by the mask rule, ``noise`` of the answers flipped; ``box_share``
+    of the answered images also get the mask's bounding box, as an annotator drawing the optional box would."""
     config = run.load_config()
     image_set = load_dataset(config.data.root)
     size = config.data.image_size or image_set.native_size
-    labels = {}
+    labels, boxes = {}, {}
     for row, _, _ in select(arrays, config.sample, exclude=set()):
         image_id = int(arrays.index[row])
         mask = load_mask(image_set.root / image_set.samples[image_id].mask_filename, size)
@@ -114,7 +133,9 @@ def simulated_answers(run: Run, arrays: AttentionArrays, noise: float, seed: int
         if np.random.default_rng([seed, image_id]).random() < noise:
             choice = "spurious" if choice == "core" else "core"
         labels[image_id] = CORE if choice == "core" else SPURIOUS
-    return Answers(labels)
+        if mask.any() and np.random.default_rng([seed, image_id, 1]).random() < box_share:
+            boxes[image_id] = [mask_box(mask)]
+    return SimulatedAnswers(Answers(labels), boxes)
 
 
 def reweighted_model(model, arrays: AttentionArrays, weights: np.ndarray, mode: str, config: RunConfig,
@@ -174,29 +195,29 @@ def low_spuriosity_row(model, run: Run, arrays: AttentionArrays, scores: np.ndar
     return {**evaluate_on_test(retrained, run, test_features, "last-layer"), "share": details["share"]}
 
 
-def corm_row(run: Run, arrays: AttentionArrays, scores: np.ndarray, seed: int, retrain: RetrainConfig,
-             counterfactuals: Counterfactuals | None = None) -> dict:
+def corm_row(run: Run, arrays: AttentionArrays, scores: np.ndarray, boxes: dict[int, list[dict]], seed: int,
+             retrain: RetrainConfig, counterfactuals: Counterfactuals | None = None) -> dict:
     """``corm``: the reference recipe, each draw's likely-spurious region corrupted as ``retrain`` says."""
     config = copy.deepcopy(run.load_config())
     config.retrain.corruption, config.retrain.corrupt_probability = retrain.corruption, retrain.corrupt_probability
     size = load_checkpoint(run.checkpoint_path)[1]["image_size"]
     seed_everything(seed)
-    model, details = retrain_corm(arrays, SpuriousRegions(arrays.index, arrays.cam, scores, {}), config,
+    model, details = retrain_corm(arrays, SpuriousRegions(arrays.index, arrays.cam, scores, boxes), config,
                                   torch.device("cpu"), size, False, counterfactuals=counterfactuals)
     return {**evaluate_on_test(model, run, None, "fresh"), "core_acc": core_accuracy_on_test(model, run),
             "regions": details["regions"]}
 
 
-def simulated_counterfactuals(run: Run, arrays: AttentionArrays, scores: np.ndarray, noise: float, seed: int,
-                              share: float) -> Counterfactuals:
+def simulated_counterfactuals(run: Run, arrays: AttentionArrays, scores: np.ndarray, boxes: dict[int, list[dict]],
+                              noise: float, seed: int, share: float) -> Counterfactuals:
     """``retrain --augment counterfactual``'s images (composite editor) from the simulated answers' regions,
     kept beside the run per noise level and share; none rejected (no verification in the benchmark)."""
     config = run.load_config()
     image_set = load_dataset(config.data.root)
     size = load_checkpoint(run.checkpoint_path)[1]["image_size"]
-    folder = run.root / f"counterfactuals-noise{noise:g}-share{share:g}"
+    folder = run.root / f"counterfactuals-noise{noise:g}-share{share:g}-boxes{len(boxes)}"
     if not (folder / "metadata.csv").exists():
-        regions = SpuriousRegions(arrays.index, arrays.cam, scores, {})
+        regions = SpuriousRegions(arrays.index, arrays.cam, scores, boxes)
         write_counterfactuals(folder, plan(arrays, regions, share, size, seed), image_set, regions,
                               CompositeEditor(), size)
     return read_counterfactuals(folder)
@@ -217,7 +238,7 @@ def summarise(results: dict) -> dict:
 
 
 def fresh_seed(run: Run, seed: int, noise: float, upweight: float, no_answer_results: dict,
-               only: set[str] | None = None, remedy: RetrainConfig | None = None) -> dict:
+               only: set[str] | None = None, remedy: RetrainConfig | None = None, box_share: float = 0.0) -> dict:
     """``--mode fresh``: each method trains a new model with the reference recipe under its own weights.
 
     ``slim`` balances the cells of the space the answers point at; ``slim-no-answers`` the label-free cells
@@ -239,12 +260,14 @@ def fresh_seed(run: Run, seed: int, noise: float, upweight: float, no_answer_res
                                meta["image_size"], False, counterfactuals=counterfactuals)
         return {**evaluate_on_test(fresh, run, None, "fresh"), "core_acc": core_accuracy_on_test(fresh, run)}
 
-    answers = simulated_answers(run, arrays, noise, seed)
+    simulated = simulated_answers(run, arrays, noise, seed, box_share)
+    answers = simulated.answers
     scores, _ = propagate(arrays, answers)
     cells = spurious_space_cells(arrays, scores, seed)
     remedy = remedy or RetrainConfig()
     wanted = set(ANSWER_ROWS) if only is None else only
-    counterfactuals = (simulated_counterfactuals(run, arrays, scores, noise, seed, remedy.counterfactual_share)
+    counterfactuals = (simulated_counterfactuals(run, arrays, scores, simulated.boxes, noise, seed,
+                                                 remedy.counterfactual_share)
                        if wanted & {"slim+counterfactual", "corm+counterfactual"} else None)
     results = {}
     if "slim" in wanted:
@@ -254,9 +277,9 @@ def fresh_seed(run: Run, seed: int, noise: float, upweight: float, no_answer_res
         results["slim+counterfactual"] = trained(
             cell_balanced_weights(np.concatenate([labels, counterfactuals.labels]), cf_cells), counterfactuals)
     if "corm" in wanted:
-        results["corm"] = corm_row(run, arrays, scores, seed, remedy)
+        results["corm"] = corm_row(run, arrays, scores, simulated.boxes, seed, remedy)
     if "corm+counterfactual" in wanted:
-        results["corm+counterfactual"] = corm_row(run, arrays, scores, seed, remedy, counterfactuals)
+        results["corm+counterfactual"] = corm_row(run, arrays, scores, simulated.boxes, seed, remedy, counterfactuals)
     if "low-spuriosity" in wanted:
         results["low-spuriosity"] = low_spuriosity_row(model, run, arrays, scores, erm_test_features(run, model), seed)
     if "erm" not in no_answer_results:
@@ -327,7 +350,7 @@ def one_seed(run: Run, seed: int, mode: str, noise: float, upweight: float, subs
         ids = [int(arrays.index[r]) for r in rows]
         return retrain_full(model, config, ids, torch.device("cpu"), meta["image_size"], False)[0]
 
-    answers = simulated_answers(run, arrays, noise, seed)
+    answers = simulated_answers(run, arrays, noise, seed).answers
     scores, _ = propagate(arrays, answers)
     curated = {("slim" if v == variants[0] else f"slim-{v}"): curate(arrays, scores, size, seed, v) for v in variants}
     subsets = {
@@ -411,6 +434,9 @@ def main() -> None:
                         help="corm row: share of the training draws corrupted")
     parser.add_argument("--counterfactual-share", type=float, default=RetrainConfig.counterfactual_share,
                         help="+counterfactual rows: images generated per class, as a share of the class")
+    parser.add_argument("--box-share", type=float, default=1.0,
+                        help="fresh mode: share of answered images the simulated annotator also boxes (corm and "
+                             "counterfactual rows use the boxes; the others ignore them)")
     parser.add_argument("--only", nargs="+", choices=(*ANSWER_ROWS, *NO_ANSWER_ROWS), default=None,
                         help="fresh mode: train only these rows (and ERM), e.g. to add the remedies to a table")
     parser.add_argument("--synth", nargs="+", default=["default"], choices=list(VARIANTS),
@@ -420,7 +446,7 @@ def main() -> None:
     args = parser.parse_args()
     remedy = RetrainConfig(corruption=args.corruption, corrupt_probability=args.corrupt_probability,
                            counterfactual_share=args.counterfactual_share)
-    result = {"mode": args.mode, "seeds": args.seeds, "corm": {"corruption": remedy.corruption,
+    result = {"mode": args.mode, "seeds": args.seeds, "box_share": args.box_share, "corm": {"corruption": remedy.corruption,
               "corrupt_probability": remedy.corrupt_probability},
               "counterfactual_share": remedy.counterfactual_share, "by_variant": {}}
     per_seed: dict[str, dict[str, list]] = {v: {str(n): [] for n in args.noise} for v in args.synth}
@@ -430,7 +456,7 @@ def main() -> None:
             for noise in args.noise:
                 per_seed[variant][str(noise)].append(
                     fresh_seed(run, seed, noise, args.jtt_upweight, no_answer_results,
-                               set(args.only) if args.only else None, remedy) if args.mode == "fresh"
+                               set(args.only) if args.only else None, remedy, args.box_share) if args.mode == "fresh"
                     else one_seed(run, seed, args.mode, noise, args.jtt_upweight, args.subset_size, args.variants))
                 result["by_variant"][variant] = {"by_noise": {n: {**aggregate(rows), "per_seed": rows}
                                                               for n, rows in per_seed[variant].items() if rows}}

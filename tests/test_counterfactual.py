@@ -4,6 +4,7 @@ to the training images of every retraining mode."""
 from __future__ import annotations
 
 import csv
+import json
 import math
 import shutil
 from pathlib import Path
@@ -133,6 +134,11 @@ def test_head_refit_modes_learn_from_the_counterfactuals_features(run: Path) -> 
     expected, _ = retrain_module.retrain_last_layer(reference, np.concatenate([arrays.features[rows], frozen.features]),
                                                     np.concatenate([arrays.y[rows], frozen.y]), seed=0)
     assert torch.allclose(model.head.weight, expected.head.weight)
+    assert main(["report", "--run", str(run), "--quiet"]) == 0  # the mode's own row, and a panel of the images
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert "low-spuriosity+counterfactual" in metrics["modes"]
+    page = (run / "report.html").read_text()
+    assert "Counterfactual training images" in page and f"plus {len(cf)} counterfactual images" in page
 
 
 def test_training_modes_draw_the_counterfactuals_uncorrupted(run: Path, monkeypatch) -> None:

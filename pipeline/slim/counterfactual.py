@@ -1,11 +1,12 @@
 """Counterfactual training images (ASPIRE, Ghosh et al.): each class shown *without* the cue it is confounded with.
 
 ASPIRE edits images with a language-guided editor and a personalised text-to-image model. The default editor
-here needs no weights: it keeps an image's core region and replaces its likely-spurious region
-(:mod:`pipeline.slim.regions`: outside an annotator's box, else the low-CAM region of attention judged core or
-the high-CAM region of attention judged spurious) with the background of images of the *other* classes, taken
-where *their* likely-spurious region is, so no other object is pasted in. The class no longer agrees with the
-background: exactly the images the minority groups are short of.
+here needs no weights: it keeps the core region of an image whose object is located (an annotator's box, or
+the high-CAM region of attention judged core) and replaces the rest (:mod:`pipeline.slim.regions`) with the
+background of images of the *other* classes, taken a margin away from *their* estimated object (located
+images first; a class with none lends its attended regions, which may hold part of its object: what the
+verification check catches). The class no longer agrees with the background: exactly the images the
+minority groups are short of. A class whose object is located nowhere gets none (draw boxes to give it some).
 
 ``retrain --augment counterfactual`` adds them to the training images of every mode. Annotators can check a
 sample in Label Studio ("does this still show a <class>?", :mod:`pipeline.labelstudio.verify`); an image they
@@ -35,6 +36,7 @@ from typing import Protocol
 
 import numpy as np
 from PIL import Image
+from scipy import ndimage
 
 from pipeline.core.config import RunConfig, fingerprint
 from pipeline.core.data import TRAIN, ImageSet, Sample, load_dataset, load_rgb, resolve_image_size
@@ -49,9 +51,11 @@ from pipeline.slim.regions import SpuriousRegions, run_regions
 log = logging.getLogger(__name__)
 STAGE = "counterfactuals"
 # backgrounds tried per image, in order, until its spurious region is filled: one core-judged image of another
-# class covers most of it (its object is the only hole), a spurious-judged one only where its model looked; on
-# the synthetic default (seed 0) four leave 0.3 % of the region unfilled on average, six 0.1 %
-BACKGROUNDS_PER_IMAGE = 6
+# class covers most of it (its object is the only hole), a spurious-judged one only where its model looked
+BACKGROUNDS_PER_IMAGE = 8
+# a background image's usable pixels stop this share of the side short of its estimated object (4 px at 64 px):
+# the CAM region's edge is blurry, and without the margin rims of the other class's object were pasted in
+BACKGROUND_MARGIN = 1 / 16
 MIN_FILLED = 0.5  # share of an image's region its backgrounds must fill: below it, the image is mostly itself
 ATTEMPTS = 4  # candidates tried per image wanted before a class settles for fewer
 MIN_REGION = 0.02  # share of the image a region must cover to be worth replacing (flat maps localise nothing)
@@ -126,22 +130,23 @@ class Plan:
     donor: int  # image id
     backgrounds: tuple[int, ...]  # image ids, in fill order
     flips: tuple[bool, ...]  # whether each background is mirrored left-right
-    source: str  # the donor's region rule: box, low_cam (core-judged) or high_cam (spurious-judged)
+    source: str  # the donor's region rule: box or low_cam (attention judged core)
 
 
-def donor_rows(arrays: AttentionArrays, regions: SpuriousRegions, y: int, size: int) -> tuple[np.ndarray, str]:
-    """Images of class ``y`` whose core region is known: a box, or attention judged core (the high-CAM region is
-    the object). A class with neither falls back to its spurious-judged images (the attended cue is replaced,
-    the rest kept), which is said in the log and the manifest."""
-    members = arrays.for_class(y)
-    sources = np.array([regions.source(int(arrays.index[r])) for r in members])
-    located = members[sources != "high_cam"]
-    chosen = located if len(located) else members
-    if not len(located):
-        log.warning("class %s has no boxes and no attention judged core: its counterfactuals replace the attended "
-                    "region of spurious-judged images instead", arrays.class_names[y])
-    useful = [r for r in chosen if regions(int(arrays.index[r]), size).mean() >= MIN_REGION]
-    return np.array(useful, dtype=int), "located" if len(located) else "high_cam"
+def located_rows(arrays: AttentionArrays, regions: SpuriousRegions, rows: np.ndarray) -> np.ndarray:
+    """Those of ``rows`` whose object is located: a box, or attention judged core (the high-CAM region is the
+    object). A spurious-judged image's attended region is the cue but may hold part of the object too."""
+    return rows[[regions.source(int(arrays.index[r])) != "high_cam" for r in rows]]
+
+
+def donor_rows(arrays: AttentionArrays, regions: SpuriousRegions, y: int, size: int) -> np.ndarray:
+    """Images of class ``y`` to keep the core of: located ones whose replaced region is not negligible.
+
+    None for a class all of whose attention was judged spurious and that has no boxes: replacing its attended
+    region would erase the object as often as the cue (seen on the synthetic default's triangles).
+    """
+    located = located_rows(arrays, regions, arrays.for_class(y))
+    return np.array([r for r in located if regions(int(arrays.index[r]), size).mean() >= MIN_REGION], dtype=int)
 
 
 @dataclass(frozen=True)
@@ -155,8 +160,12 @@ class ClassPlan:
 
 def candidates(arrays: AttentionArrays, regions: SpuriousRegions, y: int, donors: np.ndarray,
                rng: np.random.Generator) -> Iterator[Plan]:
-    """Donors cycled in a seeded random order, each with ``BACKGROUNDS_PER_IMAGE`` random other-class images."""
+    """Donors cycled in a seeded random order, each with ``BACKGROUNDS_PER_IMAGE`` random other-class images:
+    located ones (a box, or attention judged core: the object is the high-CAM region, the rest is background)
+    where there are any, since a spurious-judged image's attended region may hold its object too."""
     others = np.flatnonzero(arrays.y != y)
+    located = located_rows(arrays, regions, others)
+    others = located if len(located) else others
     order = rng.permutation(donors)
     for i in itertools.count():
         donor = int(arrays.index[order[i % len(order)]])
@@ -174,9 +183,10 @@ def plan(arrays: AttentionArrays, regions: SpuriousRegions, share: float, size: 
     rng = np.random.default_rng(seed)
     plans = []
     for y in arrays.classes:
-        donors, _ = donor_rows(arrays, regions, y, size)
+        donors = donor_rows(arrays, regions, y, size)
         if not len(donors):
-            log.warning("class %s has no image with a usable region: no counterfactuals for it", arrays.class_names[y])
+            log.warning("class %s: no counterfactuals, its object is located in no image (no box, no attention "
+                        "judged core); draw boxes on a few of its images in Label Studio", arrays.class_names[y])
             continue
         plans.append(ClassPlan(int(y), math.ceil(share * len(arrays.for_class(y))),
                                candidates(arrays, regions, y, donors, rng)))
@@ -191,6 +201,12 @@ class Made:
     filled: float
 
 
+def background_pixels(regions: SpuriousRegions, image_id: int, size: int) -> np.ndarray:
+    """Where ``image_id`` surely shows background: its likely-spurious region, ``BACKGROUND_MARGIN`` inside."""
+    return ndimage.binary_erosion(regions(image_id, size), iterations=max(1, round(size * BACKGROUND_MARGIN)),
+                                  border_value=1)
+
+
 def make(plan_: Plan, image_set: ImageSet, regions: SpuriousRegions, editor: Editor, size: int) -> Made:
     """Render one plan with ``editor``."""
     rgb = load_rgb(image_set.root / image_set.samples[plan_.donor].filename, size)
@@ -198,7 +214,7 @@ def make(plan_: Plan, image_set: ImageSet, regions: SpuriousRegions, editor: Edi
     backgrounds = []
     for image_id, flip in zip(plan_.backgrounds, plan_.flips):
         other = load_rgb(image_set.root / image_set.samples[image_id].filename, size)
-        usable = regions(image_id, size)
+        usable = background_pixels(regions, image_id, size)
         backgrounds.append(Background(other[:, ::-1] if flip else other, usable[:, ::-1] if flip else usable))
     edited = editor.edit(rgb, replace, backgrounds, image_set.class_names[plan_.y])
     covered = np.zeros_like(replace)

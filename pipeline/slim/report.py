@@ -29,6 +29,7 @@ from pipeline.model.cam import make_extractor
 from pipeline.model.evaluate import group_metrics, predict
 from pipeline.model.loaders import make_loader
 from pipeline.model.networks import Classifier, load_checkpoint, resolve_device
+from pipeline.slim.counterfactual import describe, manifest
 from pipeline.slim.overlays import full_cam, panels
 from pipeline.slim.propagate import Propagation
 from pipeline.slim.spuriosity import spuriosity
@@ -104,6 +105,8 @@ def report_run(run: Run, config: RunConfig) -> dict:
             for name, arrays in val_arrays.items()}
     mode = models["slim"][1].get("mode")
     metrics["slim"]["mode"] = mode
+    if models["slim"][1].get("augment", "none") != "none":  # each augmented mode is a row of its own
+        mode = f"{mode}+{models['slim'][1]['augment']}"
     # each retraining mode's last report, so modes tried on one run can be compared side by side
     metrics["modes"] = {**metrics.get("modes", {}), mode: mode_summary(metrics["slim"], gaps["slim"])}
     metrics["annotated"] = annotated_images(run, propagation)
@@ -174,9 +177,42 @@ TRAINED_ON = {  # mode -> what its retrained model saw, from the details retrain
 
 
 def _trained_on(slim: dict) -> str:
-    """What the retrained model saw: the curated subset, or what the mode's own recipe used."""
-    describe = TRAINED_ON.get(slim.get("mode"))
-    return describe(slim) if describe else f"curated subset {slim.get('subset_size', '?')} images"
+    """What the retrained model saw: the curated subset, or what the mode's own recipe used, and the
+    counterfactuals added to it."""
+    recipe = TRAINED_ON.get(slim.get("mode"))
+    seen = recipe(slim) if recipe else f"curated subset {slim.get('subset_size', '?')} images"
+    if "counterfactuals" in slim:
+        made = slim["counterfactuals"]
+        seen += (f", plus {made['images']} counterfactual images ({made['rejected']} rejected by annotators "
+                 "left out)")
+    return seen
+
+
+def _counterfactual_panel(run: Run, image_set: ImageSet, slim: dict) -> str:
+    """Generated counterfactuals beside the image each came from (top: the original, bottom: the generated
+    image), ``GRID`` per class: what the retrained model learned from when augmentation ran."""
+    if "counterfactuals" not in slim or not (run.counterfactual_dir / "metadata.csv").exists():
+        return ""
+    rows = manifest(run)
+    side = THUMBNAIL
+    sections = []
+    for y, name in enumerate(image_set.class_names):
+        shown = [r for r in rows if int(r["y"]) == y][:GRID]
+        if not shown:
+            continue
+        canvas = Image.new("RGB", (len(shown) * (side + 4), 2 * (side + 4)), "white")
+        for i, row in enumerate(shown):
+            original = load_rgb(image_set.root / image_set.samples[int(row["donor"])].filename, side)
+            generated = load_rgb(run.counterfactual_dir / row["img_filename"], side)
+            canvas.paste(Image.fromarray((original * 255).astype(np.uint8)), (i * (side + 4), 0))
+            canvas.paste(Image.fromarray((generated * 255).astype(np.uint8)), (i * (side + 4), side + 4))
+        sections.append(f"<h3>{html.escape(name)}</h3>{_png(canvas)}")
+    summary = describe(run)
+    return (f"<h2>Counterfactual training images</h2><p>{summary['images']} generated "
+            f"({', '.join(f'{html.escape(c)}: {n}' for c, n in summary['per_class'].items())}); "
+            f"{summary['rejected']} rejected by annotators; the other classes' backgrounds filled "
+            f"{summary['filled']:.0%} of the replaced regions. Top: the original; bottom: the generated image.</p>"
+            + "".join(sections))
 
 
 def _modes_table(metrics: dict) -> str:
@@ -244,6 +280,7 @@ table{{border-collapse:collapse}}tr:nth-child(even){{background:#f3f3f3}}img{{ma
 <th>val worst group</th></tr>{table}</table>
 <h2>Retraining modes run on this run (test; each mode's last report)</h2>{_modes_table(metrics)}
 <h2>Per-group accuracy</h2>{_bars(metrics)}
+{_counterfactual_panel(run, image_set, metrics['slim'])}
 <h2>Attention map</h2>{_maps(train, propagation)}
 <h2>Most spurious training images (lowest propagated score)</h2>{_grid(image_set, train, order[:GRID], threshold)}
 <h2>Most core training images (highest propagated score)</h2>{_grid(image_set, train, order[-GRID:][::-1], threshold)}
