@@ -20,11 +20,22 @@ on subsets chosen five ways:
 Two more rows are the other works' remedies, fed by the same simulated answers:
 
 * ``corm`` (``--mode fresh`` only): Core Risk Minimization, the reference recipe with each training image's
-  likely-spurious region (from its attention map and propagated verdict; the simulated annotator draws no
-  boxes) corrupted by ``--corruption`` in ``--corrupt-probability`` of the draws; its row also carries core
+  likely-spurious region (outside the simulated annotator's box where it drew one, else from the attention map
+  and propagated verdict) corrupted by ``--corruption`` in ``--corrupt-probability`` of the draws; its row also carries core
   accuracy (test, background replaced by noise), as does ERM's;
 * ``low-spuriosity`` (every mode: it only refits the head on frozen ERM features): the least spurious share of
   each class, the share chosen on validation worst-class accuracy.
+
+and, with ``--augment counterfactual``'s images (composite editor, from the same answers and boxes; none
+rejected, as no one checks them here):
+
+* ``slim+counterfactual``: SLIM's cell weights with the counterfactuals as one more cell of their class;
+* ``corm+counterfactual``: corm with the counterfactuals drawn uncorrupted beside the training images.
+
+The simulated annotator also draws the mask's bounding box on ``--box-share`` of the images it answers (default
+all: the label config's optional box); only corm and the counterfactual rows use boxes. ``--synth`` runs the
+datasets of the harder family (``synth --variant``), each with every seed; the JSON is rewritten after every
+seed, seeds outermost, so an interrupted run keeps whole seeds of every variant.
 
 ``--only corm low-spuriosity`` trains just the named rows (and ERM), to add them to a table measured before.
 
@@ -36,6 +47,8 @@ fraction and the gap closed ``(slim - erm) / (oracle - erm)``, and prints a mark
 
     python benchmarks/wga.py --seeds 0 1 2 --out bench-out/wga.json
     python benchmarks/wga.py --seeds 0 1 2 --mode fresh --noise 0 --only corm low-spuriosity --out bench-out/wga-corm.json
+    python benchmarks/wga.py --mode fresh --noise 0 --synth default glyphs minority --only slim slim+counterfactual \
+        corm corm+counterfactual low-spuriosity jtt oracle --out bench-out/family.json
 """
 
 from __future__ import annotations
