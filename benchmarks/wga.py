@@ -84,12 +84,12 @@ from pipeline.slim.regions import SpuriousRegions
 from pipeline.slim.report import core_accuracy
 from pipeline.slim.retrain import (
     fresh_model,
-    frozen_attention,
     last_layer_head,
     retrain_corm,
     retrain_full,
     retrain_last_layer,
     retrain_low_spuriosity,
+    validation_attention,
 )
 from pipeline.slim.sample import select
 from pipeline.slim.weights import cell_balanced_weights, class_normalised, spurious_space_cells
@@ -202,7 +202,7 @@ def low_spuriosity_row(model, run: Run, arrays: AttentionArrays, scores: np.ndar
     config = run.load_config()
     image_set = load_dataset(config.data.root)
     size = load_checkpoint(run.checkpoint_path)[1]["image_size"]
-    val = frozen_attention(model, image_set, VAL, size, config, torch.device("cpu"))
+    val = validation_attention(model, image_set, size, config, torch.device("cpu"))
     seed_everything(seed)
     retrained, details = retrain_low_spuriosity(model, arrays, scores, val.features, val.y, seed)
     return {**evaluate_on_test(retrained, run, test_features, "last-layer"), "share": details["share"]}
