@@ -65,7 +65,7 @@ from runs import attention_run
 from sklearn.metrics.cluster import contingency_matrix
 
 from pipeline.core.config import CORRUPTIONS, RetrainConfig, RunConfig
-from pipeline.core.data import TEST, VAL, load_dataset, load_mask
+from pipeline.core.data import TEST, load_dataset, load_mask
 from pipeline.core.io import atomic_write_json
 from pipeline.core.run import Run
 from pipeline.core.synth import VARIANTS, SynthSpec
