@@ -31,6 +31,7 @@ from pipeline.labelstudio.annotator import AnnotatorOptions
 from pipeline.labelstudio.client import ConnectionOptions, Settings
 from pipeline.labelstudio.pull import PullOptions
 from pipeline.labelstudio.push import PushOptions
+from pipeline.labelstudio.verify import CheckOptions, PullCheckOptions
 
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 SECTION_SEPARATOR = "__"  # argparse dest of a run-config flag: "<section>__<field>"
@@ -183,6 +184,19 @@ def _retrain(run: Run, config: RunConfig, args: argparse.Namespace) -> None:
     retrain_run(run, config, progress=not args.quiet)
 
 
+def _counterfactuals(run: Run, config: RunConfig, args: argparse.Namespace) -> None:
+    from pipeline.slim.counterfactual import describe, generate_run
+
+    folder = generate_run(run, config, force=args.force)
+    run.save_config(config)  # the settings it was made with: a later retrain --augment reuses these images
+    made = describe(run)
+    print(f"counterfactuals: {made['images']} images in {folder} ("
+          + ", ".join(f"{name} {n}" for name, n in made["per_class"].items()) + "; sources "
+          + ", ".join(f"{source} {n}" for source, n in made["sources"].items())
+          + f"); backgrounds filled {made['filled']:.1%} of the replaced regions; {made['rejected']} rejected by "
+          "annotators")
+
+
 def _report(run: Run, config: RunConfig, args: argparse.Namespace) -> None:
     from pipeline.slim.report import report_run
 
@@ -208,6 +222,10 @@ STAGES = (
     Stage("retrain", "retrain with the answers' balance",
           "SLIM step 8: a fresh model on all images balanced over the shortcut's cells (default), or last-layer "
           "(DFR-style) or full fine-tuning on the curated subset.", {**COMMON_SECTIONS, "retrain": None}, _retrain),
+    Stage("counterfactuals", "generate counterfactual training images and list them",
+          "ASPIRE-style: each class's core region on the other classes' backgrounds, in RUN/counterfactuals "
+          "(what retrain --augment counterfactual adds; push-checks lets annotators reject some).",
+          {"retrain": ("counterfactual_share", "editor")}, _counterfactuals),
     Stage("report", "evaluate ERM and SLIM; write metrics.json and report.html",
           "Per-group accuracy, AIoU, core accuracy and spuriosity for both models.", COMMON_SECTIONS, _report),
 )
@@ -247,6 +265,19 @@ def _pull(args: argparse.Namespace) -> None:
     from pipeline.labelstudio.pull import pull_run
 
     pull_run(_checked_run(args), _settings(args), **dataclasses.asdict(options_from(PullOptions, args)))
+
+
+def _push_checks(args: argparse.Namespace) -> None:
+    from pipeline.labelstudio.verify import push_checks
+
+    push_checks(_checked_run(args), _settings(args), **dataclasses.asdict(options_from(CheckOptions, args)),
+                progress=not args.quiet)
+
+
+def _pull_checks(args: argparse.Namespace) -> None:
+    from pipeline.labelstudio.verify import pull_checks
+
+    pull_checks(_checked_run(args), _settings(args), **dataclasses.asdict(options_from(PullCheckOptions, args)))
 
 
 def _simulate(args: argparse.Namespace) -> None:
@@ -306,8 +337,18 @@ LABEL_STUDIO_COMMANDS = (
         "Mirror new, edited, deleted and skipped annotations into labels.sqlite; only changed tasks are fetched.",
         PullOptions, _pull),
     LabelStudioCommand(
+        "push-checks", "send a sample of the counterfactual images to Label Studio to be checked",
+        "Ask annotators whether each sampled generated image still shows its class (yes / no), in a project of "
+        "its own; pushing again creates no duplicates, after a regeneration only the new images.", CheckOptions,
+        _push_checks),
+    LabelStudioCommand(
+        "pull-checks", "store the answers to the counterfactual checks; rejected images are never trained on",
+        "Mirror the check answers into labels.sqlite and report each class's rejection rate.", PullCheckOptions,
+        _pull_checks),
+    LabelStudioCommand(
         "simulate-annotator", "answer open tasks from the true masks (for demos, tests and benchmarks)",
-        "Answer core when AIoU >= 0.5, else spurious, through Label Studio's API.", AnnotatorOptions, _simulate),
+        "Answer core when AIoU >= 0.5, else spurious, through Label Studio's API; with --checks, the counterfactual "
+        "checks: yes while at least half of the donor's object is kept.", AnnotatorOptions, _simulate),
 )
 
 

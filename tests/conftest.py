@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from pipeline.cli import main
@@ -24,6 +26,17 @@ def trained_run(tiny_data: Path, tmp_path_factory: pytest.TempPathFactory) -> Pa
     run = tmp_path_factory.mktemp("runs") / "a"
     assert main(["train", "--data", str(tiny_data), "--run", str(run), "--epochs", "2", "--quiet"]) == 0
     assert main(["embed", "--run", str(run), "--embedding", "pca", "--precision", "fp32", "--quiet"]) == 0
+    return run
+
+
+@pytest.fixture()
+def answered_run(trained_run: Path, tmp_path: Path) -> Path:
+    """A private copy of the trained run, answered from a CSV: every third image spurious, the rest core."""
+    run = Path(shutil.copytree(trained_run, tmp_path / "run"))
+    arrays = np.load(run / "attention.npz")
+    (run / "answers.csv").write_text("image_id,label\n" + "".join(
+        f"{i},{'spurious' if k % 3 == 0 else 'core'}\n" for k, i in enumerate(arrays["index"][::8])))
+    assert main(["propagate", "--run", str(run), "--labels", str(run / "answers.csv"), "--quiet"]) == 0
     return run
 
 

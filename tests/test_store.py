@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from pipeline.core.errors import PipelineError
-from pipeline.core.store import Annotation, AnnotationStore, TaskRecord
+from pipeline.core.store import Annotation, AnnotationStore, Check, CheckTask, TaskRecord
 
 THREADS = 8  # the gunicorn worker's thread count in docker/: every one of them writing at once
 WRITES_PER_WRITER = 25  # enough for the writers' transactions to overlap many times
@@ -144,3 +144,39 @@ def test_a_damaged_database_is_refused_in_one_line_and_left_untouched(tmp_path: 
     assert "\n" not in message and str(path) in message and "backup" in message
     assert path.read_bytes() == damaged
     assert sorted(p.name for p in tmp_path.iterdir()) == ["labels.sqlite"]  # no journal or WAL left behind
+
+
+def test_a_database_from_before_the_check_tables_opens_with_its_data(tmp_path: Path) -> None:
+    path = tmp_path / "labels.sqlite"
+    filled(path)
+    with sqlite3.connect(path) as db:  # what an older version made: no check tables
+        db.executescript("DROP TABLE check_tasks; DROP TABLE checks;")
+    store = AnnotationStore(path)
+    assert len(store.annotations()) == 300 and len(store.tasks()) == 200
+    assert store.counterfactual_checks() == {} and store.check_tasks() == []
+    store.add_check_tasks([CheckTask(1, 7, "k", "disc")])
+    assert store.check_tasks(7) == [CheckTask(1, 7, "k", "disc")]
+    store.close()
+
+
+def test_one_verdict_per_key_by_majority_a_tie_rejects_skips_do_not_count(tmp_path: Path) -> None:
+    store = AnnotationStore(tmp_path / "labels.sqlite")
+    answers = {"most-yes": [True, True, False], "tie": [True, False], "only-skipped": [None],
+               "yes-and-skip": [True, None], "no": [False]}
+    store.add_check_tasks(CheckTask(t, 1, key, "disc") for t, key in enumerate(answers))
+    with store.transaction() as db:
+        for task_id, (key, given) in enumerate(answers.items()):
+            store.sync_checks(task_id, [Check(100 * task_id + n, task_id, key, a) for n, a in enumerate(given)],
+                              "t0", db)
+    assert store.counterfactual_checks() == {"most-yes": True, "tie": False, "yes-and-skip": True, "no": False}
+    assert store.check_counts() == {0: 3, 1: 2, 2: 1, 3: 2, 4: 1}
+    with store.transaction() as db:  # mirrored: one answer edited, one deleted, the rest unchanged
+        changes = store.sync_checks(0, [Check(0, 0, "most-yes", False), Check(1, 0, "most-yes", True)], "t1", db)
+        assert changes == {"added": 0, "updated": 1, "removed": 1}
+        assert store.sync_checks(4, [Check(400, 4, "no", False)], "t1", db) == {"added": 0, "updated": 0,
+                                                                                "removed": 0}
+        store.forget_check_tasks([1], db)  # deleted in Label Studio: its answers go with it
+    assert store.counterfactual_checks() == {"most-yes": False, "yes-and-skip": True, "no": False}
+    assert [t.synced_at for t in store.check_tasks()] == ["t1", "t0", "t0", "t1"]
+    assert store.annotations() == []  # checks never reach the attention answers
+    store.close()

@@ -2,8 +2,10 @@
 
 ``push`` records which image became which task (so pushing twice creates nothing new), ``pull`` and the ML
 backend's webhooks mirror annotations here, keyed by Label Studio's annotation id so that the same answer
-arriving twice is stored once. Each write is one SQLite transaction: a command that dies half-way leaves the
-database as it was before the command.
+arriving twice is stored once. ``push-checks`` / ``pull-checks`` keep the verification of generated images
+apart (``check_tasks``, ``checks``): those answers judge a picture, not an attention map, and must never reach
+propagation. Tables are created when missing, so a database made by an older version opens unchanged. Each
+write is one SQLite transaction: a command that dies half-way leaves the database as it was before the command.
 
 Writers run at the same time: the backend serves webhooks from a thread pool while a ``pull`` runs in another
 process. SQLite connections must not be shared between threads that open transactions, so the store keeps one
@@ -61,7 +63,27 @@ CREATE TABLE IF NOT EXISTS annotations (
     lead_time REAL
 );
 CREATE INDEX IF NOT EXISTS annotations_by_task ON annotations (task_id);
+CREATE TABLE IF NOT EXISTS check_tasks (  -- verification tasks of generated (counterfactual) images
+    task_id INTEGER PRIMARY KEY,
+    project_id INTEGER NOT NULL,
+    key TEXT NOT NULL,  -- the image's key: the digest of its bytes
+    class_name TEXT NOT NULL,  -- the class the image claims (and would be trained as)
+    synced_at TEXT
+);
+CREATE INDEX IF NOT EXISTS check_tasks_by_key ON check_tasks (project_id, key);
+CREATE TABLE IF NOT EXISTS checks (
+    annotation_id INTEGER PRIMARY KEY,
+    task_id INTEGER NOT NULL,
+    key TEXT NOT NULL,
+    accepted INTEGER,  -- 1 yes (still shows its class), 0 no; NULL skipped
+    annotator TEXT,
+    updated_at TEXT
+);
+CREATE INDEX IF NOT EXISTS checks_by_task ON checks (task_id);
 """
+ANNOTATION_COLUMNS = ("annotation_id", "task_id", "image_id", "annotator", "choice", "skipped", "boxes", "note",
+                      "created_at", "updated_at", "lead_time")
+CHECK_COLUMNS = ("annotation_id", "task_id", "key", "accepted", "annotator", "updated_at")
 
 @dataclass(frozen=True)
 class Annotation:
@@ -92,6 +114,33 @@ class TaskRecord:
     round: int
     deleted: bool = False
     synced_at: str | None = None
+
+
+@dataclass(frozen=True)
+class CheckTask:
+    """A verification task: which generated image (by key) it shows, and as which class."""
+
+    task_id: int
+    project_id: int
+    key: str
+    class_name: str
+    synced_at: str | None = None
+
+
+@dataclass(frozen=True)
+class Check:
+    """One answer to a verification task: ``accepted`` is None when the annotator skipped it."""
+
+    annotation_id: int
+    task_id: int
+    key: str
+    accepted: bool | None
+    annotator: str | None = None
+    updated_at: str | None = None
+
+    def row(self) -> tuple:
+        return (self.annotation_id, self.task_id, self.key, None if self.accepted is None else int(self.accepted),
+                self.annotator, self.updated_at)
 
 
 class AnnotationStore:
@@ -231,21 +280,7 @@ class AnnotationStore:
         unless Label Studio reports a newer one.
         """
         db.execute("UPDATE tasks SET synced_at = ? WHERE task_id = ?", (synced_at, task_id))
-        stored = {row[0]: row for row in db.execute(
-            "SELECT annotation_id, task_id, image_id, annotator, choice, skipped, boxes, note, created_at, "
-            "updated_at, lead_time FROM annotations WHERE task_id = ?", (task_id,))}
-        changes = {"added": 0, "updated": 0, "removed": 0}
-        for annotation in annotations:
-            previous = stored.pop(annotation.annotation_id, None)
-            if previous == annotation.row():
-                continue
-            db.execute("INSERT OR REPLACE INTO annotations VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                       annotation.row())
-            changes["added" if previous is None else "updated"] += 1
-        for annotation_id in stored:
-            db.execute("DELETE FROM annotations WHERE annotation_id = ?", (annotation_id,))
-            changes["removed"] += 1
-        return changes
+        return mirror_rows(db, "annotations", ANNOTATION_COLUMNS, task_id, [a.row() for a in annotations])
 
     def annotation_rows(self, task_ids: Iterable[int], db: sqlite3.Connection | None = None) -> dict[int, frozenset]:
         """The stored rows of each of ``task_ids`` (an empty set for a task without any), to compare later:
@@ -295,3 +330,64 @@ class AnnotationStore:
             "choices": {c: sum(a.choice == c for a in answered) for c in CHOICES},
             "annotators": sorted({a.annotator for a in answered if a.annotator}),
         }
+
+    # --- counterfactual checks ----------------------------------------------------------------------
+    def check_tasks(self, project_id: int | None = None) -> list[CheckTask]:
+        sql, args = "SELECT task_id, project_id, key, class_name, synced_at FROM check_tasks", ()
+        if project_id is not None:
+            sql, args = sql + " WHERE project_id = ?", (project_id,)
+        return [CheckTask(*row) for row in self._connection().execute(sql + " ORDER BY task_id", args)]
+
+    def add_check_tasks(self, records: Iterable[CheckTask]) -> None:
+        with self.transaction() as db:
+            db.executemany("INSERT OR REPLACE INTO check_tasks VALUES (?, ?, ?, ?, NULL)",
+                           [(r.task_id, r.project_id, r.key, r.class_name) for r in records])
+
+    def forget_check_tasks(self, task_ids: Iterable[int], db: sqlite3.Connection) -> None:
+        """The tasks are gone from Label Studio: so are their answers (a check is mirrored, not archived: the
+        image itself is unchanged, and ``push-checks`` asks again if it is still in the sample)."""
+        for task_id in task_ids:
+            db.execute("DELETE FROM checks WHERE task_id = ?", (task_id,))
+            db.execute("DELETE FROM check_tasks WHERE task_id = ?", (task_id,))
+
+    def sync_checks(self, task_id: int, checks: list[Check], synced_at: str, db: sqlite3.Connection) -> dict:
+        """Make the stored answers of check task ``task_id`` equal ``checks`` (as of its ``updated_at``
+        ``synced_at``); count what changed."""
+        db.execute("UPDATE check_tasks SET synced_at = ? WHERE task_id = ?", (synced_at, task_id))
+        return mirror_rows(db, "checks", CHECK_COLUMNS, task_id, [c.row() for c in checks])
+
+    def check_counts(self) -> dict[int, int]:
+        """Stored answers (given or skipped) per check task id."""
+        return dict(self._connection().execute("SELECT task_id, COUNT(*) FROM checks GROUP BY task_id").fetchall())
+
+    def counterfactual_checks(self) -> dict[str, bool]:
+        """One verdict per checked image key: True (train on it) when most of its non-skipped answers say it
+        still shows its class. Keys without such an answer have no verdict yet.
+
+        A tie rejects: it means at least as many people say the class is gone as say it is there, and a
+        training image with a wrong label costs more than one generated image fewer (there are hundreds).
+        """
+        rows = self._connection().execute(
+            "SELECT key, SUM(accepted), COUNT(accepted) FROM checks WHERE accepted IS NOT NULL GROUP BY key")
+        return {key: 2 * yes > answers for key, yes, answers in rows}
+
+
+def mirror_rows(db: sqlite3.Connection, table: str, columns: tuple[str, ...], task_id: int,
+                rows: list[tuple]) -> dict:
+    """Make ``table``'s rows of ``task_id`` (first column: the annotation id) equal ``rows``; count what changed.
+
+    ``table`` and ``columns`` are this module's constants, never user input.
+    """
+    names, marks = ", ".join(columns), ", ".join("?" * len(columns))
+    stored = {row[0]: row for row in db.execute(f"SELECT {names} FROM {table} WHERE task_id = ?", (task_id,))}
+    changes = {"added": 0, "updated": 0, "removed": 0}
+    for row in rows:
+        previous = stored.pop(row[0], None)
+        if previous == row:
+            continue
+        db.execute(f"INSERT OR REPLACE INTO {table} ({names}) VALUES ({marks})", row)
+        changes["added" if previous is None else "updated"] += 1
+    for annotation_id in stored:
+        db.execute(f"DELETE FROM {table} WHERE annotation_id = ?", (annotation_id,))
+        changes["removed"] += 1
+    return changes

@@ -383,13 +383,14 @@ class Studio:
     def project(self, project_id: int) -> Any:
         return self._call(f"open project {project_id}", lambda: self.client.projects.get(id=project_id), project_id)
 
-    def check_project(self, project_id: int) -> None:
-        """The project exists and its labeling config has our answer control with the three choices."""
+    def check_project(self, project_id: int, answer: str = ANSWER, choices: Sequence[str] = CHOICES) -> None:
+        """The project exists and its labeling config has the ``answer`` control with ``choices`` (by default
+        the attention config's core/spurious/unsure)."""
         config = self.project(project_id).label_config or ""
-        if f'name="{ANSWER}"' not in config or not all(f'value="{c}"' in config for c in CHOICES):
+        if f'name="{answer}"' not in config or not all(f'value="{c}"' in config for c in choices):
             raise PipelineError(
-                f"project {project_id} does not use the SLIM labeling config (no '{ANSWER}' choices core/spurious/"
-                "unsure); pass --project of a project made by `push`, or leave it out to create one"
+                f"project {project_id} does not use the SLIM labeling config (no '{answer}' choices "
+                f"{'/'.join(choices)}); pass --project of a project this tool made, or leave it out to create one"
             )
 
     def project_url(self, project_id: int) -> str:

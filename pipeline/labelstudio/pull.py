@@ -30,40 +30,67 @@ class PullOptions:
     accept_deleted: bool = option(False, "record tasks deleted in Label Studio as deleted instead of stopping")
 
 
+def nothing_pushed(run: Run, command: str) -> PipelineError:
+    """The error of a pull before the first ``command`` (push or push-checks)."""
+    return PipelineError(f"nothing pushed from {run.root} yet; run `python -m pipeline {command} --run {run.root}`")
+
+
+def remembered_project(run: Run, store: AnnotationStore, meta_key: str, command: str) -> int:
+    """The project the run's ``command`` made (its id under ``meta_key``)."""
+    project = store.get_meta(meta_key)
+    if project is None:
+        raise nothing_pushed(run, command)
+    return int(project)
+
+
+def changed_tasks(studio: Studio, project_id: int, synced: dict[int, str | None],
+                  counts: dict[int, int]) -> tuple[list[int], list[int]]:
+    """(gone, changed) among the recorded tasks ``synced`` (task id -> ``updated_at`` last mirrored): those
+    missing from Label Studio, and those whose ``updated_at`` moved or whose number of annotations (``counts``:
+    stored, skipped included) differs -- deleting an annotation does not always move ``updated_at``.
+
+    One light listing (ids, times, counts) decides; only the changed tasks are then fetched in full.
+    """
+    listing = {int(t["id"]): t for t in studio.list_tasks(project_id, fields=TASK_COUNTS)}
+    gone = sorted(set(synced) - set(listing))
+    changed = [
+        task_id for task_id, synced_at in synced.items()
+        if task_id in listing and (
+            listing[task_id]["updated_at"] != synced_at
+            or counts.get(task_id, 0) != listing[task_id]["total_annotations"]
+            + listing[task_id]["cancelled_annotations"]
+        )
+    ]
+    return gone, changed
+
+
+def fetch_annotations(studio: Studio, project_id: int, task_ids: list[int]) -> tuple[dict[int, str], list[dict]]:
+    """(user id -> email, the tasks with their annotations): what mirroring ``task_ids`` needs."""
+    users = studio.users() if task_ids else {}
+    return users, list(studio.list_tasks(project_id, task_ids=task_ids, fields=TASK_ANNOTATIONS))
+
+
 def pull_run(run: Run, settings: Settings, accept_deleted: bool = False) -> dict:
     """Mirror changed tasks' annotations; returns the summary it prints."""
-    if not run.labels_path.exists():
-        raise PipelineError(f"nothing pushed from {run.root} yet; run `python -m pipeline push --run {run.root}`")
+    if not run.labels_path.exists():  # checked first: opening the store would create the file
+        raise nothing_pushed(run, "push")
     store = AnnotationStore(run.labels_path)
     studio = Studio(settings)
     try:
-        project = store.get_meta("project_id")
-        if project is None:
-            raise PipelineError(f"nothing pushed from {run.root} yet; run `python -m pipeline push --run {run.root}`")
-        project_id = int(project)
+        project_id = remembered_project(run, store, "project_id", "push")
         studio.connect()
         studio.project(project_id)
         known = {t.task_id: t for t in store.tasks(project_id)}
-        listing = {int(t["id"]): t for t in studio.list_tasks(project_id, fields=TASK_COUNTS)}
-        gone = sorted(set(known) - set(listing))
+        gone, changed = changed_tasks(studio, project_id, {t: r.synced_at for t, r in known.items()},
+                                      store.annotation_counts())
         if gone and not accept_deleted:
             shown = ", ".join(map(str, gone[:SHOWN_IDS])) + (" ..." if len(gone) > SHOWN_IDS else "")
             raise PipelineError(
                 f"{len(gone)} task(s) of this run were deleted in Label Studio (ids {shown}); stored annotations "
                 "are kept — re-run pull with --accept-deleted to record the deletion (push then re-creates them)"
             )
-        counts = store.annotation_counts()
-        changed = [
-            task_id for task_id, record in known.items()
-            if task_id in listing and (
-                listing[task_id]["updated_at"] != record.synced_at
-                or counts.get(task_id, 0) != listing[task_id]["total_annotations"]
-                + listing[task_id]["cancelled_annotations"]
-            )
-        ]
-        users = studio.users() if changed else {}
         before = store.annotation_rows(changed)
-        fetched = list(studio.list_tasks(project_id, task_ids=changed, fields=TASK_ANNOTATIONS))
+        users, fetched = fetch_annotations(studio, project_id, changed)
         totals = {"added": 0, "updated": 0, "removed": 0}
         if gone:
             store.mark_tasks_deleted(gone)

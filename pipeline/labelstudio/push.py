@@ -5,24 +5,32 @@ Idempotent by construction: the run's database remembers which image became whic
 left in Label Studio is found again and adopted instead of duplicated: tasks by their ``run_id``, pictures by
 their file name in the companion project, projects by their title and description (which carry the run id).
 The same look-ups make retrying an import, an upload or a project creation safe after a broken connection.
+The machinery is shared with ``push-checks`` (:mod:`pipeline.labelstudio.verify`): a :class:`ProjectKind` says
+how a run's project is found and configured, a :class:`TaskBook` where its tasks are recorded, and
+:func:`pushing` opens both ends and adopts what a killed push left.
 """
 
 from __future__ import annotations
 
 import logging
 import uuid
+from collections.abc import Callable, Hashable, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 from tqdm import tqdm
 
+import label_config
 from pipeline.core.config import option
 from pipeline.core.errors import PipelineError
 from pipeline.core.run import Run
 from pipeline.core.store import AnnotationStore, TaskRecord
+from pipeline.core.verdicts import CHOICES
 from pipeline.labelstudio.client import IMPORT_BATCH, MEDIA_CONFIG, UPLOAD_BATCH, Settings, Studio
-from pipeline.labelstudio.schema import prediction
+from pipeline.labelstudio.schema import ANSWER, prediction
 from pipeline.model.attention import AttentionArrays
 from pipeline.slim.prelabel import attention_prior
 
@@ -76,26 +84,45 @@ def project_identity(run: Run, run_id: str) -> tuple[str, str]:
             f"SLIM attention review for run {run.root} (run id {run_id})")
 
 
-def resolve_project(studio: Studio, store: AnnotationStore, run: Run, run_id: str, project_id: int | None,
+@dataclass(frozen=True)
+class ProjectKind:
+    """One kind of project a run has (attention review, counterfactual check): where ``labels.sqlite`` remembers
+    its id, the title and description it is found again by, its labeling config, and the choices a project given
+    with ``--project`` must offer."""
+
+    meta_key: str
+    title: str
+    description: str
+    config: str
+    answer: str
+    choices: tuple[str, ...]
+
+
+def attention_project(run: Run, run_id: str) -> ProjectKind:
+    """The run's SLIM attention-review project."""
+    return ProjectKind("project_id", *project_identity(run, run_id), label_config.load(label_config.ATTENTION),
+                       ANSWER, CHOICES)
+
+
+def resolve_project(studio: Studio, store: AnnotationStore, kind: ProjectKind, project_id: int | None,
                     new_project: bool) -> int:
-    """``--project ID``, else the run's project (remembered, or left by an interrupted push), else a new one;
-    the choice is remembered."""
+    """``--project ID``, else the run's project of this kind (remembered, or left by an interrupted push), else a
+    new one; the choice is remembered."""
     if project_id is None and not new_project:
-        remembered = store.get_meta("project_id")
+        remembered = store.get_meta(kind.meta_key)
         project_id = int(remembered) if remembered else None
     if project_id is None:
-        title, description = project_identity(run, run_id)
-        found = [] if new_project else studio.projects_named(title, description)
+        found = [] if new_project else studio.projects_named(kind.title, kind.description)
         if found:
             project_id = found[0]
-            log.info("adopted project %d '%s' (created by an interrupted push)", project_id, title)
+            log.info("adopted project %d '%s' (created by an interrupted push)", project_id, kind.title)
         else:
-            project_id = studio.create_project(title, description)
-            log.info("created project %d '%s'", project_id, title)
+            project_id = studio.create_project(kind.title, kind.description, config=kind.config)
+            log.info("created project %d '%s'", project_id, kind.title)
     else:
-        studio.check_project(project_id)
+        studio.check_project(project_id, kind.answer, kind.choices)
     with store.transaction() as db:
-        store.set_meta("project_id", str(project_id), db)
+        store.set_meta(kind.meta_key, str(project_id), db)
     return project_id
 
 
@@ -116,19 +143,55 @@ def media_project(studio: Studio, store: AnnotationStore, project_id: int) -> in
     return media
 
 
-def adopt_unrecorded(studio: Studio, store: AnnotationStore, project_id: int, run_id: str) -> int:
+class TaskBook(Protocol):
+    """Where a project's tasks are recorded in the run's database, and what identifies what a task shows.
+
+    ``field`` names the task-data value that identifies it (an image id, a generated image's key): a push never
+    imports a second task for a value that has one.
+    """
+
+    field: str
+
+    def known(self) -> set[int]:
+        """Task ids recorded for the project, deleted ones included (those are never adopted again)."""
+
+    def present(self) -> set[Hashable]:
+        """``field`` values that have a live task in the project."""
+
+    def record(self, made: list[tuple[int, dict]]) -> None:
+        """Remember tasks made (or found) in Label Studio: (task id, task data) pairs."""
+
+
+@dataclass(frozen=True)
+class AttentionTasks:
+    """The attention project's tasks: the ``tasks`` table, one task per image id."""
+
+    store: AnnotationStore
+    project_id: int
+    field: str = "image_id"
+
+    def known(self) -> set[int]:
+        return {t.task_id for t in self.store.tasks(self.project_id, include_deleted=True)}
+
+    def present(self) -> set[Hashable]:
+        return {t.image_id for t in self.store.tasks(self.project_id)}
+
+    def record(self, made: list[tuple[int, dict]]) -> None:
+        self.store.add_tasks(TaskRecord(task_id, self.project_id, int(data["image_id"]), int(data.get("round", 1)))
+                             for task_id, data in made)
+
+
+def adopt_unrecorded(studio: Studio, book: TaskBook, project_id: int, run_id: str) -> int:
     """Record tasks of this run that exist in Label Studio but not in the database; returns how many."""
-    known = {t.task_id for t in store.tasks(project_id, include_deleted=True)}
-    orphans = [TaskRecord(int(t["id"]), project_id, int(t["data"]["image_id"]), int(t["data"].get("round", 1)))
-               for t in studio.list_tasks(project_id)
+    known = book.known()
+    orphans = [(int(t["id"]), t["data"]) for t in studio.list_tasks(project_id)
                if (t.get("data") or {}).get("run_id") == run_id and int(t["id"]) not in known]
     if orphans:
-        store.add_tasks(orphans)
+        book.record(orphans)
     return len(orphans)
 
 
-def import_batch(studio: Studio, store: AnnotationStore, project_id: int, run_id: str, round_: int,
-                 tasks: list[dict], rows: list[dict[str, str]]) -> int:
+def import_batch(studio: Studio, book: TaskBook, project_id: int, run_id: str, tasks: list[dict]) -> int:
     """Import one batch of tasks and record them; returns how many this call created.
 
     An import is not idempotent, but its tasks carry the run id: after a failure on the way (a broken
@@ -136,15 +199,67 @@ def import_batch(studio: Studio, store: AnnotationStore, project_id: int, run_id
     this run that did arrive and imports only the rest, so no task is created twice.
     """
     def attempt(number: int) -> int:
-        arrived = adopt_unrecorded(studio, store, project_id, run_id) if number else 0
-        present = {t.image_id for t in store.tasks(project_id)}
-        todo = [(task, row) for task, row in zip(tasks, rows) if int(row["image_id"]) not in present]
-        ids = studio.import_tasks(project_id, [task for task, _ in todo]) if todo else []
-        store.add_tasks(TaskRecord(task_id, project_id, int(row["image_id"]), round_)
-                        for task_id, (_, row) in zip(ids, todo))
+        arrived = adopt_unrecorded(studio, book, project_id, run_id) if number else 0
+        present = book.present()
+        todo = [task for task in tasks if task["data"][book.field] not in present]
+        ids = studio.import_tasks(project_id, todo) if todo else []
+        book.record([(task_id, task["data"]) for task_id, task in zip(ids, todo)])
         return arrived + len(ids)
 
     return studio.retrying("import tasks", attempt, project_id)
+
+
+def import_all(studio: Studio, book: TaskBook, project_id: int, run_id: str, tasks: list[dict],
+               progress: bool) -> int:
+    """Import ``tasks`` in batches of :data:`IMPORT_BATCH`, each recorded as soon as it is made; returns how many
+    were created (a batch a lost attempt had made is adopted, not counted twice)."""
+    created = 0
+    with tqdm(total=len(tasks), desc="import", unit="task", disable=not progress or not tasks) as bar:
+        for start in range(0, len(tasks), IMPORT_BATCH):
+            batch = import_batch(studio, book, project_id, run_id, tasks[start:start + IMPORT_BATCH])
+            created += batch
+            bar.update(batch)
+    return created
+
+
+@dataclass(frozen=True)
+class ProjectPush:
+    """A push in progress: the run's database, the open server, and the project whose tasks it adds."""
+
+    store: AnnotationStore
+    studio: Studio
+    run_id: str
+    project_id: int
+    book: TaskBook
+    adopted: int  # tasks a killed push had made and this one recorded
+
+    def stage(self, paths: list[Path], storage: str = "upload", document_root: Path | None = None,
+              progress: bool = True) -> dict[str, str]:
+        """:func:`stage_images` into this project."""
+        return stage_images(self.studio, self.store, self.project_id, paths, storage, document_root, progress)
+
+    def import_tasks(self, tasks: list[dict], progress: bool) -> int:
+        """:func:`import_all` into this project."""
+        return import_all(self.studio, self.book, self.project_id, self.run_id, tasks, progress)
+
+
+@contextmanager
+def pushing(run: Run, settings: Settings, kind: Callable[[str], ProjectKind],
+            book: Callable[[AnnotationStore, int], TaskBook], project_id: int | None,
+            new_project: bool) -> Iterator[ProjectPush]:
+    """Open the database and the server, resolve the project of ``kind`` (made from the run id) and adopt what
+    a killed push left unrecorded; everything is closed afterwards, whatever happens."""
+    store = AnnotationStore(run.labels_path)
+    studio = Studio(settings)
+    try:
+        run_id = run_id_of(store)
+        studio.connect()
+        project = resolve_project(studio, store, kind(run_id), project_id, new_project)
+        tasks = book(store, project)
+        yield ProjectPush(store, studio, run_id, project, tasks, adopt_unrecorded(studio, tasks, project, run_id))
+    finally:
+        store.close()
+        studio.close()
 
 
 def local_file_urls(paths: list[Path], document_root: Path) -> dict[str, str]:
@@ -206,39 +321,25 @@ def push_run(run: Run, settings: Settings, project_id: int | None = None, new_pr
     arrays = AttentionArrays.load(run.require(run.attention_path, "embed --run RUN"))
     priors = attention_prior(arrays.cam)
     class_names = list(arrays.class_names)
-    store = AnnotationStore(run.labels_path)
-    studio = Studio(settings)
-    try:
-        run_id = run_id_of(store)
-        studio.connect()
-        project = resolve_project(studio, store, run, run_id, project_id, new_project)
-        adopted = adopt_unrecorded(studio, store, project, run_id)
-        present = {t.image_id for t in store.tasks(project)}
+    with pushing(run, settings, lambda run_id: attention_project(run, run_id), AttentionTasks, project_id,
+                 new_project) as push:
+        present = push.book.present()
         todo = [r for r in selection if int(r["image_id"]) not in present]
         paths = [run.view_path(round_, int(r["image_id"]), kind) for r in todo for kind in ("image", "attention")]
         for path in paths:
             if not path.exists():
                 raise PipelineError(f"{path} is missing; re-run `python -m pipeline sample --run {run.root} --force`")
-        urls = stage_images(studio, store, project, paths, storage,
-                            Path(document_root) if document_root else None, progress)
+        urls = push.stage(paths, storage, Path(document_root) if document_root else None, progress)
         version = model_version(run)
-        tasks = [task_payload(r, run, round_, run_id, urls, class_names,
+        tasks = [task_payload(r, run, round_, push.run_id, urls, class_names,
                               float(priors[arrays.row_of(int(r["image_id"]))]), version) for r in todo]
-        created = 0
-        with tqdm(total=len(tasks), desc="import", unit="task", disable=not progress or not tasks) as bar:
-            for start in range(0, len(tasks), IMPORT_BATCH):
-                batch = import_batch(studio, store, project, run_id, round_, tasks[start:start + IMPORT_BATCH],
-                                     todo[start:start + IMPORT_BATCH])
-                created += batch
-                bar.update(batch)
-    finally:
-        store.close()
-        studio.close()
+        created = push.import_tasks(tasks, progress)
+    project, adopted = push.project_id, push.adopted
     summary = {"project_id": project, "created": created, "already_present": len(selection) - len(todo),
                "adopted": adopted, "round": round_}
     log.info("project %d: %d tasks created, %d already there%s; open %s", project, created,
              summary["already_present"], f" ({adopted} recovered from an interrupted push)" if adopted else "",
-             studio.project_url(project))
+             push.studio.project_url(project))
     return summary
 
 
