@@ -7,8 +7,9 @@ at least 25 points below its mean accuracy with the correlation, and reaches at 
 
 It also records what the loop will meet on the correlated set: the smallest group's share of training, and
 how the reference model attends, per class, as the simulated annotator judges it (share of training images
-with AIoU >= 0.5, i.e. answered "core"); with ``--faint`` separately for faint and clear images (``mixed``
-promises both kinds of attention inside a class). Writes JSON (``--out``) and prints it.
+with AIoU >= 0.5, i.e. answered "core"); with ``--faint`` or ``--bold`` separately for each style of object
+(faint, bold, clear): ``mixed`` promises both kinds of attention inside every class. Writes JSON (``--out``)
+and prints it.
 
     python benchmarks/calibrate.py --out bench-out/calibrate.json                     # the whole family
     python benchmarks/calibrate.py --variants glyphs --seeds 0 1 --out bench-out/calibrate-glyphs.json
@@ -30,7 +31,7 @@ from pipeline.core.config import RunConfig, resolve_path
 from pipeline.core.data import TRAIN, load_dataset
 from pipeline.core.io import atomic_write_json
 from pipeline.core.run import Run
-from pipeline.core.synth import VARIANTS, SynthSpec, generate, is_faint
+from pipeline.core.synth import VARIANTS, SynthSpec, generate, object_style
 from pipeline.labelstudio.annotator import AIOU_CORE
 from pipeline.model.attention import AttentionArrays
 from pipeline.model.embed import embed_run
@@ -44,7 +45,7 @@ LEARNABLE_WGA = 0.90  # worst-group accuracy ERM must reach without it
 def train_on(spec: SynthSpec, work: Path, attention: bool) -> dict:
     """ERM on ``spec``'s dataset: its test metrics and (``attention``) where it looks on training images."""
     spec = spec.resolved()
-    name = f"{spec.core}-faint{spec.faint}-corr{spec.corr}-seed{spec.seed}"  # the content: shared where equal
+    name = f"{spec.core}-faint{spec.faint}-bold{spec.bold}-corr{spec.corr}-seed{spec.seed}"  # equal: shared
     data = generate(work / f"synth-{name}", spec, progress=False)
     config = RunConfig()
     config.data.root = resolve_path(data)
@@ -53,7 +54,8 @@ def train_on(spec: SynthSpec, work: Path, attention: bool) -> dict:
     started = time.perf_counter()
     metrics = train_reference(run, config, progress=False)["erm"]
     result = {
-        "variant": spec.variant, "core": spec.core, "faint": spec.faint, "corr": spec.corr, "seed": spec.seed,
+        "variant": spec.variant, "core": spec.core, "faint": spec.faint, "bold": spec.bold, "corr": spec.corr,
+        "seed": spec.seed,
         "worst_group_acc": metrics["worst_group_acc"], "mean_acc": metrics["mean_acc"],
         "avg_acc": metrics["avg_acc"], "per_group": {k: v["acc"] for k, v in metrics["per_group"].items()},
         "train_and_eval_s": round(time.perf_counter() - started, 1),
@@ -74,18 +76,23 @@ def smallest_group_share(data: Path) -> float:
 
 
 def core_shares(run: Run, spec: SynthSpec) -> dict[str, float]:
-    """Per class (and, with faint objects, per class and kind): the share of training images the simulated
-    annotator would answer "core" (AIoU >= 0.5). A uniform class sits near 0 or 1; a mixed one in between."""
+    """Per class (and, with faint or bold objects, per class and style): the share of training images the
+    simulated annotator would answer "core" (AIoU >= 0.5). A uniform class sits near 0 or 1; a mixed one in
+    between. Each style's share of the class's training images is recorded beside it (``·share``)."""
     arrays = AttentionArrays.load(run.attention_path)
     core = arrays.aiou >= AIOU_CORE
     names = spec.class_names
     kinds = {names[y]: arrays.y == y for y in range(spec.classes)}
-    if spec.resolved().faint:
-        faint = np.array([is_faint(spec, int(i)) for i in arrays.index])
+    shares = {}
+    styles = np.array([object_style(spec, int(i), int(y)) for i, y in zip(arrays.index, arrays.y)])
+    if len(set(styles)) > 1:
         for y in range(spec.classes):
-            kinds[f"{names[y]}·faint"] = (arrays.y == y) & faint
-            kinds[f"{names[y]}·clear"] = (arrays.y == y) & ~faint
-    return {kind: round(float(core[rows].mean()), 3) for kind, rows in kinds.items() if rows.any()}
+            in_class = arrays.y == y
+            for style in sorted(set(styles[in_class])):  # bold objects are in every other class only
+                rows = in_class & (styles == style)
+                kinds[f"{names[y]}·{style}"] = rows
+                shares[f"{names[y]}·{style}·share"] = round(float(rows.sum() / in_class.sum()), 3)
+    return {kind: round(float(core[rows].mean()), 3) for kind, rows in kinds.items()} | shares
 
 
 def calibrate(variant: str, seeds: list[int], work: Path) -> dict:
@@ -96,8 +103,8 @@ def calibrate(variant: str, seeds: list[int], work: Path) -> dict:
         runs.append(train_on(spec, work, attention=True))
         # the same generator without the correlation, recorded as plain options: variants that differ only in
         # their correlation (default, minority) share this dataset and its model
-        runs.append(train_on(SynthSpec(seed=seed, corr=INDEPENDENT, core=spec.core, faint=spec.faint), work,
-                             attention=False))
+        runs.append(train_on(SynthSpec(seed=seed, corr=INDEPENDENT, core=spec.core, faint=spec.faint,
+                                       bold=spec.bold), work, attention=False))
     shortcut = [r for r in runs if r["corr"] != INDEPENDENT]
     balanced = [r for r in runs if r["corr"] == INDEPENDENT]
     summary = {

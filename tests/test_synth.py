@@ -14,7 +14,8 @@ from PIL import Image
 from pipeline.cli import main
 from pipeline.core.data import TEST, TRAIN, load_dataset
 from pipeline.core.errors import PipelineError
-from pipeline.core.synth import GLYPHS, VARIANTS, SynthSpec, generate, is_faint, render
+from pipeline.core.synth import (BOLD_OUTLINE_PX, GLYPHS, STYLES, VARIANTS, SynthSpec, _rim, carries_bold,
+                                 generate, object_style, render)
 
 HARDER = [name for name in VARIANTS if name != "default"]
 
@@ -74,6 +75,7 @@ def test_more_classes_use_more_shapes_and_places(tmp_path: Path) -> None:
         (SynthSpec(image_size=8), "--image-size"),
         (SynthSpec(n_val=1), "at least 2"),
         (SynthSpec(faint=1.5), "--faint"),
+        (SynthSpec(faint=0.7, bold=0.5), "--bold"),
         (SynthSpec(variant="waterbirds"), "--variant"),
     ],
 )
@@ -138,6 +140,7 @@ def test_each_variant_generates_deterministically(tmp_path: Path, variant: str) 
     assert _digest(a) != _digest(default)
     recorded = json.loads((a / "dataset.json").read_text())["spec"]
     assert recorded["variant"] == variant and recorded["corr"] == VARIANTS[variant].corr
+    assert recorded.get("bold", 0.0) == VARIANTS[variant].bold  # named only where the variant sets it
 
 
 def test_default_dataset_json_names_no_family_option(tmp_path: Path) -> None:
@@ -148,48 +151,91 @@ def test_default_dataset_json_names_no_family_option(tmp_path: Path) -> None:
 
 
 def test_options_given_override_the_variant() -> None:
-    assert SynthSpec().resolved() == SynthSpec(corr=0.95, core="shapes", faint=0.0)
-    hard = SynthSpec(variant="minority", corr=0.9, core="glyphs", faint=0.2).resolved()
-    assert (hard.corr, hard.core, hard.faint) == (0.9, "glyphs", 0.2)
+    assert SynthSpec().resolved() == SynthSpec(corr=0.95, core="shapes", faint=0.0, bold=0.0)
+    hard = SynthSpec(variant="minority", corr=0.9, core="glyphs", faint=0.2, bold=0.3).resolved()
+    assert (hard.corr, hard.core, hard.faint, hard.bold) == (0.9, "glyphs", 0.2, 0.3)
+    mixed = SynthSpec(variant="mixed").resolved()
+    assert mixed.faint > 0 and mixed.bold > 0  # faint objects in every class, bold ones in every other
     assert SynthSpec(variant="glyphs").class_names == ["one", "seven"]
 
 
 @pytest.mark.parametrize("variant", ["mixed", "glyphs"])
 def test_variant_masks_mark_exactly_the_object(tmp_path: Path, variant: str) -> None:
-    """As for the default: one flat colour inside the mask (faint or not), the striped texture outside."""
+    """As for the default: one flat colour inside the mask (faint or not; within a bold object's dark rim),
+    the striped texture outside."""
     spec = SynthSpec(n_train=40, n_val=2, n_test=2, variant=variant)
     out = generate(tmp_path / variant, spec, progress=False)
     for sample in load_dataset(out).samples:
         rgb = np.asarray(Image.open(out / sample.filename), np.float32)
         mask = np.asarray(Image.open(out / sample.mask_filename)) > 127
         assert 0.003 < mask.mean() < 0.35
-        inside, outside = rgb[mask], rgb[~mask]
+        rim = _rim(mask, STYLES[object_style(spec, sample.index, sample.y)].outline)
+        inside, outside = rgb[mask & ~rim], rgb[~mask]
         assert inside.std(axis=0).mean() < 12 < outside.std(axis=0).mean()
+        if rim.any():
+            assert rgb[rim].mean() < 0.5 * inside.mean()
 
 
 def test_faint_objects_are_the_share_asked_in_every_class_and_smaller(tmp_path: Path) -> None:
     spec = SynthSpec(n_train=200, n_val=2, n_test=2, image_size=32, variant="mixed")
-    assert abs(np.mean([is_faint(spec, i) for i in range(4000)]) - VARIANTS["mixed"].faint) < 0.03
+    for y in range(spec.classes):
+        share = np.mean([object_style(spec, i, y) == "faint" for i in range(4000)])
+        assert abs(share - VARIANTS["mixed"].faint) < 0.03
     image_set = load_dataset(generate(tmp_path / "m", spec, progress=False))
-    faint = np.array([is_faint(spec, s.index) for s in image_set.samples])
+    faint = np.array([object_style(spec, s.index, s.y) == "faint" for s in image_set.samples])
     y = np.array([s.y for s in image_set.samples])
-    for cls in range(spec.classes):
-        assert 0.25 < faint[y == cls].mean() < 0.55
+    for cls in range(spec.classes):  # ~100 images a class: within about 3 binomial standard deviations
+        assert abs(faint[y == cls].mean() - VARIANTS["mixed"].faint) < 0.13
     area = np.array([(np.asarray(Image.open(image_set.root / s.mask_filename)) > 127).mean()
                      for s in image_set.samples])
     assert area[faint].mean() < 0.5 * area[~faint].mean()
-    assert not any(is_faint(SynthSpec(), i) for i in range(200))
+    assert not any(object_style(SynthSpec(), i, y) != "clear" for i in range(200) for y in range(2))
 
 
-def test_mixed_changes_only_its_faint_images(tmp_path: Path) -> None:
-    """Faintness has its own RNG stream: every other picture is the default's, pixel for pixel."""
-    mixed = SynthSpec(n_train=30, n_val=2, n_test=2, image_size=32, variant="mixed")
+def test_bold_objects_are_the_share_asked_in_every_other_class_larger_and_rimmed(tmp_path: Path) -> None:
+    spec = SynthSpec(n_train=300, n_val=2, n_test=2, variant="mixed")
+    for y in range(4):
+        share = np.mean([object_style(spec, i, y) == "bold" for i in range(4000)])
+        assert abs(share - VARIANTS["mixed"].bold) < 0.03 if carries_bold(y) else share == 0
+    assert [carries_bold(y) for y in range(4)] == [False, True, False, True]
+    image_set = load_dataset(generate(tmp_path / "m", spec, progress=False))
+    styles = np.array([object_style(spec, s.index, s.y) for s in image_set.samples])
+    y = np.array([s.y for s in image_set.samples])
+    assert (styles[y == 0] != "bold").all()
+    assert abs((styles[y == 1] == "bold").mean() - VARIANTS["mixed"].bold) < 0.13
+    area = np.array([(np.asarray(Image.open(image_set.root / s.mask_filename)) > 127).mean()
+                     for s in image_set.samples])
+    clear_triangles, bold_triangles = area[(y == 1) & (styles == "clear")], area[styles == "bold"]
+    assert bold_triangles.mean() > 1.3 * clear_triangles.mean()  # 1.2 times as wide: 1.44 times the area
+    bold = [sample for sample, style in zip(image_set.samples, styles) if style == "bold"]
+    for sample in bold:  # a dark rim inside the mask, around the object's flat colour
+        rgb = np.asarray(Image.open(image_set.root / sample.filename), np.float32)
+        mask = np.asarray(Image.open(image_set.root / sample.mask_filename)) > 127
+        rim = _rim(mask, BOLD_OUTLINE_PX)
+        assert rim.any() and (mask & ~rim).any()
+        assert rgb[rim].mean() < 0.5 * rgb[mask & ~rim].mean()
+
+
+def test_mixed_changes_only_the_objects_of_its_faint_and_bold_images(tmp_path: Path) -> None:
+    """Styles have their own RNG stream: a clear picture is the default's, pixel for pixel, and a faint or
+    bold one differs from its default twin only where either picture's object is (background and noise are
+    the same); adding bold objects leaves the faint pictures as they were."""
+    sizes = {"n_train": 40, "n_val": 2, "n_test": 2, "image_size": 32}
+    mixed = SynthSpec(**sizes, variant="mixed")
     a = generate(tmp_path / "mixed", mixed, progress=False)
-    b = generate(tmp_path / "default", SynthSpec(n_train=30, n_val=2, n_test=2, image_size=32), progress=False)
+    b = generate(tmp_path / "default", SynthSpec(**sizes), progress=False)
+    c = generate(tmp_path / "faint", SynthSpec(**sizes, faint=VARIANTS["mixed"].faint), progress=False)
     assert (a / "metadata.csv").read_text() == (b / "metadata.csv").read_text()
-    for index in range(34):
-        same = (a / f"images/{index:05d}.png").read_bytes() == (b / f"images/{index:05d}.png").read_bytes()
-        assert same != is_faint(mixed, index)
+    styles = {s.index: object_style(mixed, s.index, s.y) for s in load_dataset(a).samples}
+    assert {"clear", "faint", "bold"} == set(styles.values())
+    for index, style in styles.items():
+        name = f"{index:05d}.png"
+        pixels = [np.asarray(Image.open(root / "images" / name)) for root in (a, b, c)]
+        objects = [np.asarray(Image.open(root / "masks" / name)) > 127 for root in (a, b)]
+        differs = (pixels[0] != pixels[1]).any(axis=-1)
+        assert differs.any() == (style != "clear")
+        assert not (differs & ~objects[0] & ~objects[1]).any()
+        assert (pixels[0] == pixels[2]).all() == (style != "bold")
 
 
 def test_minority_groups_are_the_share_the_spec_says(tmp_path: Path) -> None:
@@ -221,8 +267,9 @@ def test_glyph_classes_differ_in_shape_not_in_pose() -> None:
 
 def test_synth_command_takes_the_family_options(tmp_path: Path) -> None:
     out = tmp_path / "g"
-    assert main(["synth", str(out), "--variant", "glyphs", "--faint", "0.5", "--n-train", "4", "--n-val", "2",
-                 "--n-test", "2", "--image-size", "32", "--quiet"]) == 0
+    assert main(["synth", str(out), "--variant", "glyphs", "--faint", "0.5", "--bold", "0.25", "--n-train",
+                 "4", "--n-val", "2", "--n-test", "2", "--image-size", "32", "--quiet"]) == 0
     info = json.loads((out / "dataset.json").read_text())
     assert info["class_names"] == ["one", "seven"]
-    assert (info["spec"]["variant"], info["spec"]["core"], info["spec"]["faint"]) == ("glyphs", "glyphs", 0.5)
+    spec = info["spec"]
+    assert (spec["variant"], spec["core"], spec["faint"], spec["bold"]) == ("glyphs", "glyphs", 0.5, 0.25)
