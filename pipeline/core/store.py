@@ -81,9 +81,29 @@ CREATE TABLE IF NOT EXISTS checks (
 );
 CREATE INDEX IF NOT EXISTS checks_by_task ON checks (task_id);
 """
-ANNOTATION_COLUMNS = ("annotation_id", "task_id", "image_id", "annotator", "choice", "skipped", "boxes", "note",
-                      "created_at", "updated_at", "lead_time")
-CHECK_COLUMNS = ("annotation_id", "task_id", "key", "accepted", "annotator", "updated_at")
+
+
+@dataclass(frozen=True)
+class MirroredTable:
+    """The statements that mirror one task's rows of a table (first column: the annotation id), written out in
+    full: no SQL is assembled from strings at run time."""
+
+    select: str
+    upsert: str
+    delete: str
+
+
+ANNOTATION_TABLE = MirroredTable(
+    select="SELECT annotation_id, task_id, image_id, annotator, choice, skipped, boxes, note, created_at, updated_at, "
+           "lead_time FROM annotations WHERE task_id = ?",
+    upsert="INSERT OR REPLACE INTO annotations (annotation_id, task_id, image_id, annotator, choice, skipped, boxes, "
+           "note, created_at, updated_at, lead_time) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+    delete="DELETE FROM annotations WHERE annotation_id = ?")
+CHECK_TABLE = MirroredTable(
+    select="SELECT annotation_id, task_id, key, accepted, annotator, updated_at FROM checks WHERE task_id = ?",
+    upsert="INSERT OR REPLACE INTO checks (annotation_id, task_id, key, accepted, annotator, updated_at) "
+           "VALUES (?, ?, ?, ?, ?, ?)",
+    delete="DELETE FROM checks WHERE annotation_id = ?")
 
 @dataclass(frozen=True)
 class Annotation:
@@ -280,7 +300,7 @@ class AnnotationStore:
         unless Label Studio reports a newer one.
         """
         db.execute("UPDATE tasks SET synced_at = ? WHERE task_id = ?", (synced_at, task_id))
-        return mirror_rows(db, "annotations", ANNOTATION_COLUMNS, task_id, [a.row() for a in annotations])
+        return mirror_rows(db, ANNOTATION_TABLE, task_id, [a.row() for a in annotations])
 
     def annotation_rows(self, task_ids: Iterable[int], db: sqlite3.Connection | None = None) -> dict[int, frozenset]:
         """The stored rows of each of ``task_ids`` (an empty set for a task without any), to compare later:
@@ -354,7 +374,7 @@ class AnnotationStore:
         """Make the stored answers of check task ``task_id`` equal ``checks`` (as of its ``updated_at``
         ``synced_at``); count what changed."""
         db.execute("UPDATE check_tasks SET synced_at = ? WHERE task_id = ?", (synced_at, task_id))
-        return mirror_rows(db, "checks", CHECK_COLUMNS, task_id, [c.row() for c in checks])
+        return mirror_rows(db, CHECK_TABLE, task_id, [c.row() for c in checks])
 
     def check_counts(self) -> dict[int, int]:
         """Stored answers (given or skipped) per check task id."""
@@ -372,22 +392,17 @@ class AnnotationStore:
         return {key: 2 * yes > answers for key, yes, answers in rows}
 
 
-def mirror_rows(db: sqlite3.Connection, table: str, columns: tuple[str, ...], task_id: int,
-                rows: list[tuple]) -> dict:
-    """Make ``table``'s rows of ``task_id`` (first column: the annotation id) equal ``rows``; count what changed.
-
-    ``table`` and ``columns`` are this module's constants, never user input.
-    """
-    names, marks = ", ".join(columns), ", ".join("?" * len(columns))
-    stored = {row[0]: row for row in db.execute(f"SELECT {names} FROM {table} WHERE task_id = ?", (task_id,))}
+def mirror_rows(db: sqlite3.Connection, table: MirroredTable, task_id: int, rows: list[tuple]) -> dict:
+    """Make ``table``'s rows of ``task_id`` equal ``rows``; count what changed."""
+    stored = {row[0]: row for row in db.execute(table.select, (task_id,))}
     changes = {"added": 0, "updated": 0, "removed": 0}
     for row in rows:
         previous = stored.pop(row[0], None)
         if previous == row:
             continue
-        db.execute(f"INSERT OR REPLACE INTO {table} ({names}) VALUES ({marks})", row)
+        db.execute(table.upsert, row)
         changes["added" if previous is None else "updated"] += 1
     for annotation_id in stored:
-        db.execute(f"DELETE FROM {table} WHERE annotation_id = ?", (annotation_id,))
+        db.execute(table.delete, (annotation_id,))
         changes["removed"] += 1
     return changes
