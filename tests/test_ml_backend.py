@@ -313,7 +313,8 @@ def test_concurrent_webhooks_leave_exactly_the_expected_answers(backend, backend
 
 def test_pull_while_webhooks_arrive_gives_the_sequential_result(sampled_run: Path, settings, tmp_path) -> None:
     """Two pulls and every answer's webhooks (twice each, eight threads) at the same time: no error, no
-    double count, and the database a lone pull makes, row for row (the webhook names the annotator as pull
+    double count, and -- once the tasks the webhooks wrote during the last pull are mirrored by the next, as
+    pull promises -- the database a lone pull makes, row for row (the webhook names the annotator as pull
     does)."""
     import threading
 
@@ -350,12 +351,13 @@ def test_pull_while_webhooks_arrive_gives_the_sequential_result(sampled_run: Pat
     errors: list[BaseException] = []
     pulling: list[float] = []
     sending: list[float] = []
+    summaries: list[dict] = []
 
     def pull_twice() -> None:
         pulling.append(time.monotonic())
         try:
             for _ in range(2):
-                pull_run(run, settings)
+                summaries.append(pull_run(run, settings))
         except BaseException as exc:  # noqa: BLE001 - reported by the assertion below
             errors.append(exc)
         pulling.append(time.monotonic())
@@ -371,6 +373,9 @@ def test_pull_while_webhooks_arrive_gives_the_sequential_result(sampled_run: Pat
     assert errors == [] and {status for _, status, _ in answers} == {201}
     assert len(units) == 11  # 8 simulated answers + 2 extra on one task, and the deleted one
     assert pulling[0] < sending[1] and sending[0] < pulling[1]  # the pulls and the webhooks did overlap
+    # a task a webhook wrote while the last pull was fetching is left to the next pull, and only those tasks
+    settle = pull_run(run, settings)
+    assert settle["changed_tasks"] == summaries[-1]["deferred_tasks"] and settle["deferred_tasks"] == 0
     assert annotation_rows(run.root) == annotation_rows(reference.root)
     assert task_rows(run.root) == task_rows(reference.root)
     again = pull_run(run, settings)  # nothing left to mirror: every row already is Label Studio's
