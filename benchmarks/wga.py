@@ -70,7 +70,7 @@ from pipeline.core.io import atomic_write_json
 from pipeline.core.run import Run
 from pipeline.core.synth import VARIANTS, SynthSpec
 from pipeline.core.verdicts import CORE, SPURIOUS
-from pipeline.labelstudio.annotator import decide
+from pipeline.labelstudio.annotator import AIOU_CORE, decide
 from pipeline.model.attention import AttentionArrays, compute_attention
 from pipeline.model.cam import make_extractor
 from pipeline.model.evaluate import evaluate_splits, group_metrics
@@ -244,6 +244,23 @@ def core_accuracy_on_test(model, run: Run) -> float:
     return core_accuracy(model, image_set, image_set.split(TEST), size, config, torch.device("cpu"))
 
 
+def stage_accuracy(arrays: AttentionArrays, answers: Answers, scores: np.ndarray) -> dict:
+    """Where a shortfall starts, stage by stage, against the true verdicts (AIoU >= 0.5 from the masks, evaluation
+    only): how often the answers and the propagated scores agree with them, overall and per class, and each
+    class's true share of core attention (a class split between core and spurious attention is the hard case)."""
+    truth = arrays.aiou >= AIOU_CORE
+    answered = arrays.rows_of(list(answers.labels))
+    given = np.array([answers.labels[int(arrays.index[r])] == CORE for r in answered], dtype=bool)
+    propagated = scores >= 0.5
+    return {
+        "answer_accuracy": float((given == truth[answered]).mean()) if len(answered) else None,
+        "propagation_accuracy": float((propagated == truth).mean()),
+        "per_class": {arrays.class_names[y]: {"true_core_share": float(truth[arrays.for_class(y)].mean()),
+                                              "propagation_accuracy": float((propagated == truth)[arrays.for_class(y)].mean())}
+                      for y in arrays.classes},
+    }
+
+
 def summarise(results: dict) -> dict:
     """Per method the headline numbers, with core accuracy and the remedies' choices where measured."""
     extra = ("core_acc", "share", "regions")
@@ -303,6 +320,7 @@ def fresh_seed(run: Run, seed: int, noise: float, upweight: float, no_answer_res
     results.update(no_answer_results)
     summary = summarise(results)
     summary["cell_purity"] = {"slim": cell_purity(cells, groups)}
+    summary["stages"] = stage_accuracy(arrays, answers, scores)
     summary["annotated"] = len(answers.labels)
     summary["annotated_fraction"] = len(answers.labels) / len(labels)
     summary["subset_size"] = len(labels)
@@ -412,6 +430,9 @@ def aggregate(per_seed: list[dict]) -> dict:
             out[method]["gap_closed"] = {"mean": statistics.mean(gaps), "per_seed": gaps}
     if "gap_closed" in out.get("slim", {}):
         out["gap_closed"] = out["slim"]["gap_closed"]
+    if all("stages" in s for s in per_seed):
+        out["stages"] = {key: statistics.mean(s["stages"][key] for s in per_seed)
+                         for key in ("answer_accuracy", "propagation_accuracy")}
     out["annotated_fraction"] = statistics.mean(s["annotated_fraction"] for s in per_seed)
     out["cell_purity"] = {name: statistics.mean(s["cell_purity"][name] for s in per_seed)
                           for name in per_seed[0]["cell_purity"]}
@@ -478,7 +499,10 @@ def main() -> None:
         for noise, summary in by_variant["by_noise"].items():
             print(markdown(summary, f"{variant}, noise {float(noise):g}, {args.mode}"))
             print("curated cells' group purity: "
-                  + ", ".join(f"{name} {purity:.1%}" for name, purity in summary["cell_purity"].items()) + "\n")
+                  + ", ".join(f"{name} {purity:.1%}" for name, purity in summary["cell_purity"].items())
+                  + ("; answers / propagated scores agreeing with the true verdicts: "
+                     f"{summary['stages']['answer_accuracy']:.1%} / {summary['stages']['propagation_accuracy']:.1%}"
+                     if "stages" in summary else "") + "\n")
 
 
 if __name__ == "__main__":
