@@ -54,6 +54,16 @@ def test_class_folder_tree_without_splits_is_split_deterministically(tmp_path: P
     assert image_set.num_groups == 2 and image_set.group_name(1) == "dog"
 
 
+@pytest.mark.parametrize(("sides", "expected"), [((40, 40, 48), 40), ((300, 500, 640), 224)])
+def test_image_size_without_dataset_json_comes_from_the_images(tmp_path: Path, sides, expected) -> None:
+    """Small images are trained at their own size (not blown up to 224), large photos at 224."""
+    for name in ("cat", "dog"):
+        (tmp_path / name).mkdir()
+        for i, side in enumerate(sides):
+            Image.new("RGB", (side + 10, side), (i, 0, 0)).save(tmp_path / name / f"{i}.png")
+    assert load_dataset(tmp_path).native_size == expected
+
+
 def test_class_folder_tree_with_split_folders(tmp_path: Path) -> None:
     for split in ("train", "test"):
         for name in ("a", "b"):

@@ -48,7 +48,8 @@ class DataConfig:
 
     root: str = option("", "dataset folder (metadata.csv or class folders); required for a new run",
                        flag="--data", metavar="DIR", path=True)
-    image_size: int | None = option(None, "resize images to this side (default: the dataset's own, else 224)")
+    image_size: int | None = option(None, "resize images to this side (default: dataset.json's, else the images' "
+                                          "own median side, at most 224)")
     workers: int = option(0, "data-loading worker processes (0: load in the main process)", metavar="N")
 
 
