@@ -261,6 +261,21 @@ def stage_accuracy(arrays: AttentionArrays, answers: Answers, scores: np.ndarray
     }
 
 
+def minority_isolation(arrays: AttentionArrays, cells: np.ndarray, groups: np.ndarray) -> dict:
+    """Per class, the share of its smallest true group that sits in cells where that group is the majority
+    (evaluation only). Cell purity hides a minority spread thinly over majority cells (it barely moves the
+    average); balancing cells lifts a minority only where it has cells of its own."""
+    isolated = {}
+    for y in arrays.classes:
+        members = arrays.for_class(y)
+        present, counts = np.unique(groups[members], return_counts=True)
+        minority = present[np.argmin(counts)]
+        own = [c for c in np.unique(cells[members])
+               if np.bincount(groups[members][cells[members] == c]).argmax() == minority]
+        isolated[arrays.class_names[y]] = float(np.isin(cells[members][groups[members] == minority], own).mean())
+    return isolated
+
+
 def summarise(results: dict) -> dict:
     """Per method the headline numbers, with core accuracy and the remedies' choices where measured."""
     extra = ("core_acc", "share", "regions")
@@ -320,7 +335,8 @@ def fresh_seed(run: Run, seed: int, noise: float, upweight: float, no_answer_res
     results.update(no_answer_results)
     summary = summarise(results)
     summary["cell_purity"] = {"slim": cell_purity(cells, groups)}
-    summary["stages"] = stage_accuracy(arrays, answers, scores)
+    summary["stages"] = {**stage_accuracy(arrays, answers, scores),
+                         "minority_isolated": minority_isolation(arrays, cells, groups)}
     summary["annotated"] = len(answers.labels)
     summary["annotated_fraction"] = len(answers.labels) / len(labels)
     summary["subset_size"] = len(labels)
