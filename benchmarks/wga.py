@@ -55,8 +55,8 @@ from __future__ import annotations
 
 import argparse
 import copy
-from dataclasses import dataclass
 import statistics
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -77,7 +77,13 @@ from pipeline.model.evaluate import evaluate_splits, group_metrics
 from pipeline.model.loaders import make_loader, seed_everything
 from pipeline.model.networks import load_checkpoint
 from pipeline.slim.clustering import elbow_clusters
-from pipeline.slim.counterfactual import CompositeEditor, Counterfactuals, plan, read_counterfactuals, write_counterfactuals
+from pipeline.slim.counterfactual import (
+    CompositeEditor,
+    Counterfactuals,
+    plan,
+    read_counterfactuals,
+    write_counterfactuals,
+)
 from pipeline.slim.curate import curate, default_subset_size
 from pipeline.slim.propagate import Answers, propagate
 from pipeline.slim.regions import SpuriousRegions

@@ -14,8 +14,18 @@ from PIL import Image
 from pipeline.cli import main
 from pipeline.core.data import TEST, TRAIN, load_dataset
 from pipeline.core.errors import PipelineError
-from pipeline.core.synth import (BOLD_OUTLINE_PX, GLYPHS, STYLES, VARIANTS, SynthSpec, _rim, carries_bold,
-                                 generate, object_style, render)
+from pipeline.core.synth import (
+    BOLD_OUTLINE_PX,
+    GLYPHS,
+    STYLES,
+    VARIANTS,
+    SynthSpec,
+    _rim,
+    carries_bold,
+    generate,
+    object_style,
+    render,
+)
 
 HARDER = [name for name in VARIANTS if name != "default"]
 
