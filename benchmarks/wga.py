@@ -69,7 +69,7 @@ from pipeline.core.data import TEST, load_dataset, load_mask
 from pipeline.core.io import atomic_write_json
 from pipeline.core.run import Run
 from pipeline.core.synth import VARIANTS, SynthSpec
-from pipeline.core.verdicts import CORE, SPURIOUS
+from pipeline.core.verdicts import CORE, CORE_CUT, SPURIOUS
 from pipeline.labelstudio.annotator import AIOU_CORE, decide
 from pipeline.model.attention import AttentionArrays, compute_attention
 from pipeline.model.cam import make_extractor
@@ -257,12 +257,12 @@ def stage_accuracy(arrays: AttentionArrays, answers: Answers, scores: np.ndarray
     truth = arrays.aiou >= AIOU_CORE
     answered = arrays.rows_of(list(answers.labels))
     given = np.array([answers.labels[int(arrays.index[r])] == CORE for r in answered], dtype=bool)
-    propagated = scores >= 0.5
+    right = (scores >= CORE_CUT) == truth
     return {
         "answer_accuracy": float((given == truth[answered]).mean()) if len(answered) else None,
-        "propagation_accuracy": float((propagated == truth).mean()),
+        "propagation_accuracy": float(right.mean()),
         "per_class": {arrays.class_names[y]: {"true_core_share": float(truth[arrays.for_class(y)].mean()),
-                                              "propagation_accuracy": float((propagated == truth)[arrays.for_class(y)].mean())}
+                                              "propagation_accuracy": float(right[arrays.for_class(y)].mean())}
                       for y in arrays.classes},
     }
 
