@@ -64,7 +64,7 @@ import torch
 from runs import attention_run
 from sklearn.metrics.cluster import contingency_matrix
 
-from pipeline.core.config import CORRUPTIONS, RetrainConfig, RunConfig
+from pipeline.core.config import CORRUPTIONS, RetrainConfig, RunConfig, SampleConfig
 from pipeline.core.data import TEST, load_dataset, load_mask
 from pipeline.core.io import atomic_write_json
 from pipeline.core.run import Run
@@ -98,6 +98,7 @@ from pipeline.slim.retrain import (
     validation_attention,
 )
 from pipeline.slim.sample import select
+from pipeline.slim.spuriosity import spuriosity
 from pipeline.slim.weights import cell_balanced_weights, class_normalised, spurious_space_cells
 
 ALL_IMAGES_EPOCHS = 5  # full mode over all 2,400 images: ~2.5x the gradient steps of 20 passes over 240
@@ -138,14 +139,15 @@ def mask_box(mask: np.ndarray) -> dict:
 
 
 def simulated_answers(run: Run, arrays: AttentionArrays, noise: float, seed: int,
-                      box_share: float = 0.0) -> SimulatedAnswers:
-    """SLIM's sample (2 % per class) answered by the mask rule, ``noise`` of the answers flipped; ``box_share``
-    of the answered images also get the mask's bounding box, as an annotator drawing the optional box would."""
+                      box_share: float = 0.0, sample: SampleConfig | None = None) -> SimulatedAnswers:
+    """SLIM's sample (the run's, 2 % per class, or ``sample``) answered by the mask rule, ``noise`` of the answers
+    flipped; ``box_share`` of the answered images also get the mask's bounding box, as an annotator drawing the
+    optional box would."""
     config = run.load_config()
     image_set = load_dataset(config.data.root)
     size = config.data.image_size or image_set.native_size
     labels, boxes = {}, {}
-    for row, _, _ in select(arrays, config.sample, exclude=set()):
+    for row, _, _ in select(arrays, sample or config.sample, exclude=set()):
         image_id = int(arrays.index[row])
         mask = load_mask(image_set.root / image_set.samples[image_id].mask_filename, size)
         choice, _ = decide(arrays.cam[row], mask, config.embed.threshold)
@@ -210,7 +212,8 @@ def low_spuriosity_row(model, run: Run, arrays: AttentionArrays, scores: np.ndar
     size = load_checkpoint(run.checkpoint_path)[1]["image_size"]
     val = validation_attention(model, image_set, size, config, torch.device("cpu"))
     seed_everything(seed)
-    retrained, details = retrain_low_spuriosity(model, arrays, scores, val.features, val.y, seed)
+    retrained, details = retrain_low_spuriosity(model, arrays, spuriosity(arrays, scores, seed=seed), val.features,
+                                                val.y, seed)
     return {**evaluate_on_test(retrained, run, test_features, "last-layer"), "share": details["share"]}
 
 
@@ -314,7 +317,8 @@ def fresh_seed(run: Run, seed: int, noise: float, upweight: float, no_answer_res
     simulated = simulated_answers(run, arrays, noise, seed, box_share)
     answers = simulated.answers
     scores, _ = propagate(arrays, answers)
-    cells = spurious_space_cells(arrays, scores, seed)
+    shortcut = spurious_space_cells(arrays, scores, seed)
+    cells = shortcut.cells
     remedy = remedy or RetrainConfig()
     wanted = set(ANSWER_ROWS) if only is None else only
     counterfactuals = (simulated_counterfactuals(run, arrays, scores, simulated.boxes, noise, seed,

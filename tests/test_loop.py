@@ -26,7 +26,13 @@ from pipeline.model.networks import load_checkpoint
 from pipeline.slim.clustering import elbow_k
 from pipeline.slim.curate import allocate
 from pipeline.slim.propagate import Propagation, answers_from_csv, consolidate, spread_class
-from pipeline.slim.weights import cell_balanced_weights, spurious_space_cells
+from pipeline.slim.weights import (
+    ATTENDED,
+    IGNORED,
+    MIN_ERRORS_TO_CHECK,
+    cell_balanced_weights,
+    spurious_space_cells,
+)
 
 
 def mask_rule_answers(run: Path, per_class: int = 6) -> Path:
@@ -103,15 +109,44 @@ def test_shortcut_cells_follow_the_answers_and_weights_balance_them() -> None:
     n = 120
     arrays = AttentionArrays(index=np.arange(n), y=np.zeros(n, dtype=int), pred=np.zeros(n, dtype=int),
                              confidence=np.ones(n), entropy=np.zeros(n), features=three + two, f_att=three,
-                             f_rev=two, cam=np.zeros((n, 2, 2), dtype=np.float16))
+                             f_rev=two, cam=np.zeros((n, 2, 2), dtype=np.float16), class_names=("0",))
     core = spurious_space_cells(arrays, np.ones(120), seed=0)
     spurious = spurious_space_cells(arrays, np.zeros(120), seed=0)
-    assert len(np.unique(core)) == 2 and len(np.unique(spurious)) == 3
+    assert len(np.unique(core.cells)) == 2 and len(np.unique(spurious.cells)) == 3
+    assert core.spaces["0"].chosen == IGNORED and spurious.spaces["0"].chosen == ATTENDED  # no errors: answers rule
     labels = np.array([0] * 90 + [1] * 30)
     cells = np.array([0] * 80 + [1] * 10 + [2] * 30)  # class 0: a big and a rare cell; class 1: one cell
     weights = cell_balanced_weights(labels, cells)
     assert np.bincount(labels, weights=weights) == pytest.approx([1.0, 1.0])
     assert weights[cells == 0].sum() == pytest.approx(weights[cells == 1].sum()) == pytest.approx(0.5)
+
+
+def test_training_errors_overrule_the_answers_space_only_when_it_hides_them() -> None:
+    """Mixed attention: the answers point at the attended space, which splits the class by the object's style;
+    the reference model's errors all sit in a rare group that only the ignored space gives a cell of its own."""
+    rng = np.random.default_rng(0)
+    n = 200
+    style = np.repeat([[0.0, 0.0], [6.0, 0.0]], n // 2, axis=0)  # two styles, half each, unrelated to the errors
+    background = np.zeros((n, 2))
+    rare = rng.choice(n, 12, replace=False)
+    background[rare] = [0.0, 6.0]  # the minority group: another background
+
+    def arrays_with(errors: np.ndarray) -> AttentionArrays:
+        pred = np.where(errors, 1, 0)
+        return AttentionArrays(index=np.arange(n), y=np.zeros(n, dtype=int), pred=pred, confidence=np.ones(n),
+                               entropy=np.zeros(n), features=np.hstack([style, background]),
+                               f_att=style + rng.normal(0, 0.1, (n, 2)), f_rev=background + rng.normal(0, 0.1, (n, 2)),
+                               cam=np.zeros((n, 2, 2), dtype=np.float16), class_names=("0", "1"))
+
+    in_rare = np.isin(np.arange(n), rare)
+    mixed = spurious_space_cells(arrays_with(in_rare), np.zeros(n), seed=0)
+    space = mixed.spaces["0"]
+    assert (space.answered, space.chosen) == (ATTENDED, IGNORED)
+    assert space.error_lift[IGNORED] > 5 and space.error_lift[ATTENDED] < 1.5
+    assert len(set(mixed.cells[rare])) == 1 and not np.isin(mixed.cells[~in_rare], mixed.cells[rare]).any()
+
+    few = spurious_space_cells(arrays_with(np.isin(np.arange(n), rare[:MIN_ERRORS_TO_CHECK - 1])), np.zeros(n), 0)
+    assert few.spaces["0"].chosen == ATTENDED  # too few errors to judge: the answers decide
 
 
 def test_curate_from_csv_answers(run: Path) -> None:
@@ -268,7 +303,8 @@ def test_fresh_retrain_trains_a_new_model_on_every_image(run: Path, monkeypatch)
     (samples, sampler), = loaders
     arrays = AttentionArrays.load(run / "attention.npz")
     assert [s.index for s in samples] == arrays.index.tolist() and meta["images"] == len(arrays)
-    cells = spurious_space_cells(arrays, Propagation.load(run / "propagation.npz").score, seed=0)
+    shortcut = spurious_space_cells(arrays, Propagation.load(run / "propagation.npz").score, seed=0)
+    cells = shortcut.cells
     weights = sampler.weights.numpy()
     assert meta["cells"] == len(np.unique(cells)) >= 2
     per_class = np.bincount(arrays.y, weights=weights)
@@ -280,6 +316,7 @@ def test_fresh_retrain_trains_a_new_model_on_every_image(run: Path, monkeypatch)
         assert present == pytest.approx(np.full(len(present), per_class[y] / len(present)))
     slim = json.loads((run / "metrics.json").read_text())["slim"]
     assert slim["mode"] == "fresh" and slim["images"] == len(arrays)
+    assert slim["shortcut_spaces"] == {name: space.as_dict() for name, space in shortcut.spaces.items()}
 
 
 def test_next_round_asks_where_the_propagation_is_least_certain(run: Path) -> None:

@@ -64,25 +64,24 @@ def core_accuracy(model: Classifier, image_set: ImageSet, samples: list[Sample],
     return float((probs.argmax(1) == np.array([s.y for s in samples])).mean())
 
 
-def bias_gaps(train: AttentionArrays, scores: np.ndarray, ranked: AttentionArrays,
-              predictions: np.ndarray) -> dict[str, dict]:
+def bias_gaps(spurious: np.ndarray, ranked: AttentionArrays, predictions: np.ndarray,
+              class_names: tuple[str, ...]) -> dict[str, dict]:
     """Per class: accuracy on the most-spurious minus the least-spurious quartile of validation images (a model
     that leans on the spurious cue does better where it is present: a positive gap).
 
-    ``ranked`` is the reference model's validation attention (the one ranking every model is judged on);
-    ``predictions`` are one model's, in the same row order.
+    ``ranked`` is the reference model's validation attention (the one ranking every model is judged on) and
+    ``spurious`` its spuriosity; ``predictions`` are one model's, in the same row order.
     """
-    spurious = spuriosity(train, scores, ranked)
     correct = predictions == ranked.y
     gaps = {}
-    for y in train.classes:
+    for y in ranked.classes:
         targets = ranked.for_class(y)
         if len(targets) < BIAS_QUANTILE:
             continue
         order = targets[np.argsort(spurious[targets], kind="stable")]  # least spurious first
         quarter = max(1, len(order) // BIAS_QUANTILE)
         least, most = correct[order[:quarter]].mean(), correct[order[-quarter:]].mean()
-        gaps[train.class_names[y]] = {"least_spurious_acc": float(least), "most_spurious_acc": float(most),
+        gaps[class_names[y]] = {"least_spurious_acc": float(least), "most_spurious_acc": float(most),
                                       "bias_gap": float(most - least)}
     return gaps
 
@@ -101,7 +100,8 @@ def report_run(run: Run, config: RunConfig) -> dict:
         test, _ = evaluate_model(model, image_set, TEST, meta["image_size"], config, device)
         val, val_arrays[name] = evaluate_model(model, image_set, VAL, meta["image_size"], config, device)
         metrics[name] = {**metrics.get(name, {}), **test, "val": val}
-    gaps = {name: bias_gaps(train, propagation.score, val_arrays["erm"], arrays.pred)
+    ranking = spuriosity(train, propagation.score, val_arrays["erm"], seed=config.curate.seed)
+    gaps = {name: bias_gaps(ranking, val_arrays["erm"], arrays.pred, train.class_names)
             for name, arrays in val_arrays.items()}
     mode = models["slim"][1].get("mode")
     metrics["slim"]["mode"] = mode

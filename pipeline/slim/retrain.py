@@ -6,7 +6,7 @@ validation groups), then the model is refit on the whole subset and written back
 the retrained model is an ordinary checkpoint whose GradCAM is still closed-form. ``full``: fine-tune the
 whole reference model on the subset with class-balanced sampling. ``fresh``: train a new model with the
 reference recipe on every training image, drawn so that each cell of the space where the answers place the
-shortcut counts the same (see :func:`pipeline.slim.curate.spurious_space_cells`).
+shortcut counts the same (see :func:`pipeline.slim.weights.spurious_space_cells`).
 
 Two remedies of the works this product builds on use the same answers. ``corm`` (Core Risk Minimization,
 Singla et al.): the reference recipe, each draw of a training image corrupted (noise or blur) in its
@@ -191,13 +191,15 @@ def retrain_fresh(arrays: AttentionArrays, scores: np.ndarray, config: RunConfig
     the start needs the data volume (the default subset is a tenth of it) to learn the core feature.
     Counterfactuals form one more cell of their class: as much weight as any group the answers found.
     """
-    cells = spurious_space_cells(arrays, scores, config.curate.seed)
+    shortcut = spurious_space_cells(arrays, scores, config.curate.seed)
+    cells = shortcut.cells
     all_cells = with_counterfactuals(cells, counterfactuals,
                                      None if not counterfactuals else cells.max() + 1 + counterfactuals.labels)
     weights = cell_balanced_weights(with_counterfactuals(arrays.y, counterfactuals), all_cells)
     model, losses = fresh_model(config, len(arrays.class_names), [int(i) for i in arrays.index], weights,
                                 device, size, progress, resume, counterfactuals=counterfactuals)
-    return model, {"train_loss": losses, "cells": int(all_cells.max()) + 1, "images": len(weights)}
+    return model, {"train_loss": losses, "cells": int(all_cells.max()) + 1, "images": len(weights),
+                   "shortcut_spaces": {name: space.as_dict() for name, space in shortcut.spaces.items()}}
 
 
 def retrain_corm(arrays: AttentionArrays, regions: SpuriousRegions, config: RunConfig, device: torch.device,
@@ -251,16 +253,16 @@ class FrozenImages:
         return np.concatenate([self.features, other.features]), np.concatenate([self.labels, other.labels])
 
 
-def retrain_low_spuriosity(model: Classifier, arrays: AttentionArrays, scores: np.ndarray, val_features: np.ndarray,
+def retrain_low_spuriosity(model: Classifier, arrays: AttentionArrays, spurious: np.ndarray, val_features: np.ndarray,
                            val_labels: np.ndarray, seed: int,
                            extra: FrozenImages | None = None) -> tuple[Classifier, dict]:
     """The linear head refit (as ``last-layer``) on frozen features of the least spurious images of each class
     (:func:`pipeline.slim.spuriosity.spuriosity`), for each of ``SPURIOSITY_SHARES``; the share whose head has
     the best validation worst-class accuracy wins. ``extra`` (counterfactuals) joins every share's images.
 
-    Ties go to the larger share: with the same validation evidence, more images give the steadier head.
+    ``spurious`` is every training image's spuriosity. Ties go to the larger share: with the same validation
+    evidence, more images give the steadier head.
     """
-    spurious = spuriosity(arrays, scores)
     val_worst: dict[str, float] = {}
     best: tuple[float, float, Classifier, dict, int] | None = None
     for share in SPURIOSITY_SHARES:
@@ -344,12 +346,12 @@ def _corm(inputs: RetrainInputs) -> tuple[Classifier, dict]:
 
 
 def _low_spuriosity(inputs: RetrainInputs) -> tuple[Classifier, dict]:
-    scores = inputs.scores()
     config = inputs.config
+    spurious = spuriosity(inputs.arrays, inputs.scores(), seed=config.curate.seed)
     val = validation_attention(inputs.model, load_dataset(config.data.root), inputs.size, config, inputs.device)
     extra = inputs.frozen_counterfactuals()
     seed_everything(config.retrain.seed)
-    return retrain_low_spuriosity(inputs.model, inputs.arrays, scores, val.features, val.y, config.retrain.seed,
+    return retrain_low_spuriosity(inputs.model, inputs.arrays, spurious, val.features, val.y, config.retrain.seed,
                                   extra)
 
 

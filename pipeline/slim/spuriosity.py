@@ -4,7 +4,7 @@ Moayeri et al. read it from the activation of the model's spurious features. Her
 features are, per class, exactly as SLIM's retraining reads them (:func:`pipeline.slim.weights.spurious_space_cells`):
 a class whose attention the annotators call core (mean propagated ``P(core)`` >= ``CORE_CUT``) keeps its
 shortcut in what the model ignores (``f_rev``); a class called spurious keeps it in what the model attends to
-(``f_att``). An image's spuriosity is how typical it is there: the cosine between its vector and the class's
+(``f_att``); unless the reference model's training errors say clearly that the other space separates them. An image's spuriosity is how typical it is there: the cosine between its vector and the class's
 mean direction. The class's majority (the cue present) is typical; images without the cue (a waterbird on
 land) are not.
 
@@ -22,8 +22,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from pipeline.core.verdicts import CORE_CUT
 from pipeline.model.attention import AttentionArrays, unit_rows
+from pipeline.slim.weights import ATTENDED, spurious_space_cells
 
 
 def shortcut_vectors(arrays: AttentionArrays, rows: np.ndarray, class_spurious: bool) -> np.ndarray:
@@ -32,17 +32,20 @@ def shortcut_vectors(arrays: AttentionArrays, rows: np.ndarray, class_spurious: 
     return unit_rows((arrays.f_att if class_spurious else arrays.f_rev)[rows])
 
 
-def spuriosity(train: AttentionArrays, scores: np.ndarray, images: AttentionArrays | None = None) -> np.ndarray:
+def spuriosity(train: AttentionArrays, scores: np.ndarray, images: AttentionArrays | None = None,
+               seed: int = 0) -> np.ndarray:
     """Spuriosity of every row of ``images`` (default: the training images), by class, in [-1, 1].
 
-    ``train`` and ``scores`` (its propagated ``P(core)``) decide each class's shortcut space and its mean
-    direction; ``images`` must come from the same reference model (e.g. its validation attention).
+    ``train`` and ``scores`` (its propagated ``P(core)``) decide each class's shortcut space (with the
+    retraining's k-means ``seed``) and its mean direction; ``images`` must come from the same reference model
+    (e.g. its validation attention).
     """
     images = train if images is None else images
+    spaces = spurious_space_cells(train, scores, seed).spaces
     out = np.zeros(len(images))
     for y in train.classes:
         members, targets = train.for_class(y), images.for_class(y)
-        class_spurious = float(np.mean(scores[members])) < CORE_CUT
+        class_spurious = spaces[train.class_names[y]].chosen == ATTENDED
         centre = unit_rows(shortcut_vectors(train, members, class_spurious).mean(axis=0, keepdims=True))[0]
         out[targets] = shortcut_vectors(images, targets, class_spurious) @ centre
     return out
