@@ -105,7 +105,7 @@ def one_seed(work: Path, variant: str, seed: int, train: bool) -> dict:
                "minority_isolated": minority_isolation(arrays, cells, groups), "same_cells_as_default": same}
         if train and (not same or trained_default is None):
             seed_everything(seed)
-            fresh, _ = fresh_model(config, len(arrays.class_names), [int(i) for i in arrays.index],
+            fresh, _ = fresh_model(config, image_set, len(arrays.class_names), [int(i) for i in arrays.index],
                                    cell_balanced_weights(arrays.y, cells), torch.device("cpu"),
                                    model_meta["image_size"], False)
             measured = evaluate_on_test(fresh, run, None, "fresh")

@@ -173,8 +173,8 @@ def reweighted_model(model, arrays: AttentionArrays, weights: np.ndarray, mode: 
         full_config = copy.deepcopy(config)
         full_config.retrain.epochs = ALL_IMAGES_EPOCHS
         ids = [int(i) for i in arrays.index]
-        return retrain_full(model, full_config, ids, torch.device("cpu"), meta["image_size"], False,
-                            sample_weight=weights)[0]
+        return retrain_full(model, full_config, load_dataset(config.data.root), ids, torch.device("cpu"),
+                            meta["image_size"], False, sample_weight=weights)[0]
     retrained = copy.deepcopy(model)
     retrained.head = last_layer_head(arrays.features, labels, model.head.out_features, 1.0,
                                      sample_weight=weights)
@@ -225,7 +225,8 @@ def corm_row(run: Run, arrays: AttentionArrays, scores: np.ndarray, boxes: dict[
     size = load_checkpoint(run.checkpoint_path)[1]["image_size"]
     seed_everything(seed)
     model, details = retrain_corm(arrays, SpuriousRegions(arrays.index, arrays.cam, scores, boxes), config,
-                                  torch.device("cpu"), size, False, counterfactuals=counterfactuals)
+                                  load_dataset(config.data.root), torch.device("cpu"), size, False,
+                                  counterfactuals=counterfactuals)
     return {**evaluate_on_test(model, run, None, "fresh"), "core_acc": core_accuracy_on_test(model, run),
             "regions": details["regions"]}
 
@@ -310,7 +311,7 @@ def fresh_seed(run: Run, seed: int, noise: float, upweight: float, no_answer_res
 
     def trained(weights: np.ndarray, counterfactuals: Counterfactuals | None = None) -> dict:
         seed_everything(seed)
-        fresh, _ = fresh_model(config, len(arrays.class_names), ids, weights, torch.device("cpu"),
+        fresh, _ = fresh_model(config, image_set, len(arrays.class_names), ids, weights, torch.device("cpu"),
                                meta["image_size"], False, counterfactuals=counterfactuals)
         return {**evaluate_on_test(fresh, run, None, "fresh"), "core_acc": core_accuracy_on_test(fresh, run)}
 
@@ -405,7 +406,7 @@ def one_seed(run: Run, seed: int, mode: str, noise: float, upweight: float, subs
         if mode == "last-layer":
             return retrain_last_layer(model, arrays.features[rows], arrays.y[rows], seed)[0]
         ids = [int(arrays.index[r]) for r in rows]
-        return retrain_full(model, config, ids, torch.device("cpu"), meta["image_size"], False)[0]
+        return retrain_full(model, config, image_set, ids, torch.device("cpu"), meta["image_size"], False)[0]
 
     answers = simulated_answers(run, arrays, noise, seed).answers
     scores, _ = propagate(arrays, answers)

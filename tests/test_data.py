@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import json
+import logging
+import os
+import re
 import shutil
 from pathlib import Path
 
@@ -10,6 +14,7 @@ import pytest
 from PIL import Image
 
 from pipeline.cli import main
+from pipeline.core import data as data_module
 from pipeline.core.data import TEST, TRAIN, VAL, load_dataset
 from pipeline.core.errors import PipelineError
 
@@ -104,6 +109,53 @@ def test_unreadable_image_is_reported_with_its_path(tiny_data: Path, tmp_path: P
     (root / "images" / "00005.png").write_bytes(b"this is not a png")
     with pytest.raises(PipelineError, match=r"cannot read image .*00005\.png"):
         load_dataset(root)
+
+
+def test_a_runs_manifest_opens_only_new_or_changed_files(tiny_data: Path, tmp_path: Path, monkeypatch) -> None:
+    """The first load checks every file and records it; later loads trust unchanged files (same size and mtime)
+    and re-open only the changed ones, so a file damaged after the first check is still caught."""
+    root = copy_dataset(tiny_data, tmp_path / "d")
+    manifest = tmp_path / "run" / "manifest.json"
+    manifest.parent.mkdir()
+    opened: list[str] = []
+    real_side = data_module._image_side
+    monkeypatch.setattr(data_module, "_image_side", lambda path: opened.append(path.name) or real_side(path))
+    first = load_dataset(root, manifest)
+    assert len(opened) == 480 and manifest.exists()  # 240 images and their masks
+    opened.clear()
+    assert load_dataset(root, manifest).native_size == first.native_size and opened == []
+    image = root / "images" / "00007.png"
+    Image.open(image).convert("RGB").resize((40, 40)).save(image)
+    assert load_dataset(root, manifest) and opened == ["00007.png"]
+    opened.clear()
+    image.write_bytes(b"damaged")
+    with pytest.raises(PipelineError, match=r"cannot read image .*00007\.png"):
+        load_dataset(root, manifest)
+    manifest.write_text("{ torn")  # only a cache: unreadable means check everything again
+    image.unlink()
+    shutil.copy(tiny_data / "images" / "00007.png", image)
+    opened.clear()
+    assert load_dataset(root, manifest) and len(opened) == 480
+
+
+def test_training_skips_an_image_damaged_after_the_check_and_counts_it(tiny_data: Path, tmp_path: Path,
+                                                                       caplog) -> None:
+    root = copy_dataset(tiny_data, tmp_path / "d")
+    run = tmp_path / "run"
+    assert main(["train", "--data", str(root), "--run", str(run), "--epochs", "1", "--quiet"]) == 0
+    train_image = next(s for s in load_dataset(root).samples if s.split == TRAIN)
+    damaged = root / train_image.filename
+    size = damaged.stat()
+    damaged.write_bytes(damaged.read_bytes()[:60])  # truncated past its header: caught only when decoded
+    os.utime(damaged, ns=(size.st_atime_ns, size.st_mtime_ns))
+    damaged_size = damaged.stat().st_size
+    manifest = json.loads((run / "manifest.json").read_text())
+    manifest["files"][train_image.filename][0] = damaged_size  # as if it had been damaged before the check
+    (run / "manifest.json").write_text(json.dumps(manifest))
+    with caplog.at_level(logging.WARNING):
+        assert main(["train", "--run", str(run), "--epochs", "2", "--force", "--quiet"]) == 0
+    assert f"skipped image {train_image.index}" in caplog.text
+    assert re.search(r"epoch 2: 1 of 160 image draws skipped as unreadable", caplog.text)
 
 
 def test_missing_dataset_folder(tmp_path: Path) -> None:

@@ -23,9 +23,10 @@ from pipeline.labelstudio.annotator import decide
 from pipeline.model.attention import AttentionArrays
 from pipeline.model.loaders import make_loader
 from pipeline.model.networks import load_checkpoint
+from pipeline.slim import propagate as propagate_module
 from pipeline.slim.clustering import elbow_k
 from pipeline.slim.curate import allocate
-from pipeline.slim.propagate import Propagation, answers_from_csv, consolidate, spread_class
+from pipeline.slim.propagate import Propagation, answers_from_csv, consolidate, kernel_gamma, spread_class
 from pipeline.slim.weights import (
     ATTENDED,
     IGNORED,
@@ -76,6 +77,21 @@ def test_spreading_two_answers_follows_the_clusters() -> None:
     scores, certainty = spread_class(points, {0: CORE, 30: SPURIOUS})
     assert scores[:30].min() > 0.6 and scores[30:].max() < 0.4
     assert ((0 <= certainty) & (certainty <= 1)).all()
+
+
+def test_large_classes_spread_on_a_sparse_neighbour_graph_with_the_dense_verdicts(monkeypatch) -> None:
+    """Above DENSE_SPREAD_LIMIT the RBF graph keeps each image's nearest neighbours only: the same verdicts as the
+    dense graph on clustered data, from a matrix that grows linearly with the class."""
+    rng = np.random.default_rng(3)
+    points = np.vstack([rng.normal(c, 1.0, (300, 8)) for c in (0.0, 4.0, 8.0)])
+    labelled = {0: CORE, 1: CORE, 300: SPURIOUS, 301: SPURIOUS, 600: CORE, 601: CORE}
+    dense, _ = spread_class(points, labelled)
+    monkeypatch.setattr(propagate_module, "DENSE_SPREAD_LIMIT", 100)
+    knn, certainty = spread_class(points, labelled)
+    assert ((dense >= 0.5) == (knn >= 0.5)).mean() > 0.97
+    assert (knn[300:600] < 0.5).all() and (knn[:300] > 0.5).all() and ((0 <= certainty) & (certainty <= 1)).all()
+    graph = propagate_module.sparse_rbf_kernel(kernel_gamma(points))(points, points)
+    assert graph.nnz <= 2 * propagate_module.SPREAD_NEIGHBOURS * len(points) and (graph != graph.T).nnz == 0
 
 
 def test_spreading_one_kind_of_answer_keeps_a_ranking() -> None:
@@ -271,7 +287,7 @@ def test_full_retrain_draws_images_by_the_given_weights(run: Path) -> None:
 
     def retrained(weights):
         seed_everything(0)
-        fitted = retrain_full(model, config, ids, torch.device("cpu"), meta["image_size"], False,
+        fitted = retrain_full(model, config, image_set, ids, torch.device("cpu"), meta["image_size"], False,
                               sample_weight=weights)[0]
         return torch.cat([p.detach().flatten() for p in fitted.parameters()])
 

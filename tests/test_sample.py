@@ -12,7 +12,8 @@ from PIL import Image
 
 from pipeline.cli import main
 from pipeline.core.config import SampleConfig
-from pipeline.slim.clustering import pick_near_centroids
+from pipeline.slim import clustering
+from pipeline.slim.clustering import nearest_unchosen, pick_near_centroids
 from pipeline.slim.sample import class_budget
 
 
@@ -83,6 +84,21 @@ def test_centroid_picks_cover_every_cluster() -> None:
     picks = pick_near_centroids(points, 3, seed=0)
     assert sorted(row // 30 for row, _, _ in picks) == [0, 1, 2]
     assert all(distance < 1.0 for _, _, distance in picks)
+
+
+def test_large_classes_pick_by_mini_batch_k_means_without_a_dense_distance_matrix(monkeypatch) -> None:
+    """Above EXACT_KMEANS_LIMIT: one distinct pick per centroid, each the nearest point, as the exact search."""
+    rng = np.random.default_rng(1)
+    centres = rng.uniform(0, 100, (40, 3))
+    points = np.vstack([c + rng.normal(0, 0.3, (50, 3)) for c in centres])
+    monkeypatch.setattr(clustering, "EXACT_KMEANS_LIMIT", 100)
+    monkeypatch.setattr(clustering, "NEAREST_CANDIDATES", 2)  # forces the fallback search for crowded centres
+    picks = pick_near_centroids(points, 40, seed=0)
+    rows = [row for row, _, _ in picks]
+    assert len(set(rows)) == 40 and sorted(row // 50 for row in rows) == list(range(40))  # every blob once
+    assert all(distance < 1.0 for _, _, distance in picks)
+    crowded = nearest_unchosen(points, np.repeat(points[:1], 5, axis=0))  # five centres on one point
+    assert len({row for row, _, _ in crowded}) == 5 and crowded[0][0] == 0
 
 
 def test_class_budget_rules() -> None:

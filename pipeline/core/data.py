@@ -10,7 +10,10 @@ from __future__ import annotations
 import csv
 import hashlib
 import json
+import logging
+import os
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,6 +24,9 @@ from torch.utils.data import Dataset
 
 from pipeline.core.config import CORRUPTIONS
 from pipeline.core.errors import PipelineError
+from pipeline.core.io import atomic_write_json, read_json
+
+log = logging.getLogger(__name__)
 
 TRAIN, VAL, TEST = 0, 1, 2
 SPLIT_NAMES = {TRAIN: "train", VAL: "val", TEST: "test"}
@@ -32,6 +38,10 @@ DEFAULT_IMAGE_SIZE = 224
 # blur sigma as a share of the image side (4 px at 64 px, 14 px at 224 px): wide enough to wash out texture and
 # stripes (a 12 px period keeps ~10 % of its contrast at 64 px), while colour, which blur keeps, survives
 BLUR_SIGMA = 1 / 16
+MANIFEST_VERSION = 1  # bump when the manifest's entries change meaning: older manifests are then re-verified
+# threads opening image headers side by side: the check waits on the disk (network file systems above all), and
+# PIL's decoders release the GIL
+CHECK_THREADS = min(32, 4 * (os.cpu_count() or 1))
 
 
 @dataclass(frozen=True)
@@ -89,8 +99,13 @@ class ImageSet:
         return digest.hexdigest()[:16]
 
 
-def load_dataset(root: str | Path) -> ImageSet:
-    """Load ``root`` as a metadata.csv folder if it has one, else as a class-per-folder tree."""
+def load_dataset(root: str | Path, manifest: Path | None = None) -> ImageSet:
+    """Load ``root`` as a metadata.csv folder if it has one, else as a class-per-folder tree.
+
+    Every image and mask is checked (exists, readable header). With ``manifest`` (the run's), files whose size
+    and modification time match what it recorded are trusted, and only new or changed ones are opened: a run's
+    stages do not re-open a million images each.
+    """
     root = Path(root).expanduser().resolve()
     if not root.is_dir():
         raise PipelineError(f"dataset folder {root} does not exist; pass --data DIR (make one with `synth`)")
@@ -102,7 +117,7 @@ def load_dataset(root: str | Path) -> ImageSet:
         samples, names = _read_class_tree(root)
     image_set = ImageSet(root=root, samples=samples, class_names=list(names), native_size=info.get("image_size"))
     _check_classes(image_set)
-    sides = _check_images(image_set)
+    sides = _check_images(image_set, manifest)
     if image_set.native_size is None:
         image_set.native_size = native_side(sides)
     return image_set
@@ -198,25 +213,60 @@ def _check_classes(image_set: ImageSet) -> None:
         )
 
 
-def _check_images(image_set: ImageSet) -> list[int]:
+def _check_images(image_set: ImageSet, manifest: Path | None = None) -> list[int]:
     """Every listed image (and mask) must exist and have a readable image header; returns each image's shorter
-    side (read from the header the check opens anyway)."""
-    sides = []
-    for sample in image_set.samples:
-        for rel in (sample.filename, sample.mask_filename):
-            if rel is None:
-                continue
-            path = image_set.root / rel
-            if not path.is_file():
-                raise PipelineError(f"image not found: {path} (listed for image {sample.index}); fix the path")
-            try:
-                with Image.open(path) as image:
-                    image.verify()
-                    if rel == sample.filename:
-                        sides.append(min(image.size))
-            except (UnidentifiedImageError, OSError, SyntaxError) as exc:
-                raise PipelineError(f"cannot read image {path}: {exc}; replace or remove it") from None
-    return sides
+    side (read from the header the check opens anyway, or from ``manifest`` for unchanged files)."""
+    files = {rel: sample.index for sample in image_set.samples
+             for rel in (sample.filename, sample.mask_filename) if rel is not None}
+    known = _read_manifest(manifest, image_set.root)
+    entries: dict[str, list[int]] = {}
+    to_open = []
+    for rel, index in files.items():
+        path = image_set.root / rel
+        try:
+            stat = path.stat()
+        except OSError:
+            raise PipelineError(f"image not found: {path} (listed for image {index}); fix the path") from None
+        entry = known.get(rel)
+        if entry is not None and entry[:2] == [stat.st_size, stat.st_mtime_ns]:
+            entries[rel] = entry
+        else:
+            to_open.append((rel, [stat.st_size, stat.st_mtime_ns]))
+    if to_open:
+        log.info("checking %d of %d image files (the rest unchanged since the run's manifest)", len(to_open), len(files))
+        with ThreadPoolExecutor(CHECK_THREADS) as pool:
+            for (rel, stat), side in zip(to_open, pool.map(lambda item: _image_side(image_set.root / item[0]), to_open)):
+                entries[rel] = [*stat, side]
+        if manifest is not None:
+            atomic_write_json(manifest, {"version": MANIFEST_VERSION, "root": str(image_set.root), "files": entries})
+    return [entries[s.filename][2] for s in image_set.samples]
+
+
+def _image_side(path: Path) -> int:
+    """The shorter side of a readable image file; an unreadable one is the one-line error naming it."""
+    try:
+        with Image.open(path) as image:
+            image.verify()
+            return min(image.size)
+    except (UnidentifiedImageError, OSError, SyntaxError) as exc:
+        raise PipelineError(f"cannot read image {path}: {exc}; replace or remove it") from None
+
+
+def _read_manifest(manifest: Path | None, root: Path) -> dict[str, list[int]]:
+    """``rel path -> [size, mtime_ns, shorter side]`` of files checked before; empty when there is none or it is
+    from another version or dataset folder (then every file is checked again and the manifest rewritten: it is
+    only a cache)."""
+    if manifest is None or not manifest.exists():
+        return {}
+    try:
+        recorded = read_json(manifest)
+    except PipelineError:
+        log.warning("%s is unreadable; checking every image again", manifest)
+        return {}
+    if not isinstance(recorded, dict) or (recorded.get("version"), recorded.get("root")) != (MANIFEST_VERSION,
+                                                                                              str(root)):
+        return {}
+    return recorded.get("files", {})
 
 
 def resolve_image_size(image_set: ImageSet, requested: int | None) -> int:
@@ -295,24 +345,33 @@ class ImageDataset(Dataset):
     ``core_only`` (evaluation) replaces everything outside the object's mask by Gaussian noise (fixed per
     image), the probe of Salient ImageNet / Core Risk Minimization: a model that needs the background fails on
     it. ``corruption`` (training) corrupts each image's estimated spurious region instead; see
-    :class:`Corruption`.
+    :class:`Corruption`. ``skip_unreadable`` (training): an image that cannot be decoded (damaged after the
+    dataset was checked, or broken past its header) yields ``None`` and a warning instead of ending the run;
+    :func:`pipeline.model.loaders.make_loader` drops it from the batch and training counts the skips.
     """
 
     def __init__(self, image_set: ImageSet, samples: Sequence[Sample], size: int, with_masks: bool = False,
-                 core_only: bool = False, corruption: Corruption | None = None):
+                 core_only: bool = False, corruption: Corruption | None = None, skip_unreadable: bool = False):
         self.root = image_set.root
         self.samples = list(samples)
         self.size = size
         self.with_masks = (with_masks or core_only) and image_set.has_masks
         self.core_only = core_only and image_set.has_masks
         self.corruption = corruption
+        self.skip_unreadable = skip_unreadable
 
     def __len__(self) -> int:
         return len(self.samples)
 
     def __getitem__(self, i: int):
         sample = self.samples[i]
-        rgb = load_rgb(self.root / sample.filename, self.size)
+        try:
+            rgb = load_rgb(self.root / sample.filename, self.size)
+        except PipelineError as error:
+            if not self.skip_unreadable:
+                raise
+            log.warning("skipped image %d: %s", sample.index, error)
+            return None
         image = self.corruption.apply(rgb, sample.index) if self.corruption else normalize(rgb)
         if self.with_masks:
             mask = torch.from_numpy(load_mask(self.root / sample.mask_filename, self.size))

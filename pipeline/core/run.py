@@ -28,6 +28,7 @@ SELECTION_NAME = re.compile(r"selection_round(\d+)\.csv")
 RESUME_DIR = ".resume"
 MODEL, ATTENTION, PROPAGATION = "model.pt", "attention.npz", "propagation.npz"
 CURATED, SLIM_MODEL, REPORT = "curated.csv", "slim_model.pt", "report.html"
+MANIFEST = "manifest.json"
 # the stage that writes each artifact: what to re-run when it is torn ("retrain" ignores --force, harmlessly)
 PRODUCERS = {MODEL: "train", ATTENTION: "embed", PROPAGATION: "propagate", CURATED: "curate",
              SLIM_MODEL: "retrain", REPORT: "report"}
@@ -73,6 +74,11 @@ class Run:
     @property
     def stages_path(self) -> Path:
         return self.root / "stages.json"
+
+    @property
+    def manifest_path(self) -> Path:
+        """The dataset's files as last checked (size, mtime, image side): later stages open only changed ones."""
+        return self.root / MANIFEST
 
     @property
     def checkpoint_path(self) -> Path:

@@ -101,7 +101,7 @@ def answer_open_tasks(settings: Settings, project: int, run_id: str | None, answ
 
 def masked_dataset(run: Run) -> ImageSet:
     """The run's dataset, which must have masks: they are what the simulated annotator judges by."""
-    image_set = load_dataset(run.load_config().data.root)
+    image_set = load_dataset(run.load_config().data.root, run.manifest_path)
     if not image_set.has_masks:
         raise PipelineError(f"{image_set.root} has no mask_filename column; the simulated annotator needs masks")
     return image_set

@@ -66,7 +66,7 @@ def embed_run(run: Run, config: RunConfig, force: bool = False, progress: bool =
         raise PipelineError(f"unknown --precision {config.embed.precision!r}; choose {', '.join(PRECISIONS)}")
     if not 0.0 < config.embed.threshold <= 1.0:
         raise PipelineError(f"--threshold must be in (0, 1], got {config.embed.threshold}")
-    image_set = load_dataset(config.data.root)
+    image_set = load_dataset(config.data.root, run.manifest_path)
     model, meta = load_checkpoint(run.checkpoint_path)
     stamp = fingerprint("embed", meta["fingerprint"], image_set.fingerprint(), config.embed)
     run.save_config(config)

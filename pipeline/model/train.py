@@ -21,6 +21,7 @@ from tqdm import tqdm
 
 from pipeline.core.config import RunConfig, fingerprint
 from pipeline.core.data import TRAIN, load_dataset, resolve_image_size
+from pipeline.core.errors import PipelineError
 from pipeline.core.io import atomic_write, atomic_write_json
 from pipeline.core.run import Run
 from pipeline.model.evaluate import evaluate_splits, format_metrics
@@ -121,7 +122,11 @@ def fit(model: Classifier, loader: DataLoader, epochs: int, lr: float, weight_de
     bar = tqdm(total=steps, initial=len(losses) * len(loader), desc="train", disable=not progress, unit="batch")
     for epoch in range(len(losses), epochs):
         total, count = 0.0, 0
-        for images, labels, _, _ in loader:
+        for batch in loader:
+            bar.update(1)
+            if batch is None:  # no image of this batch could be read (make_loader's training mode)
+                continue
+            images, labels, _, _ = batch
             images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
             flip = torch.rand(images.shape[0], device=device) < 0.5
             images = torch.where(flip[:, None, None, None], images.flip(3), images)
@@ -133,7 +138,12 @@ def fit(model: Classifier, loader: DataLoader, epochs: int, lr: float, weight_de
             schedule.step()
             total += float(loss.detach()) * labels.shape[0]
             count += labels.shape[0]
-            bar.update(1)
+        skipped = len(loader.sampler) - count
+        if skipped:
+            log.warning("epoch %d: %d of %d image draws skipped as unreadable (named above); replace or remove "
+                        "those files", epoch + 1, skipped, len(loader.sampler))
+        if count == 0:
+            raise PipelineError("no training image could be read; check the dataset folder")
         losses.append(total / count)
         bar.set_postfix(epoch=epoch + 1, loss=f"{losses[-1]:.3f}")
         if resume:
@@ -156,7 +166,7 @@ def train_reference(run: Run, config: RunConfig, force: bool = False, progress: 
 
     A run killed during training resumes from its last finished epoch (``.resume/train.pt``).
     """
-    image_set = load_dataset(config.data.root)
+    image_set = load_dataset(config.data.root, run.manifest_path)
     size = resolve_image_size(image_set, config.data.image_size)
     stamp = fingerprint("train", image_set.fingerprint(), config.data, config.train)
     run.root.mkdir(parents=True, exist_ok=True)
@@ -171,7 +181,7 @@ def train_reference(run: Run, config: RunConfig, force: bool = False, progress: 
     if config.train.weights:
         load_weights(model, config.train.weights)
     loader = make_loader(image_set, image_set.split(TRAIN), size, config.train.batch_size, config.data.workers,
-                         shuffle=True, seed=config.train.seed)
+                         shuffle=True, seed=config.train.seed, training=True)
     resume = Resume(run.resume_path("train"), fingerprint(stamp, device.type))
     losses = fit(model, loader, config.train.epochs, config.train.lr, config.train.weight_decay, device, progress,
                  resume)

@@ -300,7 +300,7 @@ def generate_run(run: Run, config: RunConfig, force: bool = False) -> Path:
     arrays = AttentionArrays.load(run.require(run.attention_path, "embed --run RUN"))
     scores = propagate_run(run, config)[0].score
     regions = run_regions(run, arrays, scores)
-    image_set = load_dataset(config.data.root)
+    image_set = load_dataset(config.data.root, run.manifest_path)
     size = resolve_image_size(image_set, config.data.image_size)
     stamp = counterfactual_stamp(run, regions, config, size)
     if not force and run.is_done(STAGE, stamp, [run.counterfactual_dir / "metadata.csv"]):

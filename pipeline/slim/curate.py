@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from pipeline.core.config import CURATION_VARIANTS, RunConfig
-from pipeline.core.data import load_dataset
+from pipeline.core.data import ImageSet, load_dataset
 from pipeline.core.errors import PipelineError
 from pipeline.core.run import Run
 from pipeline.model.attention import AttentionArrays
@@ -118,7 +118,8 @@ def curate_run(run: Run, config: RunConfig) -> list[dict[str, str]]:
              f"{scores[p.row]:.4f}", f"{p.cell[0]}-{p.cell[1]}"] for p in picks]
     run.save_csv(run.curated_path, CURATED_COLUMNS, rows)
     run.save_config(config)
-    composition = subset_composition(config, [r[0] for r in rows], class_names)
+    composition = subset_composition(load_dataset(config.data.root, run.manifest_path), [r[0] for r in rows],
+                                     class_names)
     composition["answers"] = dict(answers.counts)
     run.update_metrics(curation=composition)
     by_group = composition.get("by_group")
@@ -130,9 +131,8 @@ def curate_run(run: Run, config: RunConfig) -> list[dict[str, str]]:
     return run.load_csv(run.curated_path, "curate --run RUN")
 
 
-def subset_composition(config: RunConfig, image_ids: list[int], class_names: list[str]) -> dict:
+def subset_composition(image_set: ImageSet, image_ids: list[int], class_names: list[str]) -> dict:
     """Counts by class and, where the dataset has ``place``, by group. Read after choosing, never before."""
-    image_set = load_dataset(config.data.root)
     samples = [image_set.samples[i] for i in image_ids]
     composition: dict = {"size": len(samples),
                          "by_class": {name: sum(s.y == y for s in samples) for y, name in enumerate(class_names)}}

@@ -91,7 +91,7 @@ def report_run(run: Run, config: RunConfig) -> dict:
     train = AttentionArrays.load(run.require(run.attention_path, "embed --run RUN"))
     propagation = Propagation.load(run.require(run.propagation_path, "propagate --run RUN"))
     run.require(run.slim_checkpoint_path, "retrain --run RUN")
-    image_set = load_dataset(config.data.root)
+    image_set = load_dataset(config.data.root, run.manifest_path)
     device = resolve_device(config.device)
     metrics = run.load_metrics()
     models = {"erm": load_checkpoint(run.checkpoint_path), "slim": load_checkpoint(run.slim_checkpoint_path)}

@@ -121,7 +121,8 @@ def retrain_last_layer(model: Classifier, features: np.ndarray, labels: np.ndarr
     return retrained, {"C": c}
 
 
-def weighted_fit(model: Classifier, config: RunConfig, image_ids: list[int], weights: np.ndarray | None,
+def weighted_fit(model: Classifier, config: RunConfig, image_set: ImageSet, image_ids: list[int],
+                 weights: np.ndarray | None,
                  epochs: int, lr: float, device: torch.device, size: int,
                  progress: bool, resume: Resume | None = None, corruption: Corruption | None = None,
                  counterfactuals: Counterfactuals | None = None) -> tuple[Classifier, list[float]]:
@@ -129,7 +130,6 @@ def weighted_fit(model: Classifier, config: RunConfig, image_ids: list[int], wei
     one weight per image in that order (one epoch = as many draws as images); ``None`` draws every class
     equally often. ``resume``: continue from / keep an epoch checkpoint there; ``corruption``: corrupt the
     dataset's draws (corm; counterfactuals stay as generated)."""
-    image_set = load_dataset(config.data.root)
     samples = [image_set.samples[i] for i in image_ids]
     extra = [(counterfactuals.image_set, counterfactuals.samples)] if counterfactuals else []
     if weights is None:
@@ -140,7 +140,7 @@ def weighted_fit(model: Classifier, config: RunConfig, image_ids: list[int], wei
     sampler = WeightedRandomSampler(torch.from_numpy(draws), num_samples=len(draws),
                                     replacement=True, generator=generator)
     loader = make_loader(image_set, samples, size, config.train.batch_size, config.data.workers, sampler=sampler,
-                         corruption=corruption, extra=extra)
+                         corruption=corruption, extra=extra, training=True)
     if resume:  # the images and their weights come from the answers: part of what a checkpoint must match
         resume = resume.refined(image_ids, hashlib.sha256(draws.tobytes()).hexdigest(), epochs, lr, size,
                                 counterfactuals.digest() if counterfactuals else None)
@@ -156,17 +156,17 @@ def with_counterfactuals(values: np.ndarray, counterfactuals: Counterfactuals | 
     return np.concatenate([values, counterfactuals.labels if extra is None else extra])
 
 
-def retrain_full(model: Classifier, config: RunConfig, image_ids: list[int], device: torch.device,
+def retrain_full(model: Classifier, config: RunConfig, image_set: ImageSet, image_ids: list[int], device: torch.device,
                  size: int, progress: bool, sample_weight: np.ndarray | None = None,
                  resume: Resume | None = None, counterfactuals: Counterfactuals | None = None) -> tuple[Classifier, dict]:
     """Fine-tune the whole model, drawing images by ``sample_weight`` (default: class-balanced)."""
-    retrained, losses = weighted_fit(copy.deepcopy(model), config, image_ids, sample_weight, config.retrain.epochs,
-                                     config.retrain.lr, device, size, progress, resume,
+    retrained, losses = weighted_fit(copy.deepcopy(model), config, image_set, image_ids, sample_weight,
+                                     config.retrain.epochs, config.retrain.lr, device, size, progress, resume,
                                      counterfactuals=counterfactuals)
     return retrained, {"train_loss": losses}
 
 
-def fresh_model(config: RunConfig, num_classes: int, image_ids: list[int], weights: np.ndarray,
+def fresh_model(config: RunConfig, image_set: ImageSet, num_classes: int, image_ids: list[int], weights: np.ndarray,
                 device: torch.device, size: int, progress: bool, resume: Resume | None = None,
                 corruption: Corruption | None = None,
                 counterfactuals: Counterfactuals | None = None) -> tuple[Classifier, list[float]]:
@@ -178,11 +178,12 @@ def fresh_model(config: RunConfig, num_classes: int, image_ids: list[int], weigh
     model = build_model(config.train.arch, num_classes, imagenet=config.train.pretrained)
     if config.train.weights:
         load_weights(model, config.train.weights)
-    return weighted_fit(model, config, image_ids, weights, config.train.epochs, config.train.lr, device, size,
-                        progress, resume, corruption, counterfactuals)
+    return weighted_fit(model, config, image_set, image_ids, weights, config.train.epochs, config.train.lr, device,
+                        size, progress, resume, corruption, counterfactuals)
 
 
-def retrain_fresh(arrays: AttentionArrays, scores: np.ndarray, config: RunConfig, device: torch.device,
+def retrain_fresh(arrays: AttentionArrays, scores: np.ndarray, config: RunConfig, image_set: ImageSet,
+                  device: torch.device,
                   size: int, progress: bool, resume: Resume | None = None,
                   counterfactuals: Counterfactuals | None = None) -> tuple[Classifier, dict]:
     """Every training image, drawn so each class and each cell of its shortcut space count the same.
@@ -196,13 +197,14 @@ def retrain_fresh(arrays: AttentionArrays, scores: np.ndarray, config: RunConfig
     all_cells = with_counterfactuals(cells, counterfactuals,
                                      None if not counterfactuals else cells.max() + 1 + counterfactuals.labels)
     weights = cell_balanced_weights(with_counterfactuals(arrays.y, counterfactuals), all_cells)
-    model, losses = fresh_model(config, len(arrays.class_names), [int(i) for i in arrays.index], weights,
+    model, losses = fresh_model(config, image_set, len(arrays.class_names), [int(i) for i in arrays.index], weights,
                                 device, size, progress, resume, counterfactuals=counterfactuals)
     return model, {"train_loss": losses, "cells": int(all_cells.max()) + 1, "images": len(weights),
                    "shortcut_spaces": {name: space.as_dict() for name, space in shortcut.spaces.items()}}
 
 
-def retrain_corm(arrays: AttentionArrays, regions: SpuriousRegions, config: RunConfig, device: torch.device,
+def retrain_corm(arrays: AttentionArrays, regions: SpuriousRegions, config: RunConfig, image_set: ImageSet,
+                 device: torch.device,
                  size: int, progress: bool, resume: Resume | None = None,
                  counterfactuals: Counterfactuals | None = None) -> tuple[Classifier, dict]:
     """Core Risk Minimization: the reference recipe on every training image, each draw corrupted in the image's
@@ -217,7 +219,8 @@ def retrain_corm(arrays: AttentionArrays, regions: SpuriousRegions, config: RunC
     if resume:  # the regions come from the answers and boxes: a checkpoint must match them too
         resume = resume.refined(regions.digest())
     draws = np.ones(len(image_ids) + (len(counterfactuals) if counterfactuals else 0))
-    model, losses = fresh_model(config, len(arrays.class_names), image_ids, draws, device, size, progress, resume,
+    model, losses = fresh_model(config, image_set, len(arrays.class_names), image_ids, draws, device, size,
+                                progress, resume,
                                 corruption, counterfactuals)
     return model, {"train_loss": losses, "images": len(draws), "corruption": corruption.kind,
                    "corrupt_probability": corruption.probability, "regions": regions.sources()}
@@ -285,6 +288,7 @@ class RetrainInputs:
 
     run: Run
     config: RunConfig
+    image_set: ImageSet  # checked against the run's manifest once, for every mode's loaders
     arrays: AttentionArrays
     model: Classifier
     meta: dict
@@ -316,7 +320,8 @@ class RetrainInputs:
 def _fresh(inputs: RetrainInputs) -> tuple[Classifier, dict]:
     scores = inputs.scores()
     seed_everything(inputs.config.retrain.seed)
-    return retrain_fresh(inputs.arrays, scores, inputs.config, inputs.device, inputs.size, inputs.progress,
+    return retrain_fresh(inputs.arrays, scores, inputs.config, inputs.image_set, inputs.device, inputs.size,
+                         inputs.progress,
                          inputs.resume, inputs.counterfactuals)
 
 
@@ -333,7 +338,8 @@ def _last_layer(inputs: RetrainInputs) -> tuple[Classifier, dict]:
 def _full(inputs: RetrainInputs) -> tuple[Classifier, dict]:
     image_ids = inputs.curated_ids()
     seed_everything(inputs.config.retrain.seed)
-    retrained, fitted = retrain_full(inputs.model, inputs.config, image_ids, inputs.device, inputs.size,
+    retrained, fitted = retrain_full(inputs.model, inputs.config, inputs.image_set, image_ids, inputs.device,
+                                     inputs.size,
                                      inputs.progress, resume=inputs.resume, counterfactuals=inputs.counterfactuals)
     return retrained, {"subset_size": len(image_ids), **fitted}
 
@@ -341,14 +347,15 @@ def _full(inputs: RetrainInputs) -> tuple[Classifier, dict]:
 def _corm(inputs: RetrainInputs) -> tuple[Classifier, dict]:
     regions = run_regions(inputs.run, inputs.arrays, inputs.scores())
     seed_everything(inputs.config.retrain.seed)
-    return retrain_corm(inputs.arrays, regions, inputs.config, inputs.device, inputs.size, inputs.progress,
+    return retrain_corm(inputs.arrays, regions, inputs.config, inputs.image_set, inputs.device, inputs.size,
+                        inputs.progress,
                         inputs.resume, inputs.counterfactuals)
 
 
 def _low_spuriosity(inputs: RetrainInputs) -> tuple[Classifier, dict]:
     config = inputs.config
     spurious = spuriosity(inputs.arrays, inputs.scores(), seed=config.curate.seed)
-    val = validation_attention(inputs.model, load_dataset(config.data.root), inputs.size, config, inputs.device)
+    val = validation_attention(inputs.model, inputs.image_set, inputs.size, config, inputs.device)
     extra = inputs.frozen_counterfactuals()
     seed_everything(config.retrain.seed)
     return retrain_low_spuriosity(inputs.model, inputs.arrays, spurious, val.features, val.y, config.retrain.seed,
@@ -394,15 +401,15 @@ def retrain_run(run: Run, config: RunConfig, progress: bool = True) -> dict:
     model, meta = load_checkpoint(run.require(run.checkpoint_path, "train --data DIR --run RUN"))
     device = resolve_device(config.device)
     counterfactuals = load_counterfactuals(run, config) if config.retrain.augment == "counterfactual" else None
-    inputs = RetrainInputs(run, config, arrays, model, meta, device, retrain_resume(run, config, device), progress,
-                           counterfactuals)
+    image_set = load_dataset(config.data.root, run.manifest_path)
+    inputs = RetrainInputs(run, config, image_set, arrays, model, meta, device, retrain_resume(run, config, device),
+                           progress, counterfactuals)
     retrained, details = MODES[mode](inputs)
     details["augment"] = config.retrain.augment
     if counterfactuals:
         details["counterfactuals"] = {"images": len(counterfactuals), "rejected": counterfactuals.rejected}
     save_checkpoint(retrained, run.slim_checkpoint_path, {**meta, "mode": mode, **details})
     run.save_config(config)
-    image_set = load_dataset(config.data.root)
     results = evaluate_splits(retrained.to(device), image_set, meta["image_size"], config, device, progress)
     if image_set.has_masks:
         for split, name in ((VAL, "val"), (TEST, "test")):

@@ -91,7 +91,7 @@ def sample_run(run: Run, config: RunConfig, force: bool = False, progress: bool 
     if not force and run.is_done(f"sample_round{round_}", stamp, [selection_path]):
         log.info("reusing %s (same attention and settings; --force re-selects)", selection_path)
         return run.load_csv(selection_path, "sample")
-    image_set = load_dataset(config.data.root)
+    image_set = load_dataset(config.data.root, run.manifest_path)
     picks = select(arrays, config.sample, exclude, certainty)
     rows = []
     for row, cluster, distance in tqdm(picks, desc="overlays", disable=not progress, unit="img"):
