@@ -6,6 +6,9 @@
 * **sample**: ``pick_near_centroids`` with k = 3 % of the class (SLIM's budget at the top of its range) on the
   same vectors: mini-batch k-means and a neighbour query above ``EXACT_KMEANS_LIMIT`` distances, full k-means
   and the dense n x k distance matrix (the way below it) up to ``--dense-max``.
+* **write**: the end of ``embed`` for ``--write-sizes`` images (512-d vectors, 7 x 7 maps, in the pass's shards of
+  512 rows): ``attention.npz`` written field by field from the shards and the 2-D embedding (PCA here) fit on at
+  most ``EMBED_FIT_ROWS`` rows, against stacking every row in memory and ``np.savez`` (the way before);
 * **check**: ``load_dataset`` on a folder of ``--check-images`` small PNGs: the first check (every file opened,
   in parallel threads) against a later stage's (the run's manifest trusted for unchanged files) and against
   opening every file one by one, as every stage did before.
@@ -19,7 +22,7 @@ scikit-learn and torch included: ~0.4 GB of it is the imports).
   cells (:func:`pipeline.slim.weights.spurious_space_cells`) come out the same: where they do, the retrained
   model is the dense graph's, bit for bit, so its worst-group accuracy needs no new training to compare.
 
-    python benchmarks/scale.py --sizes 10000 20000 50000 100000 --out bench-out/scale.json
+    python benchmarks/scale.py --sizes 10000 20000 50000 100000 --sample-sizes 10000 20000 --out bench-out/scale.json
 """
 
 from __future__ import annotations
@@ -43,7 +46,8 @@ from pipeline.core.io import atomic_write_json
 from pipeline.core.synth import VARIANTS
 from pipeline.core.verdicts import CORE_CUT
 from pipeline.labelstudio.annotator import AIOU_CORE
-from pipeline.model.attention import AttentionArrays
+from pipeline.model.attention import SHARD_IMAGES, AttentionArrays, AttentionShards, save_streamed
+from pipeline.model.embed import embed_2d, embed_2d_streamed
 from pipeline.slim import clustering
 from pipeline.slim import propagate as propagation_module
 from pipeline.slim.propagate import Answers, propagate
@@ -51,7 +55,8 @@ from pipeline.slim.weights import spurious_space_cells
 
 ANSWERED_SHARE = 0.02  # the default sampling budget
 SAMPLED_SHARE = 0.03  # the top of SLIM's "few percent": the largest k sampling meets
-STAGES = ("propagate", "sample", "check")
+STAGES = ("propagate", "sample", "write", "check")
+WRITE_DIMS, WRITE_MAP = 512, 7  # ResNet-18's features and map at 224 px
 
 
 def random_arrays(per_class: int, dims: int, seed: int = 0) -> AttentionArrays:
@@ -82,7 +87,9 @@ def image_folder(root: Path, count: int) -> Path:
 def child(stage: str, size: int, dims: int, dense: bool, folder: str) -> dict:
     """One measurement, in this process: seconds and peak resident memory."""
     result: dict = {"stage": stage, "size": size, "way": "before" if dense else "now"}
-    if stage == "check":
+    if stage == "write":
+        result["seconds"] = write_attention(size, Path(folder), before=dense)
+    elif stage == "check":
         root = Path(folder)
         manifest = root.parent / f"{root.name}-manifest.json"
         if dense:  # before: every file opened, one by one, by every stage
@@ -113,6 +120,33 @@ def child(stage: str, size: int, dims: int, dense: bool, folder: str) -> dict:
         result["seconds"] = round(time.perf_counter() - started, 2)
     result["peak_rss_gb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2)
     return result
+
+
+def write_attention(rows: int, scratch: Path, before: bool) -> float:
+    """Seconds to turn ``rows`` images' shards into ``attention.npz``, now (streamed) or before (stacked)."""
+    rng = np.random.default_rng(0)
+    shards = AttentionShards(scratch / f"shards-{rows}", "k", SHARD_IMAGES)
+    shards.folder.mkdir(parents=True, exist_ok=True)
+    count = shards.write(({"index": np.arange(start, start + n), "y": np.arange(n) % 2,
+                           "features": rng.normal(size=(n, WRITE_DIMS)).astype(np.float32),
+                           "f_att": rng.normal(size=(n, WRITE_DIMS)).astype(np.float32),
+                           "f_rev": rng.normal(size=(n, WRITE_DIMS)).astype(np.float32),
+                           "cam": rng.random((n, WRITE_MAP, WRITE_MAP)).astype(np.float16)}
+                          for start in range(0, rows, SHARD_IMAGES) for n in [min(SHARD_IMAGES, rows - start)]), 0)
+    path = scratch / f"attention-{rows}.npz"
+    started = time.perf_counter()
+    if before:
+        stacked = {key: np.concatenate(list(shards.column(count, key))) for key in shards.load(0)}
+        stacked.update(emb_att=embed_2d(stacked["f_att"], "pca", 0), emb_rev=embed_2d(stacked["f_rev"], "pca", 0))
+        np.savez(path, **stacked)
+    else:
+        whole = {f"emb_{side}": embed_2d_streamed(lambda side=side: shards.column(count, f"f_{side}"), rows, "pca", 0)
+                 for side in ("att", "rev")}
+        save_streamed(path, lambda key: shards.column(count, key), shards.load(0), rows, whole)
+    seconds = time.perf_counter() - started
+    shutil.rmtree(shards.folder)
+    path.unlink()
+    return round(seconds, 2)
 
 
 def agreement(work: Path, variants: list[str], seeds: list[int]) -> list[dict]:
@@ -147,9 +181,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--stages", nargs="+", default=list(STAGES), choices=STAGES)
     parser.add_argument("--sizes", nargs="+", type=int, default=[10000, 20000, 50000],
-                        help="images per class (propagate, sample)")
+                        help="images per class (propagate)")
+    parser.add_argument("--sample-sizes", nargs="+", type=int, default=[10000, 20000],
+                        help="images per class (sample: k = 3 %% of it, so the old way's n x k grows fast)")
     parser.add_argument("--dims", type=int, default=512)
     parser.add_argument("--dense-max", type=int, default=20000, help="largest class the old way is run on")
+    parser.add_argument("--write-sizes", nargs="+", type=int, default=[10000, 100000],
+                        help="images (write)")
     parser.add_argument("--check-images", nargs="+", type=int, default=[20000], help="image files (check)")
     parser.add_argument("--synth", nargs="*", default=list(VARIANTS), choices=VARIANTS,
                         help="family sets for the agreement check (none: skip it)")
@@ -165,11 +203,13 @@ def main() -> None:
     result: dict = {"measurements": [],
                     "agreement": agreement(args.work, args.synth, args.seeds) if args.synth else []}
     with tempfile.TemporaryDirectory() as scratch:
-        jobs = [(stage, size, "") for stage in args.stages if stage != "check" for size in args.sizes]
+        jobs = [("propagate", size, "") for size in args.sizes if "propagate" in args.stages]
+        jobs += [("sample", size, "") for size in args.sample_sizes if "sample" in args.stages]
+        jobs += [("write", size, scratch) for size in args.write_sizes if "write" in args.stages]
         if "check" in args.stages:
             jobs += [("check", n, str(image_folder(Path(scratch) / f"images-{n}", n))) for n in args.check_images]
         for stage, size, folder in jobs:
-            for dense in ([True, False] if stage == "check" or size <= args.dense_max else [False]):
+            for dense in ([True, False] if stage in ("check", "write") or size <= args.dense_max else [False]):
                 out = subprocess.run([sys.executable, __file__, "--child", stage, str(size), str(args.dims),
                                       str(int(dense)), folder or "-"], capture_output=True, text=True, check=True)
                 result["measurements"].append(json.loads(out.stdout.strip().splitlines()[-1]))

@@ -9,9 +9,16 @@ import torch
 
 from pipeline.cli import main
 from pipeline.core.data import TRAIN, load_dataset
-from pipeline.model.attention import compute_attention
+from pipeline.model import embed as embed_module
+from pipeline.model.attention import (
+    MAP_MIN_BYTES,
+    AttentionArrays,
+    compute_attention,
+    mapped_npz,
+    save_streamed,
+)
 from pipeline.model.cam import make_extractor
-from pipeline.model.embed import embed_2d
+from pipeline.model.embed import embed_2d, embed_2d_streamed
 from pipeline.model.evaluate import predict
 from pipeline.model.loaders import make_loader
 from pipeline.model.networks import load_checkpoint
@@ -36,6 +43,40 @@ def test_attention_arrays_cover_every_training_image(trained_run: Path, tiny_dat
     assert np.array_equal(arrays["pred"], probs.argmax(1))
     assert np.allclose(arrays["confidence"], probs.max(1), atol=1e-5)
     assert (arrays["entropy"] >= 0).all() and (arrays["entropy"] <= np.log(2) + 1e-6).all()
+
+
+def test_attention_file_is_written_by_field_from_parts_and_read_back_memory_mapped(trained_run: Path,
+                                                                                   tmp_path: Path) -> None:
+    """``embed`` writes attention.npz from its shards one field at a time; loading maps the large fields in place
+    (nothing read until indexed) and gives the same values as reading the whole file; the file is a plain .npz."""
+    whole = dict(np.load(trained_run / "attention.npz"))
+    loaded = AttentionArrays.load(trained_run / "attention.npz")
+    for key, value in whole.items():
+        if key != "class_names":
+            assert np.array_equal(getattr(loaded, key), value), key
+    assert isinstance(loaded.f_att, np.memmap) or whole["f_att"].nbytes < MAP_MIN_BYTES
+    big = {"index": np.arange(3000), "f_att": np.random.default_rng(0).normal(size=(3000, 128)).astype(np.float32)}
+    parts = [{key: value[start:start + 700] for key, value in big.items()} for start in range(0, 3000, 700)]
+    path = tmp_path / "attention.npz"
+    save_streamed(path, lambda key: (part[key] for part in parts), parts[0], 3000,
+                  {"class_names": np.array(["a", "b"])})
+    mapped = mapped_npz(path)
+    assert isinstance(mapped["f_att"], np.memmap) and not isinstance(mapped["index"], np.memmap)  # 24 KB: read
+    with np.load(path) as plain:
+        assert all(np.array_equal(plain[key], big[key]) for key in big) and plain["class_names"].tolist() == ["a", "b"]
+    assert np.array_equal(mapped["f_att"], big["f_att"])
+
+
+def test_2d_embedding_of_many_rows_is_fit_on_a_sample_and_applied_to_every_part(monkeypatch) -> None:
+    rng = np.random.default_rng(1)
+    vectors = np.vstack([3 * np.eye(8)[axis] + rng.normal(0, 0.1, (100, 8)) for axis in (0, 1)]).astype(np.float32)
+    parts = lambda: (vectors[start:start + 30] for start in range(0, 200, 30))
+    assert np.array_equal(embed_2d_streamed(parts, 200, "pca", 0), embed_2d(vectors, "pca", 0))  # all rows: as before
+    monkeypatch.setattr(embed_module, "EMBED_FIT_ROWS", 50)
+    coords = embed_2d_streamed(parts, 200, "pca", 0)
+    assert coords.shape == (200, 2) and np.isfinite(coords).all()
+    gap = np.linalg.norm(coords[:100].mean(0) - coords[100:].mean(0))
+    assert gap > 10 * max(coords[:100].std(0).max(), coords[100:].std(0).max())  # the two blobs stay apart
 
 
 def test_results_do_not_depend_on_batch_size(trained_run: Path, tiny_data: Path) -> None:

@@ -92,6 +92,9 @@ def test_large_classes_spread_on_a_sparse_neighbour_graph_with_the_dense_verdict
     assert (knn[300:600] < 0.5).all() and (knn[:300] > 0.5).all() and ((0 <= certainty) & (certainty <= 1)).all()
     graph = propagate_module.sparse_rbf_kernel(kernel_gamma(points))(points, points)
     assert graph.nnz <= 2 * propagate_module.SPREAD_NEIGHBOURS * len(points) and (graph != graph.T).nnz == 0
+    monkeypatch.setattr(propagate_module, "APPROXIMATE_NEIGHBOURS_ABOVE", 100)  # pynndescent's neighbours
+    approximate, _ = spread_class(points, labelled)
+    assert ((approximate >= 0.5) == (knn >= 0.5)).mean() > 0.97
 
 
 def test_spreading_one_kind_of_answer_keeps_a_ranking() -> None:

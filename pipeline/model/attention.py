@@ -8,7 +8,10 @@ that clustering, propagation and nearest-neighbour look-ups compare is defined o
 :func:`representation_of`: a backend placing an unseen image and a stage clustering the training set cannot
 drift into different spaces.
 
-Users only index the fields as arrays, so they may be backed by memory-mapped files instead of RAM.
+Users only index the fields as arrays: :meth:`AttentionArrays.load` memory-maps the large ones where they lie in
+``attention.npz`` (members are stored uncompressed), so a stage reads the rows it touches, class by class, not
+the whole file; :func:`save_streamed` writes the file from the pass's shards one field at a time, so neither
+side holds every row in RAM.
 
 The attention pass streams batches (:func:`attention_batches`); :class:`AttentionShards` keeps its finished
 slices on disk as it goes, so a killed pass continues from the last complete shard instead of the start.
@@ -19,7 +22,9 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
-from collections.abc import Iterable, Iterator
+import struct
+import zipfile
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
@@ -40,6 +45,8 @@ SPACES = ("vectors", "embedding")
 UNIT_EPS = 1e-12  # guards the division for an all-zero vector (a CAM that is zero everywhere)
 SHARD_IMAGES = 512  # most work a kill can cost: ~1 s of a GPU's ResNet-50 pass, ~12 MB of its vectors
 MIN_SHARDS = 8  # and at most an eighth of a small pass, so a short one resumes too
+MAP_MIN_BYTES = 1 << 20  # members this large are memory-mapped; smaller ones (names, ids of a tiny run) are read
+ZIP_LOCAL_HEADER = struct.Struct("<4s5H3L2H")  # a zip member's local header: 30 bytes, then name and extra field
 
 
 def unit_rows(vectors: np.ndarray) -> np.ndarray:
@@ -104,15 +111,22 @@ class AttentionArrays:
         return np.flatnonzero(self.y == y)
 
     # --- representation ---------------------------------------------------------------------------------
-    def representation(self, space: str = "vectors") -> np.ndarray:
-        """Rows to cluster and compare: :func:`representation_of`, or the standardised 2-D embeddings."""
+    def representation(self, space: str = "vectors", rows: np.ndarray | None = None) -> np.ndarray:
+        """Rows to cluster and compare: :func:`representation_of`, or the standardised 2-D embeddings; of
+        ``rows`` only (e.g. one class: all a stage needs in memory at a time), or of every row.
+
+        The embeddings are standardised over every row, so a class's points are on the same scale whether read
+        alone or with the rest.
+        """
+        rows = slice(None) if rows is None else rows
         if space == "embedding":
             if self.emb_att is None or self.emb_rev is None:
                 raise PipelineError("this attention data has no 2-D embedding; re-run `embed`")
-            return StandardScaler().fit_transform(np.hstack([self.emb_att, self.emb_rev]))
+            return StandardScaler().fit(np.hstack([self.emb_att, self.emb_rev])).transform(
+                np.hstack([self.emb_att[rows], self.emb_rev[rows]]))
         if space != "vectors":
             raise PipelineError(f"unknown space {space!r}; choose {' or '.join(SPACES)}")
-        return representation_of(self.f_att, self.f_rev)
+        return representation_of(self.f_att[rows], self.f_rev[rows])
 
     # --- files ------------------------------------------------------------------------------------------
     def save(self, path: Path) -> None:
@@ -124,13 +138,74 @@ class AttentionArrays:
 
     @classmethod
     def load(cls, path: Path) -> AttentionArrays:
-        """``attention.npz``; a torn file is the one-line error saying to re-run ``embed``."""
+        """``attention.npz``, its large fields memory-mapped; a torn file is the one-line error saying to re-run
+        ``embed``."""
         with reading(path):
-            with np.load(path, allow_pickle=False) as npz:
-                fields = {f.name for f in dataclasses.fields(cls)}
-                values = {key: npz[key] for key in npz.files if key in fields}
+            fields = {f.name for f in dataclasses.fields(cls)}
+            values = {key: value for key, value in mapped_npz(path).items() if key in fields}
             values["class_names"] = tuple(str(c) for c in values.get("class_names", ()))
             return cls(**values)
+
+
+def mapped_npz(path: Path) -> dict[str, np.ndarray]:
+    """The members of an ``.npz``: large uncompressed ones as read-only memory maps of the file, the rest read.
+
+    ``np.load`` cannot map a member of a zip; but ``np.savez`` stores members uncompressed, so each ``.npy``
+    lies in the file as it would alone, after the zip's local header: map it there.
+    """
+    values: dict[str, np.ndarray] = {}
+    with zipfile.ZipFile(path) as archive, path.open("rb") as raw, np.load(path, allow_pickle=False) as npz:
+        for info in archive.infolist():
+            key = info.filename.removesuffix(".npy")
+            mapped = _mapped_member(path, raw, info) if info.compress_type == zipfile.ZIP_STORED \
+                and info.file_size >= MAP_MIN_BYTES else None
+            values[key] = npz[key] if mapped is None else mapped
+    return values
+
+
+def _mapped_member(path: Path, raw, info: zipfile.ZipInfo) -> np.ndarray | None:
+    """A memory map of one stored ``.npy`` member, or None for a layout it does not map (read it instead)."""
+    raw.seek(info.header_offset)
+    header = ZIP_LOCAL_HEADER.unpack(raw.read(ZIP_LOCAL_HEADER.size))
+    raw.seek(info.header_offset + ZIP_LOCAL_HEADER.size + header[-2] + header[-1])  # past the name and extra
+    version = np.lib.format.read_magic(raw)
+    if version not in ((1, 0), (2, 0)):
+        return None
+    read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+    shape, fortran, dtype = read_header(raw)
+    if dtype.hasobject or 0 in shape:
+        return None
+    return np.memmap(path, dtype=dtype, mode="r", offset=raw.tell(), shape=shape, order="F" if fortran else "C")
+
+
+def save_streamed(path: Path, column: Callable[[str], Iterable[np.ndarray]], template: dict[str, np.ndarray],
+                  rows: int, whole: dict[str, np.ndarray]) -> None:
+    """Write ``attention.npz`` atomically from consecutive parts (the pass's shards), one field at a time.
+
+    ``column(key)`` yields that field of each part in order, so memory holds one part's field, whatever the
+    number of rows; ``template`` (any one part) gives the fields and their types; ``whole`` holds the small
+    arrays computed over all rows (class names, 2-D embeddings). Members are stored uncompressed, as
+    ``np.savez`` stores them, so :func:`mapped_npz` can map them.
+    """
+
+    def write(handle) -> None:
+        with zipfile.ZipFile(handle, "w", compression=zipfile.ZIP_STORED, allowZip64=True) as archive:
+            for key, sample in template.items():
+                header = {"descr": np.lib.format.dtype_to_descr(sample.dtype), "fortran_order": False,
+                          "shape": (rows, *sample.shape[1:])}
+                with archive.open(f"{key}.npy", "w", force_zip64=True) as member:
+                    np.lib.format.write_array_header_1_0(member, header)
+                    written = 0
+                    for values in column(key):
+                        member.write(np.ascontiguousarray(values, dtype=sample.dtype).tobytes())
+                        written += len(values)
+                    if written != rows:
+                        raise PipelineError(f"attention parts hold {written} rows of {key}, expected {rows}")
+            for key, value in whole.items():
+                with archive.open(f"{key}.npy", "w", force_zip64=True) as member:
+                    np.lib.format.write_array(member, np.asarray(value), allow_pickle=False)
+
+    atomic_write(path, write)
 
 
 def attention_vectors(batch: AttentionBatch) -> tuple[torch.Tensor, torch.Tensor]:
@@ -261,24 +336,27 @@ class AttentionShards:
         with np.load(self.path(shard), allow_pickle=False) as npz:
             return {key: npz[key] for key in npz.files}
 
-    def loaded(self, count: int) -> Iterator[dict[str, np.ndarray]]:
-        """The first ``count`` shards, one at a time."""
+    def column(self, count: int, key: str) -> Iterator[np.ndarray]:
+        """Field ``key`` of the first ``count`` shards, one shard at a time (only that member is read)."""
         for shard in range(count):
-            yield self.load(shard)
+            with np.load(self.path(shard), allow_pickle=False) as npz:
+                yield npz[key]
 
-    def written(self, batches: Iterable[dict[str, np.ndarray]], first: int) -> Iterator[dict[str, np.ndarray]]:
-        """Group ``batches`` into shards numbered from ``first``, save each as it completes and pass it on."""
+    def write(self, batches: Iterable[dict[str, np.ndarray]], first: int) -> int:
+        """Group ``batches`` into shards numbered from ``first``, saving each as it completes; returns the number
+        of shards there are now."""
         pending: list[dict[str, np.ndarray]] = []
         shard = first
         for values in batches:
             pending.append(values)
             if sum(len(p["index"]) for p in pending) >= self.rows:
-                yield self._save(shard, pending)
+                self._save(shard, pending)
                 shard, pending = shard + 1, []
         if pending:
-            yield self._save(shard, pending)
+            self._save(shard, pending)
+            shard += 1
+        return shard
 
-    def _save(self, shard: int, batches: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
+    def _save(self, shard: int, batches: list[dict[str, np.ndarray]]) -> None:
         part = {key: np.concatenate([b[key] for b in batches]) for key in batches[0]}
         atomic_write(self.path(shard), lambda handle: np.savez(handle, **part))
-        return part

@@ -7,16 +7,16 @@ and low-resolution maps; full-resolution maps live one batch at a time. A 2-D em
 (UMAP, or PCA) is computed at the end for clustering and plots.
 
 The pass keeps its finished shards under ``.resume/embed/`` (:class:`~pipeline.model.attention.AttentionShards`):
-re-run after a kill, it loads them and continues with the next image. The 2-D embedding is computed over all
-rows at the end, so ``attention.npz`` equals an undisturbed run's.
+re-run after a kill, it continues with the next image. ``attention.npz`` is then written from the shards one
+field at a time and the 2-D embedding computed from them (fit on at most ``EMBED_FIT_ROWS`` rows), so memory
+does not grow with the number of images, and the file equals an undisturbed run's.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import warnings
-from itertools import chain
+from collections.abc import Callable, Iterable
 
 import numpy as np
 import torch
@@ -30,8 +30,8 @@ from pipeline.model.attention import (
     AttentionArrays,
     AttentionShards,
     attention_batches,
+    save_streamed,
     shard_rows,
-    stack_rows,
     unit_rows,
 )
 from pipeline.model.cam import AttentionExtractor, make_extractor
@@ -40,23 +40,49 @@ from pipeline.model.networks import load_checkpoint, native_bf16, resolve_device
 
 log = logging.getLogger(__name__)
 UMAP_MIN_POINTS = 30  # UMAP's default 15 neighbours need a few dozen points to give a stable layout
+# The 2-D embedding is fit on at most this many rows and applied to the rest shard by shard: a layout for
+# clustering and plots needs no more, and UMAP over a million rows would need tens of GB. Every run so far is
+# smaller, so its embedding is fit on all rows, as before.
+EMBED_FIT_ROWS = 50_000
 
 
 def embed_2d(vectors: np.ndarray, method: str, seed: int) -> np.ndarray:
     """2-D coordinates of L2-normalised vectors; below ``UMAP_MIN_POINTS`` rows UMAP falls back to PCA."""
-    from sklearn.decomposition import PCA
+    reducer = _reducer(method, seed, *vectors.shape)
+    with warnings.catch_warnings():  # "n_jobs overridden by random_state": determinism is the point
+        warnings.filterwarnings("ignore", message="n_jobs value", category=UserWarning)
+        coords = reducer.fit_transform(unit_rows(vectors))
+    return np.pad(coords, ((0, 0), (0, 2 - coords.shape[1]))).astype(np.float32)
 
-    unit = unit_rows(vectors)
-    if method == "umap" and len(unit) >= UMAP_MIN_POINTS:
+
+def _reducer(method: str, seed: int, rows: int, dims: int):
+    """UMAP (with enough rows for its neighbourhoods) or PCA, to two components where the data has them."""
+    if method == "umap" and rows >= UMAP_MIN_POINTS:
         import umap
 
-        reducer = umap.UMAP(n_components=2, n_neighbors=15, min_dist=0.1, random_state=seed)
-        with warnings.catch_warnings():  # "n_jobs overridden by random_state": determinism is the point
-            warnings.filterwarnings("ignore", message="n_jobs value", category=UserWarning)
-            return reducer.fit_transform(unit).astype(np.float32)
-    components = min(2, *unit.shape)
-    coords = PCA(n_components=components, random_state=seed).fit_transform(unit)
-    return np.pad(coords, ((0, 0), (0, 2 - components))).astype(np.float32)
+        return umap.UMAP(n_components=2, n_neighbors=15, min_dist=0.1, random_state=seed)
+    from sklearn.decomposition import PCA
+
+    return PCA(n_components=min(2, rows, dims), random_state=seed)
+
+
+def embed_2d_streamed(column: Callable[[], Iterable[np.ndarray]], rows: int, method: str, seed: int) -> np.ndarray:
+    """:func:`embed_2d` of the rows ``column()`` yields in parts; above ``EMBED_FIT_ROWS`` rows, fit on an even
+    random sample of them and applied to every part."""
+    if rows <= EMBED_FIT_ROWS:
+        return embed_2d(np.concatenate(list(column())), method, seed)
+    chosen = np.sort(np.random.default_rng(seed).choice(rows, EMBED_FIT_ROWS, replace=False))
+    sample, start = [], 0
+    for part in column():
+        inside = chosen[(chosen >= start) & (chosen < start + len(part))]
+        sample.append(part[inside - start])
+        start += len(part)
+    fitted = np.concatenate(sample)
+    reducer = _reducer(method, seed, *fitted.shape)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="n_jobs value", category=UserWarning)
+        reducer.fit(unit_rows(fitted))
+        return np.concatenate([reducer.transform(unit_rows(part)) for part in column()]).astype(np.float32)
 
 
 def embed_run(run: Run, config: RunConfig, force: bool = False, progress: bool = True) -> AttentionArrays:
@@ -80,12 +106,14 @@ def embed_run(run: Run, config: RunConfig, force: bool = False, progress: bool =
     shards = AttentionShards(run.shard_dir("embed"),
                              fingerprint(stamp, file_digest(run.checkpoint_path), device.type, bf16),
                              shard_rows(len(image_set.split(TRAIN)), config.embed.batch_size))
-    streamed = resumable_pass(extractor, image_set, shards, config, device, meta["image_size"], progress)
-    arrays = dataclasses.replace(
-        streamed, class_names=tuple(meta["class_names"]),
-        emb_att=embed_2d(streamed.f_att, config.embed.embedding, config.embed.seed),
-        emb_rev=embed_2d(streamed.f_rev, config.embed.embedding, config.embed.seed))
-    arrays.save(run.attention_path)
+    count = resumable_pass(extractor, image_set, shards, config, device, meta["image_size"], progress)
+    rows = len(image_set.split(TRAIN))
+    whole = {"class_names": np.array(meta["class_names"]),
+             **{f"emb_{side}": embed_2d_streamed(lambda side=side: shards.column(count, f"f_{side}"), rows,
+                                                 config.embed.embedding, config.embed.seed)
+                for side in ("att", "rev")}}
+    save_streamed(run.attention_path, lambda key: shards.column(count, key), shards.load(0), rows, whole)
+    arrays = AttentionArrays.load(run.attention_path)
     run.mark_done("embed", stamp)
     run.discard_resume("embed")
     _log_summary(arrays)
@@ -93,8 +121,9 @@ def embed_run(run: Run, config: RunConfig, force: bool = False, progress: bool =
 
 
 def resumable_pass(extractor: AttentionExtractor, image_set: ImageSet, shards: AttentionShards, config: RunConfig,
-                   device: torch.device, size: int, progress: bool) -> AttentionArrays:
-    """The attention pass over the training split, continuing after the whole shards a killed pass left.
+                   device: torch.device, size: int, progress: bool) -> int:
+    """The attention pass over the training split, continuing after the whole shards a killed pass left;
+    returns the number of shards, which together hold every training image in order.
 
     Shards hold whole batches, so the pass restarts on a batch boundary of the undisturbed one and computes
     the very same batches.
@@ -107,8 +136,7 @@ def resumable_pass(extractor: AttentionExtractor, image_set: ImageSet, shards: A
                  min(done * shards.rows, len(samples)), len(samples), shards.folder)
     loader = make_loader(image_set, samples[done * shards.rows:], size, config.embed.batch_size,
                          config.data.workers, with_masks=True)
-    fresh = attention_batches(extractor, loader, device, config.embed.threshold, size, progress)
-    return stack_rows(chain(shards.loaded(done), shards.written(fresh, done)), len(samples))
+    return shards.write(attention_batches(extractor, loader, device, config.embed.threshold, size, progress), done)
 
 
 def _log_summary(arrays: AttentionArrays) -> None:

@@ -50,6 +50,10 @@ SPREAD_WIDTH = 1.0
 # the exact dense graph, as measured on every benchmark.
 DENSE_SPREAD_LIMIT = 5000
 SPREAD_NEIGHBOURS = 30  # neighbours per image in the sparse graph: far pairs carry little RBF weight among 5,000+
+# Above this many images in a class the neighbours are approximate (pynndescent): exact search grows with the square
+# of the class (measured 64 s at 100k, 257 s at 200k images on one core, against 19 s and 44 s approximate, with
+# 88-91 % of the exact neighbours found on random 32-d points, its hardest case; BENCHMARKS.md)
+APPROXIMATE_NEIGHBOURS_ABOVE = 50_000
 
 
 @dataclass
@@ -94,12 +98,25 @@ def sparse_rbf_kernel(gamma: float):
     (symmetrised, so an edge counts from both ends): memory and time grow ~linearly with the class."""
 
     def kernel(points: np.ndarray, _: np.ndarray) -> sparse.csr_matrix:
-        neighbours = min(SPREAD_NEIGHBOURS, len(points) - 1)
-        graph = NearestNeighbors(n_neighbors=neighbours).fit(points).kneighbors_graph(mode="distance")
+        graph = neighbour_graph(points, min(SPREAD_NEIGHBOURS, len(points) - 1))
         graph.data = np.exp(-gamma * graph.data**2)
         return graph.maximum(graph.T).tocsr()
 
     return kernel
+
+
+def neighbour_graph(points: np.ndarray, neighbours: int) -> sparse.csr_matrix:
+    """Each point's ``neighbours`` nearest other points as a sparse distance matrix: exact, or approximate above
+    ``APPROXIMATE_NEIGHBOURS_ABOVE`` points."""
+    if len(points) <= APPROXIMATE_NEIGHBOURS_ABOVE:
+        return NearestNeighbors(n_neighbors=neighbours).fit(points).kneighbors_graph(mode="distance")
+    # imported here: pynndescent compiles with numba on first use, worth it only where exact search is slow
+    from pynndescent import NNDescent
+
+    found, distances = NNDescent(points, n_neighbors=neighbours + 1, random_state=0).neighbor_graph
+    rows = np.repeat(np.arange(len(points)), neighbours)
+    others = found[:, 1:]  # the first neighbour is the point itself
+    return sparse.csr_matrix((distances[:, 1:].ravel(), (rows, others.ravel())), shape=(len(points),) * 2)
 
 
 def spread_class(points: np.ndarray, labelled: dict[int, int],
@@ -129,11 +146,11 @@ def propagate(arrays: AttentionArrays, answers: Answers,
     """Scores and certainties for every training image (rows of ``arrays``); ``width`` as in :func:`kernel_gamma`."""
     scores = np.full(len(arrays), UNDECIDED)
     certainty = np.zeros(len(arrays))
-    representation = arrays.representation("vectors")
     for y in arrays.classes:
         members = arrays.for_class(y)
+        representation = arrays.representation("vectors", members)  # one class in memory at a time
         dims = min(MAX_DIMS, len(members), representation.shape[1])
-        points = PCA(n_components=dims, random_state=0).fit_transform(representation[members])
+        points = PCA(n_components=dims, random_state=0).fit_transform(representation)
         position = {row: k for k, row in enumerate(members)}
         labelled = {position[arrays.row_of(i)]: v for i, v in answers.labels.items()
                     if arrays.has_image(i) and arrays.row_of(i) in position}

@@ -41,7 +41,6 @@ def select(arrays: AttentionArrays, config: SampleConfig, exclude: set[int],
     With ``certainty`` (a later round, after propagation), only the least certain images compete: the
     ``UNCERTAIN_POOL`` x budget least certain of each class, clustered so the new questions stay diverse.
     """
-    points = arrays.representation(config.space)
     excluded = np.isin(arrays.index, list(exclude))
     picks = []
     for y in arrays.classes:
@@ -51,7 +50,8 @@ def select(arrays: AttentionArrays, config: SampleConfig, exclude: set[int],
         budget = class_budget(len(arrays.for_class(y)), config)
         if certainty is not None:
             rows = rows[np.argsort(certainty[rows], kind="stable")[: UNCERTAIN_POOL * budget]]
-        for row, cluster, distance in pick_near_centroids(points[rows], budget, config.seed):
+        points = arrays.representation(config.space, rows)  # one class in memory at a time
+        for row, cluster, distance in pick_near_centroids(points, budget, config.seed):
             picks.append((int(rows[row]), cluster, distance))
     return picks
 
