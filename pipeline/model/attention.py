@@ -129,13 +129,6 @@ class AttentionArrays:
         return representation_of(self.f_att[rows], self.f_rev[rows])
 
     # --- files ------------------------------------------------------------------------------------------
-    def save(self, path: Path) -> None:
-        """``attention.npz``, atomically; optional fields are left out when absent."""
-        arrays = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
-        arrays["class_names"] = np.array(self.class_names)
-        present = {k: v for k, v in arrays.items() if v is not None}
-        atomic_write(path, lambda handle: np.savez(handle, **present))
-
     @classmethod
     def load(cls, path: Path) -> AttentionArrays:
         """``attention.npz``, its large fields memory-mapped; a torn file is the one-line error saying to re-run

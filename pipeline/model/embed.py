@@ -16,7 +16,8 @@ from __future__ import annotations
 
 import logging
 import warnings
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 
 import numpy as np
 import torch
@@ -49,10 +50,17 @@ EMBED_FIT_ROWS = 50_000
 def embed_2d(vectors: np.ndarray, method: str, seed: int) -> np.ndarray:
     """2-D coordinates of L2-normalised vectors; below ``UMAP_MIN_POINTS`` rows UMAP falls back to PCA."""
     reducer = _reducer(method, seed, *vectors.shape)
-    with warnings.catch_warnings():  # "n_jobs overridden by random_state": determinism is the point
-        warnings.filterwarnings("ignore", message="n_jobs value", category=UserWarning)
+    with _deterministic_umap_quietly():
         coords = reducer.fit_transform(unit_rows(vectors))
     return np.pad(coords, ((0, 0), (0, 2 - coords.shape[1]))).astype(np.float32)
+
+
+@contextmanager
+def _deterministic_umap_quietly() -> Iterator[None]:
+    """Silence UMAP's "n_jobs overridden by random_state": determinism is the point."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="n_jobs value", category=UserWarning)
+        yield
 
 
 def _reducer(method: str, seed: int, rows: int, dims: int):
@@ -79,8 +87,7 @@ def embed_2d_streamed(column: Callable[[], Iterable[np.ndarray]], rows: int, met
         start += len(part)
     fitted = np.concatenate(sample)
     reducer = _reducer(method, seed, *fitted.shape)
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="n_jobs value", category=UserWarning)
+    with _deterministic_umap_quietly():
         reducer.fit(unit_rows(fitted))
         return np.concatenate([reducer.transform(unit_rows(part)) for part in column()]).astype(np.float32)
 
