@@ -31,6 +31,12 @@ per-call set-up included.) Each method runs one warm-up chunk first; on CUDA the
 ``torch.cuda.synchronize()``. The JSON also keeps the plain rate (all images over all time) and the spread of
 the per-chunk rates.
 
+**The ceiling.** Beside the four, the same turns time an fp32 matrix product (``--gemm-size`` square, the
+best-case kernel of this CPU's library), and a ``FlopCounterMode`` count gives the forward pass's
+multiply-adds per image. Their quotient is how many images per second the stage could reach if its whole
+forward pass ran at matrix-product speed; divided by the reference loop's rate, it is the highest
+attention / reference ratio this machine allows (``ceiling_over_reference_loop``), measured in the same run.
+
 Run from the repository root::
 
     python benchmarks/attention.py --out bench-out/attention.json
@@ -61,13 +67,16 @@ from pipeline.core.synth import SynthSpec, generate
 from pipeline.model.attention import AttentionArrays, compute_attention
 from pipeline.model.cam import LibraryCAM, make_extractor
 from pipeline.model.loaders import make_loader
-from pipeline.model.networks import Classifier, build_model, native_bf16, resolve_device
+from pipeline.model.networks import Classifier, build_model, inference_backbone, native_bf16, resolve_device
 
 CACHE_ROOT = Path("bench-out")
 CAM_THRESHOLD = 0.8  # "looked hardest" level for AIoU, the stage's default
 BASELINES = ("forward", "gradcam_lib", "reference_loop")
 # attention_ips / <baseline>_ips must reach these; set for CPU, ResNet-18, 224 px
 TARGETS = {"forward": 0.8, "gradcam_lib": 4.0, "reference_loop": 10.0}
+
+PRODUCTS_PER_CHUNK = 4  # matrix products per timed chunk: about as long as a batch of the stage
+PRODUCT = (torch.zeros(1),)  # a chunk item that count_images counts as one (one matrix product)
 
 Batch = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]  # images, labels, indices, masks
 Runner = Callable[[Sequence[Batch]], object]  # processes every batch it is given
@@ -106,6 +115,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                         help="the attention stage's precision, as `embed --precision` (auto: bf16 where native)")
     parser.add_argument("--data", type=Path, default=None,
                         help="dataset folder (its training split); default: a generated synthetic one")
+    parser.add_argument("--gemm-size", type=int, default=1024,
+                        help="side of the square fp32 matrix product timed as the CPU's compute ceiling")
     parser.add_argument("--out", type=Path, default=CACHE_ROOT / "attention.json")
     args = parser.parse_args(argv)
     for name in ("image_size", "n_images", "batch_size", "reference_images", "rounds"):
@@ -198,6 +209,28 @@ def reference_loop(model: Classifier, rgbs: dict[int, np.ndarray], out_dir: Path
     return run
 
 
+def matrix_product(size: int, device: torch.device) -> tuple[Runner, int]:
+    """A ``size`` x ``size`` fp32 matrix product per chunk, and its floating-point operations (2 per
+    multiply-add): the fastest work this device's math library does, the ceiling for a convolution network."""
+    a = torch.randn(size, size, device=device)
+    b = torch.randn(size, size, device=device)
+
+    def run(chunk: Sequence[object]) -> None:
+        for _ in chunk:
+            torch.mm(a, b)
+    return run, 2 * size ** 3
+
+
+def forward_flops(model: Classifier, image: torch.Tensor) -> int:
+    """Floating-point operations of one image's forward pass through the stage's inference backbone."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    backbone = inference_backbone(model.backbone)
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        backbone(image.contiguous(memory_format=torch.channels_last))
+    return counter.get_total_flops()
+
+
 def synchronize(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -251,22 +284,31 @@ def benchmark(args: argparse.Namespace) -> dict[str, object]:
     per_batch = [[batch] for batch in batches]
     per_chunk = -(-len(singles) // len(batches))  # as many reference chunks as batches: one per turn
     reference_chunks = [singles[i:i + per_chunk] for i in range(0, len(singles), per_chunk)]
+    gemm, gemm_flops = matrix_product(args.gemm_size, device)
     with tempfile.TemporaryDirectory(prefix="slim-bench-") as tmp:
         timings = time_chunks({
             "forward": (forward_only(model, device), per_batch),
             "attention": (attention, per_batch),
             "gradcam_lib": (gradcam_batched(model), per_batch),
             "reference_loop": (reference_loop(model, rgbs, Path(tmp)), reference_chunks),
+            "gemm": (gemm, [[PRODUCT] * PRODUCTS_PER_CHUNK] * len(batches)),
         }, args.rounds, device)
         pngs_written = len(list(Path(tmp).glob("*.png")))
     computes_aiou = attention(batches[:1]).aiou is not None
 
     stats = {name: rates(chunk_timings) for name, chunk_timings in timings.items()}
+    gemm_gflops = stats.pop("gemm")["median"] * gemm_flops / 1e9
     ips = {f"{name}_ips": stat["median"] for name, stat in stats.items()}
     ratios = {f"attention_over_{name}": ips["attention_ips"] / ips[f"{name}_ips"] for name in BASELINES}
+    flops = forward_flops(model, batches[0][0][:1])
     return {
         **ips,
         **ratios,
+        "forward_gflop_per_image": flops / 1e9,
+        "gemm_gflops": gemm_gflops,
+        "attention_gflops": ips["attention_ips"] * flops / 1e9,
+        "attention_share_of_gemm": ips["attention_ips"] * flops / 1e9 / gemm_gflops,
+        "ceiling_over_reference_loop": gemm_gflops * 1e9 / flops / ips["reference_loop_ips"],
         "targets": {f"attention_over_{name}": target for name, target in TARGETS.items()},
         "targets_met": {f"attention_over_{name}": ratios[f"attention_over_{name}"] >= target
                         for name, target in TARGETS.items()},

@@ -32,6 +32,7 @@ from pipeline.labelstudio.client import ConnectionOptions, Settings
 from pipeline.labelstudio.pull import PullOptions
 from pipeline.labelstudio.push import PushOptions
 from pipeline.labelstudio.verify import CheckOptions, PullCheckOptions
+from pipeline.model import distributed
 
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 SECTION_SEPARATOR = "__"  # argparse dest of a run-config flag: "<section>__<field>"
@@ -41,8 +42,10 @@ SECTION_SEPARATOR = "__"  # argparse dest of a run-config flag: "<section>__<fie
 class StageFlags:
     """Flags of every command that works on a run."""
 
-    run: str = option("", "run directory holding the config, checkpoints and artifacts", metavar="DIR",
-                      required=True)
+    # torchrun's own parser reads any "--run" as an ambiguous abbreviation of its --run-path, wherever it
+    # stands: under torchrun the run is given as --run-dir
+    run: str = option("", "run directory holding the config, checkpoints and artifacts (--run-dir under "
+                          "torchrun)", alias="--run-dir", metavar="DIR", required=True)
     force: bool = option(False, "recompute even when the stage's outputs are current")
     quiet: bool = option(False, "no progress bars")
     log_level: str = option("INFO", "how much the stages report", choices=LOG_LEVELS)
@@ -114,7 +117,8 @@ def add_options(parser: argparse.ArgumentParser, cls: type, prefix: str = "", on
                           metavar=meta["metavar"] or (None if meta["choices"] else field.name.upper()))
             if meta["required"]:
                 kwargs["required"] = True
-        target.add_argument(meta["flag"] or "--" + field.name.replace("_", "-"), **kwargs)
+        spellings = [meta["flag"] or "--" + field.name.replace("_", "-"), *([meta["alias"]] if meta["alias"] else [])]
+        target.add_argument(*spellings, **kwargs)
 
 
 def apply_options(target: Any, args: argparse.Namespace, prefix: str = "") -> None:
@@ -243,7 +247,11 @@ def _run_stage(stage: Stage, args: argparse.Namespace) -> None:
         config = RunConfig()
     for section in stage.sections:
         apply_options(getattr(config, section) if section else config, args, f"{section}{SECTION_SEPARATOR}")
-    stage.run(run, config, args)
+    distributed.setup(config.device)  # under torchrun: join the other processes of this stage
+    try:
+        stage.run(run, config, args)
+    finally:
+        distributed.teardown()
 
 
 def _synth(args: argparse.Namespace) -> None:
@@ -394,15 +402,17 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def configure_logging(level: str) -> None:
+def configure_logging(level: str, world: distributed.World | None = None) -> None:
     """The stages' log on the terminal: ``stage: message`` on stdout, warnings and errors on stderr.
 
     Only the ``pipeline`` loggers are shown; libraries (httpx logs every request at INFO) stay at WARNING.
+    Under torchrun the other ranks than 0 show only their warnings and errors, marked with their rank.
     """
     def below_warning(record: logging.LogRecord) -> bool:
         return record.levelno < logging.WARNING
 
-    formatter = logging.Formatter("%(stage)s: %(message)s")
+    world = world or distributed.World()
+    formatter = logging.Formatter(("" if world.is_main else f"[rank {world.rank}] ") + "%(stage)s: %(message)s")
     out, err = logging.StreamHandler(sys.stdout), logging.StreamHandler(sys.stderr)
     out.addFilter(below_warning)
     err.setLevel(logging.WARNING)
@@ -411,7 +421,7 @@ def configure_logging(level: str) -> None:
         handler.setFormatter(formatter)
     logger = logging.getLogger("pipeline")
     logger.handlers[:] = [out, err]
-    logger.setLevel(level)
+    logger.setLevel(level if world.is_main else max(logging.WARNING, logging.getLevelName(level)))
 
 
 def _stage_name(record: logging.LogRecord) -> bool:
@@ -422,8 +432,12 @@ def _stage_name(record: logging.LogRecord) -> bool:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    configure_logging(args.log_level)
+    world = distributed.launched()
+    configure_logging(args.log_level, world)
     try:
+        if world.distributed and args.command not in distributed.DISTRIBUTED_STAGES:
+            raise PipelineError(f"`{args.command}` runs in one process; start it with python -m pipeline, not "
+                                f"torchrun (torchrun runs {', '.join(distributed.DISTRIBUTED_STAGES)})")
         with graceful_termination():  # SIGTERM / SIGHUP clean up like Ctrl-C (a local Label Studio is stopped)
             args.handler(args)
     except PipelineError as exc:

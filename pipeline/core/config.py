@@ -28,16 +28,16 @@ DEVICES = ("auto", "cpu", "cuda")
 
 
 def option(default: Any, help: str, *, choices: tuple[str, ...] | None = None, flag: str | None = None,
-           metavar: str | None = None, path: bool = False, exclusive: str | None = None,
+           alias: str | None = None, metavar: str | None = None, path: bool = False, exclusive: str | None = None,
            clears: str | None = None, required: bool = False, positional: bool = False) -> Any:
     """A dataclass field that is also a command-line option.
 
-    ``flag`` overrides the ``--field-name`` spelling; ``path`` makes the value absolute (a run keeps working
+    ``flag`` overrides the ``--field-name`` spelling and ``alias`` adds a second one; ``path`` makes the value absolute (a run keeps working
     from another directory); options sharing an ``exclusive`` group cannot be given together; giving this
     option resets the field named by ``clears`` to its unset value (``None``); ``positional`` makes it an
     argument without a flag.
     """
-    metadata = {"help": help, "choices": choices, "flag": flag, "metavar": metavar, "path": path,
+    metadata = {"help": help, "choices": choices, "flag": flag, "alias": alias, "metavar": metavar, "path": path,
                 "exclusive": exclusive, "clears": clears, "required": required, "positional": positional}
     return field(default=default, metadata=metadata)
 
@@ -59,7 +59,7 @@ class TrainConfig:
 
     arch: str = option("smallcnn", "backbone (smallcnn keeps an 8x8 attention map at 64 px)", choices=ARCHS)
     epochs: int = option(12, "training epochs")
-    batch_size: int = option(64, "batch size")
+    batch_size: int = option(64, "images per training step (under torchrun: all processes together)")
     lr: float = option(0.01, "SGD learning rate")
     weight_decay: float = option(1e-4, "weight decay")
     pretrained: bool = option(False, "start ResNets from ImageNet weights already in the torch cache "

@@ -302,13 +302,15 @@ class AttentionShards:
             if not path.name.startswith(f"{self.key}-"):
                 path.unlink(missing_ok=True)
 
-    def completed(self, index: np.ndarray) -> int:
-        """How many leading shards are whole and hold exactly the expected image ids (``index``, in pass order).
+    def first_missing(self, index: np.ndarray, first: int = 0, stop: int | None = None) -> int:
+        """The number of the first shard from ``first`` (up to ``stop``) that is absent or not whole: whole
+        ones are complete and hold exactly the expected image ids (``index``, in pass order).
 
         Each is read in full (the zip's checksums catch a torn one) and dropped again: memory holds one shard.
+        The first one that is not whole is deleted; ``first``/``stop`` keep a rank to its own shards.
         """
-        shard = 0
-        while self.path(shard).exists():
+        shard = first
+        while (stop is None or shard < stop) and self.path(shard).exists():
             expected = index[shard * self.rows:(shard + 1) * self.rows]
             try:
                 part = self.load(shard)

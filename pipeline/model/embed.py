@@ -15,6 +15,7 @@ does not grow with the number of images, and the file equals an undisturbed run'
 from __future__ import annotations
 
 import logging
+import math
 import warnings
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
@@ -27,6 +28,7 @@ from pipeline.core.data import TRAIN, ImageSet, load_dataset
 from pipeline.core.errors import PipelineError
 from pipeline.core.io import file_digest
 from pipeline.core.run import Run
+from pipeline.model import distributed
 from pipeline.model.attention import (
     AttentionArrays,
     AttentionShards,
@@ -93,57 +95,79 @@ def embed_2d_streamed(column: Callable[[], Iterable[np.ndarray]], rows: int, met
 
 
 def embed_run(run: Run, config: RunConfig, force: bool = False, progress: bool = True) -> AttentionArrays:
-    """Compute (or reuse) ``attention.npz`` for the run's training split."""
+    """Compute (or reuse) ``attention.npz`` for the run's training split.
+
+    Under torchrun each rank computes its own block of the pass's shards and rank 0 merges them.
+    """
     run.require(run.checkpoint_path, "train --data DIR --run RUN")
     if config.embed.precision not in PRECISIONS:
         raise PipelineError(f"unknown --precision {config.embed.precision!r}; choose {', '.join(PRECISIONS)}")
     if not 0.0 < config.embed.threshold <= 1.0:
         raise PipelineError(f"--threshold must be in (0, 1], got {config.embed.threshold}")
-    image_set = load_dataset(config.data.root, run.manifest_path)
+    with distributed.main_first():  # rank 0 checks the dataset and writes the manifest; the rest trust it
+        image_set = load_dataset(config.data.root, run.manifest_path)
     model, meta = load_checkpoint(run.checkpoint_path)
     stamp = fingerprint("embed", meta["fingerprint"], image_set.fingerprint(), config.embed)
-    run.save_config(config)
+    distributed.on_main(lambda: run.save_config(config))
     if not force and run.is_done("embed", stamp, [run.attention_path]):
         log.info("reusing %s (same model and settings; --force recomputes)", run.attention_path)
-        run.discard_resume("embed")
+        distributed.on_main(lambda: run.discard_resume("embed"))
         return AttentionArrays.load(run.attention_path)
     device = resolve_device(config.device)
     bf16 = config.embed.precision == "bf16" or (config.embed.precision == "auto" and native_bf16(device))
     extractor = make_extractor(model.to(device), config.embed.cam, bf16=bf16)
+    rows = len(image_set.split(TRAIN))
     shards = AttentionShards(run.shard_dir("embed"),
                              fingerprint(stamp, file_digest(run.checkpoint_path), device.type, bf16),
-                             shard_rows(len(image_set.split(TRAIN)), config.embed.batch_size))
+                             shard_rows(rows, config.embed.batch_size))
+    distributed.on_main(shards.remove_stale)  # other passes' shards go before any rank writes its own
     count = resumable_pass(extractor, image_set, shards, config, device, meta["image_size"], progress)
-    rows = len(image_set.split(TRAIN))
+    distributed.barrier()  # every rank's shards are written
+    distributed.on_main(lambda: _merge(run, shards, count, rows, meta, config, stamp))
+    arrays = AttentionArrays.load(run.attention_path)
+    _log_summary(arrays)
+    return arrays
+
+
+def _merge(run: Run, shards: AttentionShards, count: int, rows: int, meta: dict, config: RunConfig,
+           stamp: str) -> None:
+    """``attention.npz`` from the pass's ``count`` shards and their 2-D embedding; the stage is then done."""
+    absent = [shards.path(shard).name for shard in range(count) if not shards.path(shard).exists()]
+    if absent:
+        raise PipelineError(f"{len(absent)} attention shards are missing ({absent[0]} ...) in {shards.folder}; "
+                            "re-run `embed` to compute them")
     whole = {"class_names": np.array(meta["class_names"]),
              **{f"emb_{side}": embed_2d_streamed(lambda side=side: shards.column(count, f"f_{side}"), rows,
                                                  config.embed.embedding, config.embed.seed)
                 for side in ("att", "rev")}}
     save_streamed(run.attention_path, lambda key: shards.column(count, key), shards.load(0), rows, whole)
-    arrays = AttentionArrays.load(run.attention_path)
     run.mark_done("embed", stamp)
     run.discard_resume("embed")
-    _log_summary(arrays)
-    return arrays
 
 
 def resumable_pass(extractor: AttentionExtractor, image_set: ImageSet, shards: AttentionShards, config: RunConfig,
                    device: torch.device, size: int, progress: bool) -> int:
-    """The attention pass over the training split, continuing after the whole shards a killed pass left;
-    returns the number of shards, which together hold every training image in order.
+    """This rank's part of the attention pass over the training split, continuing after the whole shards a
+    killed pass left; returns the number of shards of the whole pass, which together hold every training
+    image in order.
 
     Shards hold whole batches, so the pass restarts on a batch boundary of the undisturbed one and computes
-    the very same batches.
+    the very same batches; under torchrun each rank takes one contiguous block of shards
+    (:func:`~pipeline.model.distributed.block_of`), so a 2-process pass computes the same batches as well.
     """
     samples = image_set.split(TRAIN)
-    shards.remove_stale()
-    done = shards.completed(np.array([s.index for s in samples]))
-    if done:
-        log.info("resuming after %d finished shards (%d of %d images) in %s", done,
-                 min(done * shards.rows, len(samples)), len(samples), shards.folder)
-    loader = make_loader(image_set, samples[done * shards.rows:], size, config.embed.batch_size,
-                         config.data.workers, with_masks=True)
-    return shards.write(attention_batches(extractor, loader, device, config.embed.threshold, size, progress), done)
+    count = math.ceil(len(samples) / shards.rows)
+    world = distributed.current()
+    block = distributed.block_of(count, world)
+    start = shards.first_missing(np.array([s.index for s in samples]), block.start, block.stop)
+    if start > block.start:
+        log.info("resuming after %d finished shards of %d in %s", start - block.start, len(block), shards.folder)
+    todo = samples[start * shards.rows:block.stop * shards.rows]
+    if todo:
+        loader = make_loader(image_set, todo, size, config.embed.batch_size, config.data.workers, with_masks=True)
+        shards.write(attention_batches(extractor, loader, device, config.embed.threshold, size,
+                                       progress and world.is_main), start)
+    return count
 
 
 def _log_summary(arrays: AttentionArrays) -> None:

@@ -7,9 +7,18 @@ from collections.abc import Sequence
 
 import numpy as np
 import torch
-from torch.utils.data import ConcatDataset, DataLoader, Dataset, Sampler, default_collate
+from torch.utils.data import (
+    ConcatDataset,
+    DataLoader,
+    Dataset,
+    RandomSampler,
+    Sampler,
+    SequentialSampler,
+    default_collate,
+)
 
 from pipeline.core.data import Corruption, ImageDataset, ImageSet, Sample
+from pipeline.model.distributed import RankShare, current, share_of_batch
 
 
 def seed_everything(seed: int) -> None:
@@ -36,14 +45,23 @@ def make_loader(image_set: ImageSet, samples: Sequence[Sample], size: int, batch
     spurious region was already replaced); their ``index`` is their own set's. ``training``: an unreadable
     image is left out of its batch (a batch of none is ``None``) rather than ending hours of training; every
     other use needs every image and stops with the error naming it.
+
+    Under torchrun, a training loader gives this rank its share of the draws in its share of each batch
+    (:class:`~pipeline.model.distributed.RankShare`); the order drawn is the same as one process's.
     """
     generator = torch.Generator().manual_seed(seed)
     dataset: Dataset = ImageDataset(image_set, samples, size, with_masks=with_masks, core_only=core_only,
                                     corruption=corruption, skip_unreadable=training)
     if extra:
         dataset = ConcatDataset([dataset, *(ImageDataset(other, rows, size) for other, rows in extra)])
+    seed_source = generator if sampler is None else None  # workers' seeds: from the shuffle's own generator
+    world = current()
+    if training and world.distributed:
+        if sampler is None:
+            sampler = RandomSampler(dataset, generator=generator) if shuffle else SequentialSampler(dataset)
+        sampler, batch_size, shuffle = RankShare(sampler, world), share_of_batch(batch_size, world), False
     return DataLoader(
         dataset, batch_size=batch_size, shuffle=shuffle,
         sampler=sampler, num_workers=workers, persistent_workers=workers > 0, pin_memory=torch.cuda.is_available(),
-        generator=None if sampler is not None else generator, collate_fn=readable_collate if training else None,
+        generator=seed_source, collate_fn=readable_collate if training else None,
     )

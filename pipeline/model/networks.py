@@ -18,6 +18,7 @@ from torchvision import models as tv_models
 from pipeline.core.errors import PipelineError
 from pipeline.core.io import atomic_write
 from pipeline.core.run import reading
+from pipeline.model.distributed import current
 
 
 class Classifier(nn.Module):
@@ -152,11 +153,14 @@ def native_bf16(device: torch.device) -> bool:
 
 
 def resolve_device(name: str) -> torch.device:
-    """``auto`` picks CUDA when present; asking for CUDA without one is an error, not a silent fallback."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    """``auto`` picks CUDA when present; asking for CUDA without one is an error, not a silent fallback.
+
+    Under torchrun each process takes the GPU numbered by its local rank.
+    """
+    if name not in ("auto", "cpu", "cuda"):
+        raise PipelineError(f"unknown --device {name!r}; choose auto, cpu or cuda")
     if name == "cuda" and not torch.cuda.is_available():
         raise PipelineError("--device cuda asked for, but torch sees no CUDA GPU; use --device cpu or auto")
-    if name not in ("cpu", "cuda"):
-        raise PipelineError(f"unknown --device {name!r}; choose auto, cpu or cuda")
-    return torch.device(name)
+    if name == "cpu" or not torch.cuda.is_available():
+        return torch.device("cpu")
+    return torch.device("cuda", current().local_rank)

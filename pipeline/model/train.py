@@ -16,14 +16,16 @@ from typing import Any
 
 import numpy as np
 import torch
+from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from pipeline.core.config import RunConfig, fingerprint
-from pipeline.core.data import TRAIN, load_dataset, resolve_image_size
+from pipeline.core.data import TRAIN, ImageSet, load_dataset, resolve_image_size
 from pipeline.core.errors import PipelineError
 from pipeline.core.io import atomic_write, atomic_write_json
 from pipeline.core.run import Run
+from pipeline.model import distributed
 from pipeline.model.evaluate import evaluate_splits, format_metrics
 from pipeline.model.loaders import make_loader, seed_everything
 from pipeline.model.networks import Classifier, build_model, load_weights, resolve_device, save_checkpoint
@@ -102,8 +104,15 @@ def fit(model: Classifier, loader: DataLoader, epochs: int, lr: float, weight_de
 
     With ``resume``, continues from its epoch checkpoint when there is one and writes one after every epoch;
     the caller removes it once the trained model is saved. Returns the mean training loss per epoch.
+
+    Under torchrun the model is wrapped in DistributedDataParallel and ``loader`` gives each rank its share
+    (:func:`pipeline.model.loaders.make_loader`): every rank ends with the same weights. All ranks hold the same
+    random states (same seeds, same global draws), so rank 0's epoch checkpoint resumes any of them.
     """
+    world = distributed.current()
     model.to(device).train()
+    network = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None) \
+        if world.distributed else model
     optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=MOMENTUM, weight_decay=weight_decay,
                                 nesterov=True)
     steps = max(1, epochs * len(loader))
@@ -119,34 +128,36 @@ def fit(model: Classifier, loader: DataLoader, epochs: int, lr: float, weight_de
         schedule.load_state_dict(state["schedule"])
         restore_rng_state(state["rng"], loader)
         log.info("resuming from %s after epoch %d of %d", resume.path, len(losses), epochs)
-    bar = tqdm(total=steps, initial=len(losses) * len(loader), desc="train", disable=not progress, unit="batch")
+    bar = tqdm(total=steps, initial=len(losses) * len(loader), desc="train", disable=not progress or not world.is_main,
+               unit="batch")
     for epoch in range(len(losses), epochs):
         total, count = 0.0, 0
         for batch in loader:
             bar.update(1)
-            if batch is None:  # no image of this batch could be read (make_loader's training mode)
+            # no image of this batch could be read (make_loader's training mode); ranks skip a step together
+            if distributed.any_rank(batch is None):
                 continue
             images, labels, _, _ = batch
             images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
             flip = torch.rand(images.shape[0], device=device) < 0.5
             images = torch.where(flip[:, None, None, None], images.flip(3), images)
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-                loss = torch.nn.functional.cross_entropy(model(images), labels)
+                loss = torch.nn.functional.cross_entropy(network(images), labels)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
             schedule.step()
             total += float(loss.detach()) * labels.shape[0]
             count += labels.shape[0]
-        skipped = len(loader.sampler) - count
-        if skipped:
+        total, count, draws = distributed.summed(total, count, len(loader.sampler))
+        if draws > count:
             log.warning("epoch %d: %d of %d image draws skipped as unreadable (named above); replace or remove "
-                        "those files", epoch + 1, skipped, len(loader.sampler))
+                        "those files", epoch + 1, draws - count, draws)
         if count == 0:
             raise PipelineError("no training image could be read; check the dataset folder")
         losses.append(total / count)
         bar.set_postfix(epoch=epoch + 1, loss=f"{losses[-1]:.3f}")
-        if resume:
+        if resume and world.is_main:
             save_epoch_checkpoint(resume, model, optimizer, schedule, loader, losses)
     bar.close()
     return losses
@@ -164,16 +175,17 @@ def save_epoch_checkpoint(resume: Resume, model: Classifier, optimizer: torch.op
 def train_reference(run: Run, config: RunConfig, force: bool = False, progress: bool = True) -> dict:
     """Train (or reuse) the ERM reference model of ``run``; returns the metrics it wrote.
 
-    A run killed during training resumes from its last finished epoch (``.resume/train.pt``).
+    A run killed during training resumes from its last finished epoch (``.resume/train.pt``). Under torchrun
+    every rank trains (DDP) and rank 0 alone saves, evaluates and writes; the others then read its metrics.
     """
-    image_set = load_dataset(config.data.root, run.manifest_path)
+    with distributed.main_first():  # rank 0 checks the dataset and writes the manifest; the rest trust it
+        image_set = load_dataset(config.data.root, run.manifest_path)
     size = resolve_image_size(image_set, config.data.image_size)
     stamp = fingerprint("train", image_set.fingerprint(), config.data, config.train)
-    run.root.mkdir(parents=True, exist_ok=True)
-    run.save_config(config)
+    distributed.on_main(lambda: run.save_config(config))
     if not force and run.is_done("train", stamp, [run.checkpoint_path, run.metrics_path]):
         log.info("reusing %s (same data and settings; --force retrains)", run.checkpoint_path)
-        run.discard_resume("train")
+        distributed.on_main(lambda: run.discard_resume("train"))
         return run.load_metrics()
     device = resolve_device(config.device)
     seed_everything(config.train.seed)
@@ -182,18 +194,24 @@ def train_reference(run: Run, config: RunConfig, force: bool = False, progress: 
         load_weights(model, config.train.weights)
     loader = make_loader(image_set, image_set.split(TRAIN), size, config.train.batch_size, config.data.workers,
                          shuffle=True, seed=config.train.seed, training=True)
-    resume = Resume(run.resume_path("train"), fingerprint(stamp, device.type))
+    resume = Resume(run.resume_path("train"), fingerprint(stamp, distributed.placement(device)))
     losses = fit(model, loader, config.train.epochs, config.train.lr, config.train.weight_decay, device, progress,
                  resume)
     meta = {"arch": config.train.arch, "num_classes": image_set.num_classes, "image_size": size,
             "class_names": image_set.class_names, "fingerprint": stamp}
+    distributed.on_main(lambda: _save_reference(run, model, meta, image_set, config, device, losses, progress))
+    return run.load_metrics()
+
+
+def _save_reference(run: Run, model: Classifier, meta: dict, image_set: ImageSet, config: RunConfig,
+                    device: torch.device, losses: list[float], progress: bool) -> None:
+    """Save the trained reference model, evaluate it on every split and start the run's metrics afresh."""
     save_checkpoint(model.cpu(), run.checkpoint_path, meta)
-    results = evaluate_splits(model.to(device), image_set, size, config, device, progress)
+    results = evaluate_splits(model.to(device), image_set, meta["image_size"], config, device, progress)
     # headline numbers are the test split's; val sits beside them
     metrics = {"erm": {**results.get("test", {}), "val": results.get("val"), "train_loss": losses}}
     atomic_write_json(run.metrics_path, metrics)  # a new reference model starts the run's metrics afresh
-    run.mark_done("train", stamp)
+    run.mark_done("train", meta["fingerprint"])
     run.discard_resume("train")
     for name, split_metrics in results.items():
         log.info(format_metrics(f"ERM {name}", split_metrics))
-    return metrics

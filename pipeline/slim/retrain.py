@@ -41,6 +41,7 @@ from pipeline.core.data import TEST, VAL, Corruption, ImageSet, Sample, load_dat
 from pipeline.core.errors import PipelineError
 from pipeline.core.io import file_digest
 from pipeline.core.run import Run
+from pipeline.model import distributed
 from pipeline.model.attention import AttentionArrays, compute_attention
 from pipeline.model.cam import make_extractor
 from pipeline.model.evaluate import evaluate_splits, format_metrics
@@ -302,8 +303,9 @@ class RetrainInputs:
         return self.meta["image_size"]
 
     def scores(self) -> np.ndarray:
-        """The propagated ``P(core)`` of every training image (re-propagated when stale)."""
-        return propagate_run(self.run, self.config)[0].score
+        """The propagated ``P(core)`` of every training image (re-propagated when stale, by rank 0 first)."""
+        with distributed.main_first():
+            return propagate_run(self.run, self.config)[0].score
 
     def curated_ids(self) -> list[int]:
         return [int(r["image_id"]) for r in self.run.load_csv(self.run.curated_path, "curate --run RUN")]
@@ -391,6 +393,9 @@ def retrain_run(run: Run, config: RunConfig, progress: bool = True) -> dict:
     ``fresh``, ``corm`` and ``low-spuriosity`` need the propagated answers only (re-propagated when stale);
     ``last-layer`` and ``full`` train on ``curate``'s subset. Where the dataset has masks, the metrics carry
     core accuracy (background replaced by noise) beside the group accuracies.
+
+    Under torchrun the modes that train a network (fresh, full, corm) train it with DDP; the head-only modes
+    (seconds) run alike on every rank; rank 0 alone writes and evaluates.
     """
     mode = config.retrain.mode
     if mode not in MODES:
@@ -400,31 +405,38 @@ def retrain_run(run: Run, config: RunConfig, progress: bool = True) -> dict:
         raise PipelineError(f"unknown --augment {config.retrain.augment!r}; choose {' or '.join(AUGMENTATIONS)}")
     model, meta = load_checkpoint(run.require(run.checkpoint_path, "train --data DIR --run RUN"))
     device = resolve_device(config.device)
-    counterfactuals = load_counterfactuals(run, config) if config.retrain.augment == "counterfactual" else None
-    image_set = load_dataset(config.data.root, run.manifest_path)
+    with distributed.main_first():  # what rank 0 (re)makes, the other ranks then read: manifest, counterfactuals
+        counterfactuals = load_counterfactuals(run, config) if config.retrain.augment == "counterfactual" else None
+        image_set = load_dataset(config.data.root, run.manifest_path)
     inputs = RetrainInputs(run, config, image_set, arrays, model, meta, device, retrain_resume(run, config, device),
                            progress, counterfactuals)
     retrained, details = MODES[mode](inputs)
     details["augment"] = config.retrain.augment
     if counterfactuals:
         details["counterfactuals"] = {"images": len(counterfactuals), "rejected": counterfactuals.rejected}
-    save_checkpoint(retrained, run.slim_checkpoint_path, {**meta, "mode": mode, **details})
+    distributed.on_main(lambda: _save_retrained(inputs, retrained, details))
+    return run.load_metrics()["slim"]
+
+
+def _save_retrained(inputs: RetrainInputs, retrained: Classifier, details: dict) -> None:
+    """Save the retrained model, evaluate it (group and core accuracy) and record it in the run's metrics."""
+    run, config, image_set, device, mode = inputs.run, inputs.config, inputs.image_set, inputs.device, \
+        inputs.config.retrain.mode
+    save_checkpoint(retrained, run.slim_checkpoint_path, {**inputs.meta, "mode": mode, **details})
     run.save_config(config)
-    results = evaluate_splits(retrained.to(device), image_set, meta["image_size"], config, device, progress)
+    results = evaluate_splits(retrained.to(device), image_set, inputs.size, config, device, inputs.progress)
     if image_set.has_masks:
         for split, name in ((VAL, "val"), (TEST, "test")):
             if name in results:
-                results[name]["core_acc"] = core_accuracy(retrained, image_set, image_set.split(split),
-                                                          meta["image_size"], config, device)
-    slim = {**results.get("test", {}), "val": results.get("val"), "mode": mode, **details}
-    run.update_metrics(slim=slim)
+                results[name]["core_acc"] = core_accuracy(retrained, image_set, image_set.split(split), inputs.size,
+                                                          config, device)
+    run.update_metrics(slim={**results.get("test", {}), "val": results.get("val"), "mode": mode, **details})
     run.discard_resume("retrain")
     for name, split_metrics in results.items():
         log.info(format_metrics(f"SLIM ({mode}) {name}", split_metrics))
         if "core_acc" in split_metrics:
             log.info("SLIM (%s) %s: core accuracy (background replaced by noise) %.1f%%", mode, name,
                      100 * split_metrics["core_acc"])
-    return slim
 
 
 def retrain_resume(run: Run, config: RunConfig, device: torch.device) -> Resume:
@@ -434,5 +446,5 @@ def retrain_resume(run: Run, config: RunConfig, device: torch.device) -> Resume:
     :func:`weighted_fit` adds the images and weights the answers chose.
     """
     key = fingerprint("retrain", file_digest(run.checkpoint_path), config.data, config.train, config.retrain,
-                      device.type)
+                      distributed.placement(device))
     return Resume(run.resume_path("retrain"), key)
