@@ -309,7 +309,7 @@ class SlimAttentionBackend:
         return snapshot
 
     def _repropagate(self) -> None:
-        answers = consolidate(self.store.annotations())
+        answers = consolidate(self.store.annotations(), self.config.curate.consensus)
         if not answers.labels:
             return
         save_propagation(self.run, self.arrays, answers)

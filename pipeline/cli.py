@@ -219,7 +219,7 @@ STAGES = (
           {**COMMON_SECTIONS, "sample": None}, _sample),
     Stage("propagate", "spread the answers to every training image",
           "SLIM step 6: label spreading per class over the attention representation.",
-          {**COMMON_SECTIONS, "curate": ("labels",)}, _propagate),
+          {**COMMON_SECTIONS, "curate": ("labels", "consensus")}, _propagate),
     Stage("curate", "spread the answers (when stale) and curate a feature-balanced subset",
           "SLIM steps 6-7: label spreading per class, then a feature-balanced subset.",
           {**COMMON_SECTIONS, "curate": None}, _curate),

@@ -65,7 +65,7 @@ def test_consolidate_majority_ties_unsure_and_skips() -> None:
                            a(4, 11, "core"), a(5, 11, "spurious"),  # tie: no verdict
                            a(6, 12, "unsure"),  # unsure: no evidence
                            a(7, 13, "unsure"), a(8, 13, "spurious"),  # unsure does not vote
-                           a(9, 14, None, skipped=True)])
+                           a(9, 14, None, skipped=True)], method="majority")
     assert answers.labels == {10: CORE, 13: SPURIOUS}
     assert answers.counts == Counter({"multi_annotated": 3, "unsure_or_tied": 2, "core": 1, "spurious": 1,
                                       "skipped": 1})
@@ -90,7 +90,7 @@ def test_large_classes_spread_on_a_sparse_neighbour_graph_with_the_dense_verdict
     knn, certainty = spread_class(points, labelled)
     assert ((dense >= 0.5) == (knn >= 0.5)).mean() > 0.97
     assert (knn[300:600] < 0.5).all() and (knn[:300] > 0.5).all() and ((0 <= certainty) & (certainty <= 1)).all()
-    graph = propagate_module.sparse_rbf_kernel(kernel_gamma(points))(points, points)
+    graph = propagate_module.sparse_rbf_affinity(points, kernel_gamma(points))
     assert graph.nnz <= 2 * propagate_module.SPREAD_NEIGHBOURS * len(points) and (graph != graph.T).nnz == 0
     monkeypatch.setattr(propagate_module, "APPROXIMATE_NEIGHBOURS_ABOVE", 100)  # pynndescent's neighbours
     approximate, _ = spread_class(points, labelled)

@@ -24,6 +24,7 @@ RETRAIN_MODES = ("last-layer", "full", "fresh", "corm", "low-spuriosity")
 CORRUPTIONS = ("noise", "blur")
 AUGMENTATIONS = ("none", "counterfactual")
 CURATION_VARIANTS = ("attention", "published")
+CONSENSUS_METHODS = ("dawid-skene", "mace", "glad", "majority")  # pipeline.slim.consensus says what each does
 DEVICES = ("auto", "cpu", "cuda")
 
 
@@ -102,6 +103,9 @@ class CurateConfig:
 
     labels: str | None = option(None, "answers as a CSV of image_id,label (core/spurious/unsure) instead of the "
                                       "pulled ones", metavar="CSV", path=True)
+    consensus: str = option("dawid-skene", "how several answers on one image become its verdict: dawid-skene, "
+                                           "mace or glad weigh each annotator by estimated reliability; majority "
+                                           "counts votes (a tie is unsure)", choices=CONSENSUS_METHODS)
     subset_size: int | None = option(None, "images in the curated subset (default: 10 % of the training set, "
                                            ">= 20 per class)", metavar="N")
     variant: str = option("attention", "attention: all images, cells of attended x ignored features; published: "

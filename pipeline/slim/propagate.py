@@ -1,9 +1,11 @@
 """SLIM step 6: spread the annotators' answers to every training image of the same class.
 
-Per class, scikit-learn's ``LabelSpreading`` (RBF kernel) over the attention representation gives each
-image an attention-correctness score ``P(core)`` in [0, 1] and a certainty in [0, 1]. ``unsure`` answers
-are not evidence. Several answers on one image are reduced to the majority; a tie counts as unsure. Nothing
-is dropped silently: :class:`Answers` counts what each rule did.
+Per class, label spreading (scikit-learn's ``LabelSpreading`` algorithm, RBF kernel) over the attention
+representation gives each image an attention-correctness score ``P(core)`` in [0, 1] and a certainty in
+[0, 1]. ``unsure`` answers are not evidence. Several answers on one image become one verdict and a confidence
+by the run's consensus method (:mod:`pipeline.slim.consensus`); a verdict counts in spreading as much as its
+confidence says (a contested one pulls its neighbours less). Nothing is dropped silently: :class:`Answers`
+counts what each rule did.
 
 A class where every answer is the same cannot be spread as two labels. There, the score moves from
 ``UNDECIDED`` (0.5, no evidence) towards the shared answer with the image's RBF similarity to the nearest
@@ -22,10 +24,10 @@ from pathlib import Path
 
 import numpy as np
 from scipy import sparse
+from scipy.sparse.csgraph import laplacian
 from sklearn.decomposition import PCA
 from sklearn.metrics.pairwise import euclidean_distances, rbf_kernel
 from sklearn.neighbors import NearestNeighbors
-from sklearn.semi_supervised import LabelSpreading
 
 from pipeline.core.config import RunConfig, fingerprint
 from pipeline.core.errors import PipelineError
@@ -34,12 +36,14 @@ from pipeline.core.run import Run, reading
 from pipeline.core.store import Annotation, AnnotationStore
 from pipeline.core.verdicts import CHOICES, CORE, SPURIOUS, UNDECIDED
 from pipeline.model.attention import AttentionArrays
+from pipeline.slim.consensus import DEFAULT_CONSENSUS, Consensus, aggregate, agreement_report, votes_of
 
 log = logging.getLogger(__name__)
 MAX_DIMS = 32  # the kernel sees a PCA projection: RBF distances in 256-D are all alike
 KERNEL_SAMPLE = 1000  # images whose pairwise distances set the RBF width: a median needs no more
 SPREAD_ALPHA = 0.2  # LabelSpreading's clamping: an answered image keeps 80 % of its own verdict
 SPREAD_ITERATIONS = 100  # LabelSpreading converges in far fewer steps on a few thousand images
+SPREAD_TOLERANCE = 1e-3  # scikit-learn's LabelSpreading default: summed change of the distributions to stop at
 # RBF width as a multiple of the class's median pairwise distance. Swept over 0.5 / 1 / 2 on the synthetic family
 # (benchmarks/sweep.py, BENCHMARKS.md): no width changes the cells the fresh retraining balances; propagation
 # accuracy against the true verdicts is 94.2 / 93.3 / 87.1 % (family mean), mixed attention preferring local
@@ -58,31 +62,32 @@ APPROXIMATE_NEIGHBOURS_ABOVE = 50_000
 
 @dataclass
 class Answers:
-    """One verdict per image (1 core, 0 spurious) and an account of how it was reached."""
+    """One verdict per image (1 core, 0 spurious), how sure the annotators' consensus is of it, and an account of
+    how it was reached (:mod:`pipeline.slim.consensus`)."""
 
     labels: dict[int, int]
     counts: Counter = field(default_factory=Counter)
+    consensus: Consensus | None = None  # how the verdicts were reached from several answers; None: given as is
+
+    def strength(self, image_id: int) -> float:
+        """How much the verdict counts in spreading: 1 for a certain one, 0 for a coin flip (posterior 1/2)."""
+        return 2.0 * (self.consensus.confidence.get(image_id, 1.0) if self.consensus else 1.0) - 1.0
 
 
-def consolidate(annotations: Iterable[Annotation]) -> Answers:
-    """Majority answer per image; unsure, skipped and tied images carry no verdict (and are counted)."""
-    by_image: dict[int, list[str]] = {}
-    counts: Counter = Counter()
-    for annotation in annotations:
-        if annotation.skipped or annotation.choice is None:
-            counts["skipped"] += 1
-            continue
-        by_image.setdefault(annotation.image_id, []).append(annotation.choice)
-    labels = {}
-    for image_id, choices in by_image.items():
-        votes = Counter(c for c in choices if c != "unsure")
-        counts["multi_annotated"] += len(choices) > 1
-        if not votes or votes["core"] == votes["spurious"]:
-            counts["unsure_or_tied"] += 1
-            continue
-        labels[image_id] = CORE if votes["core"] > votes["spurious"] else SPURIOUS
-        counts["core" if labels[image_id] == CORE else "spurious"] += 1
-    return Answers(labels, counts)
+def consolidate(annotations: Iterable[Annotation], method: str = DEFAULT_CONSENSUS, seed: int = 0) -> Answers:
+    """One verdict per image by ``method`` (:data:`~pipeline.slim.consensus.CONSENSUS_METHODS`); unsure, skipped
+    and contested (tied) images carry no verdict, and every rule is counted."""
+    annotations = list(annotations)
+    answers_per_image = Counter(a.image_id for a in annotations if not a.skipped and a.choice is not None)
+    consensus = aggregate(votes_of(annotations), method, seed)
+    counts: Counter = Counter({
+        "skipped": sum(a.skipped or a.choice is None for a in annotations),
+        "multi_annotated": sum(n > 1 for n in answers_per_image.values()),
+        "unsure_or_tied": sum(i not in consensus.verdict for i in answers_per_image),
+        "core": sum(v == CORE for v in consensus.verdict.values()),
+        "spurious": sum(v == SPURIOUS for v in consensus.verdict.values()),
+    })
+    return Answers(consensus.verdict, +counts, consensus)
 
 
 def kernel_gamma(points: np.ndarray, width: float = SPREAD_WIDTH) -> float:
@@ -93,16 +98,12 @@ def kernel_gamma(points: np.ndarray, width: float = SPREAD_WIDTH) -> float:
     return 1.0 / max((width * median) ** 2, 1e-12)
 
 
-def sparse_rbf_kernel(gamma: float):
-    """LabelSpreading's RBF affinity restricted to each image's ``SPREAD_NEIGHBOURS`` nearest neighbours
-    (symmetrised, so an edge counts from both ends): memory and time grow ~linearly with the class."""
-
-    def kernel(points: np.ndarray, _: np.ndarray) -> sparse.csr_matrix:
-        graph = neighbour_graph(points, min(SPREAD_NEIGHBOURS, len(points) - 1))
-        graph.data = np.exp(-gamma * graph.data**2)
-        return graph.maximum(graph.T).tocsr()
-
-    return kernel
+def sparse_rbf_affinity(points: np.ndarray, gamma: float) -> sparse.csr_matrix:
+    """The RBF affinity restricted to each image's ``SPREAD_NEIGHBOURS`` nearest neighbours (symmetrised, so an
+    edge counts from both ends): memory and time grow ~linearly with the class."""
+    graph = neighbour_graph(points, min(SPREAD_NEIGHBOURS, len(points) - 1))
+    graph.data = np.exp(-gamma * graph.data**2)
+    return graph.maximum(graph.T).tocsr()
 
 
 def neighbour_graph(points: np.ndarray, neighbours: int) -> sparse.csr_matrix:
@@ -119,31 +120,62 @@ def neighbour_graph(points: np.ndarray, neighbours: int) -> sparse.csr_matrix:
     return sparse.csr_matrix((distances[:, 1:].ravel(), (rows, others.ravel())), shape=(len(points),) * 2)
 
 
-def spread_class(points: np.ndarray, labelled: dict[int, int],
-                 width: float = SPREAD_WIDTH) -> tuple[np.ndarray, np.ndarray]:
-    """(P(core), certainty) for every row of ``points``; ``labelled`` maps row -> 1/0."""
+def spread_class(points: np.ndarray, labelled: dict[int, int], width: float = SPREAD_WIDTH,
+                 strength: dict[int, float] | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """(P(core), certainty) for every row of ``points``; ``labelled`` maps row -> 1/0, ``strength`` row -> how
+    much that verdict counts (:meth:`Answers.strength`; 1 where absent)."""
     if not labelled:
         return np.full(len(points), UNDECIDED), np.zeros(len(points))
+    strength = strength or {}
     gamma = kernel_gamma(points, width)
     rows = np.fromiter(labelled, dtype=int)
     values = np.array([labelled[r] for r in rows])
+    weights = np.array([strength.get(r, 1.0) for r in rows])
     if len(set(values)) == 1:
-        similarity = rbf_kernel(points, points[rows], gamma=gamma).max(axis=1)
+        similarity = (rbf_kernel(points, points[rows], gamma=gamma) * weights).max(axis=1)
         direction = 1.0 if values[0] == CORE else -1.0
         return UNDECIDED * (1.0 + direction * similarity), similarity
-    targets = np.full(len(points), -1)
-    targets[rows] = values
-    kernel = "rbf" if len(points) <= DENSE_SPREAD_LIMIT else sparse_rbf_kernel(gamma)
-    model = LabelSpreading(kernel=kernel, gamma=gamma, alpha=SPREAD_ALPHA, max_iter=SPREAD_ITERATIONS)
-    model.fit(points, targets)
-    distribution = model.label_distributions_
-    p_core = distribution[:, list(model.classes_).index(CORE)]
+    targets = np.zeros((len(points), 2))  # columns: spurious, core
+    targets[rows, values] = UNDECIDED * (1.0 + weights)
+    targets[rows, 1 - values] = UNDECIDED * (1.0 - weights)
+    affinity = rbf_kernel(points, gamma=gamma) if len(points) <= DENSE_SPREAD_LIMIT \
+        else sparse_rbf_affinity(points, gamma)
+    p_core = spread_labels(affinity, targets)[:, CORE]
     return p_core, np.abs(2 * p_core - 1)
+
+
+def spread_labels(affinity: np.ndarray | sparse.spmatrix, targets: np.ndarray, alpha: float = SPREAD_ALPHA,
+                  iterations: int = SPREAD_ITERATIONS, tolerance: float = SPREAD_TOLERANCE) -> np.ndarray:
+    """Label spreading (Zhou et al. 2004) exactly as scikit-learn's ``LabelSpreading`` runs it, but from soft
+    ``targets`` (a row of class weights per answered image, zeros elsewhere): scikit-learn clamps every answer to
+    a one-hot row, so a contested verdict would pull its neighbours as hard as a unanimous one.
+
+    The graph is the symmetrically normalised ``affinity`` with a zero diagonal; each step spreads the current
+    distributions one edge further and pulls answered images back by ``1 - alpha`` to their targets. Returns
+    row-normalised class distributions. With one-hot targets it equals ``LabelSpreading`` (tested).
+    """
+    graph = -laplacian(affinity, normed=True)
+    if sparse.issparse(graph):
+        graph = sparse.csr_matrix(graph)
+        graph.setdiag(0.0)
+        graph.eliminate_zeros()
+    else:
+        np.fill_diagonal(graph, 0.0)
+    anchored = (1.0 - alpha) * targets
+    distributions, previous = targets.copy(), np.zeros_like(targets)
+    for _ in range(iterations):
+        if np.abs(distributions - previous).sum() < tolerance:
+            break
+        previous = distributions
+        distributions = alpha * (graph @ distributions) + anchored
+    totals = distributions.sum(axis=1, keepdims=True)
+    return distributions / np.where(totals == 0, 1.0, totals)
 
 
 def propagate(arrays: AttentionArrays, answers: Answers,
               width: float = SPREAD_WIDTH) -> tuple[np.ndarray, np.ndarray]:
-    """Scores and certainties for every training image (rows of ``arrays``); ``width`` as in :func:`kernel_gamma`."""
+    """Scores and certainties for every training image (rows of ``arrays``); ``width`` as in :func:`kernel_gamma`.
+    Each verdict counts by its consensus strength."""
     scores = np.full(len(arrays), UNDECIDED)
     certainty = np.zeros(len(arrays))
     for y in arrays.classes:
@@ -152,9 +184,11 @@ def propagate(arrays: AttentionArrays, answers: Answers,
         dims = min(MAX_DIMS, len(members), representation.shape[1])
         points = PCA(n_components=dims, random_state=0).fit_transform(representation)
         position = {row: k for k, row in enumerate(members)}
-        labelled = {position[arrays.row_of(i)]: v for i, v in answers.labels.items()
+        answered = {position[arrays.row_of(i)]: i for i in answers.labels
                     if arrays.has_image(i) and arrays.row_of(i) in position}
-        scores[members], certainty[members] = spread_class(points, labelled, width)
+        scores[members], certainty[members] = spread_class(
+            points, {k: answers.labels[i] for k, i in answered.items()}, width,
+            {k: answers.strength(i) for k, i in answered.items()})
     return scores, certainty
 
 
@@ -189,7 +223,8 @@ class Propagation:
 
 
 def answers_from_csv(path: str | Path) -> list[Annotation]:
-    """Answers from a CSV of ``image_id,label`` (label core / spurious / unsure), one row per answer."""
+    """Answers from a CSV of ``image_id,label`` (label core / spurious / unsure), one row per answer; an optional
+    ``annotator`` column says who gave each (several answers per image are then aggregated as the pulled ones)."""
     path = Path(path).expanduser()
     if not path.is_file():
         raise PipelineError(f"--labels {path} does not exist; pass a CSV with columns image_id,label")
@@ -206,20 +241,20 @@ def answers_from_csv(path: str | Path) -> list[Annotation]:
                 image_id = int(row["image_id"])
             except ValueError:
                 raise PipelineError(f"{path} line {line}: image_id must be an integer, got {row['image_id']!r}") from None
-            annotations.append(Annotation(-line, -1, image_id, "csv", label))
+            annotations.append(Annotation(-line, -1, image_id, (row.get("annotator") or "").strip() or "csv", label))
     return annotations
 
 
-def load_answers(run: Run, labels_csv: str | None) -> Answers:
+def run_annotations(run: Run, labels_csv: str | None) -> list[Annotation]:
     """The run's pulled annotations, or a CSV's answers when one is given."""
     if labels_csv:
-        return consolidate(answers_from_csv(labels_csv))
+        return answers_from_csv(labels_csv)
     if not run.labels_path.exists():
         raise PipelineError(f"no answers in {run.root}: `python -m pipeline pull --run {run.root}` first, or pass "
                             "--labels CSV (image_id,label)")
     store = AnnotationStore(run.labels_path)
     try:
-        return consolidate(store.annotations())
+        return store.annotations()
     finally:
         store.close()
 
@@ -246,16 +281,34 @@ def save_propagation(run: Run, arrays: AttentionArrays, answers: Answers) -> Pro
 
 
 def propagation_stamp(run: Run, answers: Answers) -> str:
-    """What the scores depend on: the attention stage's output and the verdicts."""
-    return fingerprint("propagate", run.stage_fingerprint("embed"), sorted(answers.labels.items()))
+    """What the scores depend on: the attention stage's output, the verdicts and how strongly each counts."""
+    return fingerprint("propagate", run.stage_fingerprint("embed"), sorted(answers.labels.items()),
+                       [round(answers.strength(i), 6) for i in sorted(answers.labels)])
+
+
+def record_agreement(run: Run, arrays: AttentionArrays, annotations: list[Annotation], answers: Answers,
+                     method: str) -> None:
+    """``metrics.json["annotation"]``: the annotators' agreement, where images were answered more than once
+    (cleared again when no image is)."""
+    if not answers.counts["multi_annotated"]:
+        if run.load_metrics().get("annotation"):
+            run.update_metrics(annotation=None)
+        return
+    class_of = {int(i): arrays.class_names[int(y)] for i, y in zip(arrays.index, arrays.y, strict=True)}
+    report = agreement_report(annotations, answers.consensus, class_of)
+    run.update_metrics(annotation={"consensus": method, **report})
+    log.info("%d images answered more than once; Krippendorff's alpha %s", report["images_answered_more_than_once"],
+             "n/a" if report["alpha"] is None else f"{report['alpha']:.2f}")
 
 
 def propagate_run(run: Run, config: RunConfig, force: bool = False) -> tuple[Propagation, Answers]:
     """The ``propagate`` stage: spread the run's answers, or reuse ``propagation.npz`` for the same verdicts."""
     arrays = AttentionArrays.load(run.require(run.attention_path, "embed --run RUN"))
-    answers = load_answers(run, config.curate.labels)
+    annotations = run_annotations(run, config.curate.labels)
+    answers = consolidate(annotations, config.curate.consensus, config.curate.seed)
     check_answers(arrays, answers)
     run.save_config(config)
+    record_agreement(run, arrays, annotations, answers, config.curate.consensus)
     if not force and run.is_done("propagate", propagation_stamp(run, answers), [run.propagation_path]):
         log.info("reusing %s (same attention and verdicts; --force recomputes)", run.propagation_path)
         return Propagation.load(run.propagation_path), answers

@@ -256,6 +256,31 @@ def _grid(image_set: ImageSet, train: AttentionArrays, rows: np.ndarray, thresho
     return _png(canvas)
 
 
+def _agreement_panel(image_set: ImageSet, train: AttentionArrays, metrics: dict, threshold: float) -> str:
+    """The annotators' agreement (where images were answered more than once): Krippendorff's alpha overall and
+    per class, each annotator's work and agreement with the consensus, and the most contested images."""
+    agreement = metrics.get("annotation")
+    if not agreement:
+        return ""
+
+    def number(value: float | None, form: str) -> str:
+        return "n/a" if value is None else format(value, form)
+
+    per_class = ", ".join(f"{html.escape(name)} {number(alpha, '.2f')}"
+                          for name, alpha in agreement["alpha_per_class"].items())
+    people = "".join(f"<tr><td>{html.escape(name)}</td><td>{q['answers']}</td><td>{number(q['agreement'], '.1%')}</td>"
+                     f"<td>{number(q['estimated_accuracy'], '.1%')}</td><td>{number(q['median_lead_time'], '.1f')}</td></tr>"
+                     for name, q in agreement["annotators"].items())
+    contested = [train.row_of(c["image_id"]) for c in agreement["most_contested"] if train.has_image(c["image_id"])]
+    grid = _grid(image_set, train, np.array(contested, dtype=int), threshold) if contested else ""
+    return (f"<h2>Annotator agreement</h2><p>{agreement['images_answered_more_than_once']} images answered more "
+            f"than once; consensus by <b>{html.escape(agreement['consensus'])}</b>. Krippendorff's alpha "
+            f"<b>{number(agreement['alpha'], '.2f')}</b> (per class: {per_class}).</p>"
+            "<table><tr><th>annotator</th><th>answers</th><th>agrees with consensus</th><th>estimated accuracy</th>"
+            f"<th>median lead time (s)</th></tr>{people}</table>"
+            f"<h3>Most contested images (consensus nearest a tie)</h3>{grid}")
+
+
 def render_html(run: Run, image_set: ImageSet, train: AttentionArrays, propagation: Propagation,
                 metrics: dict) -> str:
     order = np.argsort(propagation.score)
@@ -281,6 +306,7 @@ table{{border-collapse:collapse}}tr:nth-child(even){{background:#f3f3f3}}img{{ma
 <h2>Retraining modes run on this run (test; each mode's last report)</h2>{_modes_table(metrics)}
 <h2>Per-group accuracy</h2>{_bars(metrics)}
 {_counterfactual_panel(run, image_set, metrics['slim'])}
+{_agreement_panel(image_set, train, metrics, threshold)}
 <h2>Attention map</h2>{_maps(train, propagation)}
 <h2>Most spurious training images (lowest propagated score)</h2>{_grid(image_set, train, order[:GRID], threshold)}
 <h2>Most core training images (highest propagated score)</h2>{_grid(image_set, train, order[-GRID:][::-1], threshold)}
