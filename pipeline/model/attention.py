@@ -42,6 +42,7 @@ from pipeline.model.cam import AttentionBatch, AttentionExtractor, upsample_cams
 
 log = logging.getLogger(__name__)
 SPACES = ("vectors", "embedding")
+REPRESENTATION_ROWS = 8192  # rows normalised at a time: 64 MB of temporaries at 2 x 2,048-d
 UNIT_EPS = 1e-12  # guards the division for an all-zero vector (a CAM that is zero everywhere)
 SHARD_IMAGES = 512  # most work a kill can cost: ~1 s of a GPU's ResNet-50 pass, ~12 MB of its vectors
 MIN_SHARDS = 8  # and at most an eighth of a small pass, so a short one resumes too
@@ -57,9 +58,18 @@ def unit_rows(vectors: np.ndarray) -> np.ndarray:
 def representation_of(attended: np.ndarray, ignored: np.ndarray) -> np.ndarray:
     """The attention representation: unit-length ``f`` and ``f_rev`` side by side.
 
-    Unit length keeps the two halves equally weighted whatever the activation scale of the backbone.
+    Unit length keeps the two halves equally weighted whatever the activation scale of the backbone. Rows are
+    written straight into the result ``REPRESENTATION_ROWS`` at a time, so memory holds the result and one chunk's
+    temporaries, not whole copies of each half (4.6 GB more for a 140,000-image class at 2 x 2,048-d).
     """
-    return np.hstack([unit_rows(attended), unit_rows(ignored)])
+    width = attended.shape[1]
+    dtype = np.result_type(unit_rows(attended[:1]), unit_rows(ignored[:1]))
+    out = np.empty((len(attended), width + ignored.shape[1]), dtype=dtype)
+    for start in range(0, len(attended), REPRESENTATION_ROWS):
+        rows = slice(start, start + REPRESENTATION_ROWS)
+        out[rows, :width] = unit_rows(attended[rows])
+        out[rows, width:] = unit_rows(ignored[rows])
+    return out
 
 
 @dataclass(frozen=True, eq=False)
