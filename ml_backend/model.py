@@ -36,6 +36,7 @@ import httpx
 import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
+from sklearn.decomposition import PCA
 from sklearn.neighbors import KNeighborsRegressor
 
 from pipeline.core.config import RunConfig, fingerprint
@@ -57,6 +58,13 @@ NEIGHBOURS = 10  # training images whose scores an unseen image inherits
 VERSION_LENGTH = 12  # hex digits of the model version: unique per run state, short enough to read in the UI
 USERS_REFRESH_S = 60.0  # how often an annotator id unknown to Label Studio is looked up again
 REASON_CHARS = 300  # a failure's reason as /metrics and /health show it: one line an operator can read
+# Above this many coordinates (training images x representation width), unseen images are placed among the training
+# images on the representation's first PLACEMENT_DIMS principal axes: the full representation would not fit in RAM
+# (21 GB for 1.28 M images at 2 x 2,048-d; 50 M float32 coordinates are 200 MB). Below it, in the full space.
+FULL_SPACE_LIMIT = 50_000_000
+PLACEMENT_DIMS = 32  # the width propagation's kernel already compares images at
+PLACEMENT_FIT_ROWS = 20_000  # rows the axes are fitted on: the leading axes settle long before
+PLACEMENT_CHUNK = 65_536  # training images projected at a time: memory holds one chunk of the full width
 
 
 class BadRequest(ValueError):
@@ -137,6 +145,33 @@ class JobLog:
             return {"status": "degraded", "reason": self.last_failure}
 
 
+@dataclass(frozen=True)
+class Placement:
+    """The space an unseen image is compared with the training images in: the attention representation itself,
+    or, above ``FULL_SPACE_LIMIT``, its leading principal axes (``axes``), built class-agnostically in chunks."""
+
+    points: np.ndarray  # one row per training image
+    axes: PCA | None = None
+
+    @classmethod
+    def of(cls, arrays: AttentionArrays) -> Placement:
+        width = arrays.f_att.shape[1] + arrays.f_rev.shape[1]
+        if len(arrays) * width <= FULL_SPACE_LIMIT:
+            return cls(arrays.representation())
+        fit_rows = np.sort(np.random.default_rng(0).choice(len(arrays), PLACEMENT_FIT_ROWS, replace=False))
+        axes = PCA(n_components=PLACEMENT_DIMS, random_state=0).fit(arrays.representation(rows=fit_rows))
+        chunks = (np.arange(start, min(start + PLACEMENT_CHUNK, len(arrays)))
+                  for start in range(0, len(arrays), PLACEMENT_CHUNK))
+        points = np.concatenate([axes.transform(arrays.representation(rows=rows)) for rows in chunks])
+        log.info("unseen images are placed on %d principal axes of %d training images' attention", PLACEMENT_DIMS,
+                 len(arrays))
+        return cls(points.astype(np.float32), axes)
+
+    def project(self, point: np.ndarray) -> np.ndarray:
+        """``point`` (representation rows) in this space."""
+        return point if self.axes is None else self.axes.transform(point).astype(np.float32)
+
+
 class SlimAttentionBackend:
     """Serves pre-annotations for a run and learns from the answers Label Studio sends.
 
@@ -163,7 +198,7 @@ class SlimAttentionBackend:
         self.meta: dict = {}
         self.extractor: AttentionExtractor | None = None
         self.arrays: AttentionArrays | None = None
-        self.points: np.ndarray | None = None  # the attention representation of every training image
+        self.placement: Placement | None = None  # where unseen images meet the training images
         self.scores: np.ndarray | None = None  # P(core) per training image: propagated, else the prior
         self.knn: KNeighborsRegressor | None = None
         self.model_version = ""
@@ -181,7 +216,7 @@ class SlimAttentionBackend:
         self.model, self.meta = load_checkpoint(self.run.require(self.run.checkpoint_path, "train"))
         self.extractor = make_extractor(self.model, "gradcam")
         self.arrays = AttentionArrays.load(self.run.require(self.run.attention_path, "embed --run RUN"))
-        self.points = self.arrays.representation()
+        self.placement = Placement.of(self.arrays)
         self.store = AnnotationStore(self.run.labels_path)
         self.run_id = self.store.get_meta("run_id")
         self._load_scores()
@@ -199,7 +234,7 @@ class SlimAttentionBackend:
         checkpoint = self.run.slim_checkpoint_path if self.run.slim_checkpoint_path.exists() else None
         with self.lock:
             self.scores = scores
-            self.knn = KNeighborsRegressor(n_neighbors=min(NEIGHBOURS, len(scores))).fit(self.points, scores)
+            self.knn = KNeighborsRegressor(n_neighbors=min(NEIGHBOURS, len(scores))).fit(self.placement.points, scores)
             self.model_version = "slim-" + fingerprint(self.run.stage_fingerprint("embed"), source,
                                                        np.round(scores, 4).tolist(), str(checkpoint))[:VERSION_LENGTH]
 
@@ -364,7 +399,7 @@ class SlimAttentionBackend:
             logits = self.model(tensor)
         batch = self.extractor(tensor, logits.argmax(1))
         attended, ignored = attention_vectors(batch)
-        point = representation_of(attended.numpy(), ignored.numpy())
+        point = self.placement.project(representation_of(attended.numpy(), ignored.numpy()))
         with self.lock:
             return float(np.clip(self.knn.predict(point)[0], 0.0, 1.0))
 

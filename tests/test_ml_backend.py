@@ -20,6 +20,7 @@ from hypothesis import strategies as st
 from PIL import Image
 
 import label_config
+from ml_backend import model as backend_model
 from ml_backend._wsgi import create_app
 from ml_backend.model import NEIGHBOURS, SlimAttentionBackend
 from pipeline.core.data import load_dataset
@@ -187,12 +188,17 @@ def test_other_hosts_are_refused_even_with_label_studio_configured(backend_run: 
     assert response.status_code == 403 and "key-not-shown" not in response.get_data(as_text=True)
 
 
-def test_unseen_image_data_uri_is_placed_among_neighbours(backend_run: Path) -> None:
+@pytest.mark.parametrize("full_space", [True, False], ids=["full-space", "principal-axes"])
+def test_unseen_image_data_uri_is_placed_among_neighbours(backend_run: Path, monkeypatch, full_space: bool) -> None:
     """A picture sent without an image id gets its attention computed and inherits its neighbours' verdict.
 
     Two training pictures are sent as data URIs; the propagated scores say core exactly on the first one's
-    nearest neighbours in the attention representation, spurious everywhere else (so on the far one's).
+    nearest neighbours in the attention representation, spurious everywhere else (so on the far one's). The
+    same holds where a large run places images on the representation's principal axes instead.
     """
+    if not full_space:
+        monkeypatch.setattr(backend_model, "FULL_SPACE_LIMIT", 0)
+        monkeypatch.setattr(backend_model, "PLACEMENT_FIT_ROWS", 100)
     arrays = AttentionArrays.load(backend_run / "attention.npz")
     points = arrays.representation()
     candidates = np.flatnonzero(arrays.pred == arrays.y)  # the backend takes the CAM of the predicted class
