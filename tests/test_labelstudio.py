@@ -19,6 +19,7 @@ from pipeline.core.errors import PipelineError
 from pipeline.core.run import Run
 from pipeline.core.store import AnnotationStore
 from pipeline.core.verdicts import verdict
+from pipeline.labelstudio import client
 from pipeline.labelstudio.annotator import decide, simulate_annotator
 from pipeline.labelstudio.client import Settings, Studio
 from pipeline.labelstudio.pull import pull_run
@@ -120,6 +121,16 @@ def test_simulated_answers_are_pulled_exactly_and_pull_is_idempotent(sampled_run
     again = pull_run(run, settings)
     assert again["changed_tasks"] == 0 and digest(run.labels_path) == before
     assert simulate_annotator(run, settings, progress=False)["core"] == 0  # nothing left open
+
+
+def test_listing_by_ids_asks_in_chunks_and_misses_none(sampled_run: Path, settings: Settings, monkeypatch) -> None:
+    """Thousands of changed tasks are asked for a chunk of ids at a time (a request line has a size limit)."""
+    project = push_run(Run(sampled_run), settings, progress=False)["project_id"]
+    monkeypatch.setattr(client, "IDS_PER_QUERY", 3)
+    with Studio(settings) as studio:
+        ids = sorted(int(t["id"]) for t in studio.list_tasks(project, fields=("id",)))
+        assert sorted(int(t["id"]) for t in studio.list_tasks(project, task_ids=ids[1:], fields=("id",))) == ids[1:]
+        assert list(studio.list_tasks(project, task_ids=[], fields=("id",))) == []
 
 
 def test_noise_flips_the_asked_fraction(sampled_run: Path, settings: Settings) -> None:

@@ -1,7 +1,8 @@
 """``pull``: mirror the annotations of the run's tasks into the run's database.
 
 Incremental: one light listing of the project's tasks (ids, ``updated_at``, annotation counts) tells which
-tasks changed since they were last mirrored; only those are fetched with their annotations. Idempotent: a
+tasks changed since they were last mirrored; only those are fetched with their annotations (a first pull, which
+needs them all, asks once for everything). Idempotent: a
 task is mirrored to exactly Label Studio's state (new, edited, deleted and skipped annotations alike), so
 pulling twice leaves the same database. A task that vanished from Label Studio stops the pull with a clear
 message unless ``--accept-deleted`` says to record that; its stored annotations are kept either way.
@@ -16,11 +17,14 @@ from pipeline.core.config import option
 from pipeline.core.errors import PipelineError
 from pipeline.core.run import Run
 from pipeline.core.store import AnnotationStore
-from pipeline.labelstudio.client import TASK_ANNOTATIONS, TASK_COUNTS, Settings, Studio
+from pipeline.labelstudio.client import TASK_ANNOTATIONS, TASK_COUNTS, TASK_FULL, Settings, Studio
 from pipeline.labelstudio.schema import parse_annotation
 
 log = logging.getLogger(__name__)
 SHOWN_IDS = 5  # deleted task ids named in the error; the count says the rest
+# share of never-mirrored tasks from which one full listing beats a light one plus a fetch of the changed
+# tasks: the full listing costs about what fetching all tasks does, the light one a fifth of that on top
+FULL_LISTING_SHARE = 0.5
 
 
 @dataclass(frozen=True)
@@ -43,15 +47,12 @@ def remembered_project(run: Run, store: AnnotationStore, meta_key: str, command:
     return int(project)
 
 
-def changed_tasks(studio: Studio, project_id: int, synced: dict[int, str | None],
+def changed_tasks(listing: dict[int, dict], synced: dict[int, str | None],
                   counts: dict[int, int]) -> tuple[list[int], list[int]]:
     """(gone, changed) among the recorded tasks ``synced`` (task id -> ``updated_at`` last mirrored): those
-    missing from Label Studio, and those whose ``updated_at`` moved or whose number of annotations (``counts``:
-    stored, skipped included) differs -- deleting an annotation does not always move ``updated_at``.
-
-    One light listing (ids, times, counts) decides; only the changed tasks are then fetched in full.
-    """
-    listing = {int(t["id"]): t for t in studio.list_tasks(project_id, fields=TASK_COUNTS)}
+    missing from Label Studio's ``listing`` (task id -> task), and those whose ``updated_at`` moved or whose
+    number of annotations (``counts``: stored, skipped included) differs -- deleting an annotation does not
+    always move ``updated_at``."""
     gone = sorted(set(synced) - set(listing))
     changed = [
         task_id for task_id, synced_at in synced.items()
@@ -64,10 +65,22 @@ def changed_tasks(studio: Studio, project_id: int, synced: dict[int, str | None]
     return gone, changed
 
 
-def fetch_annotations(studio: Studio, project_id: int, task_ids: list[int]) -> tuple[dict[int, str], list[dict]]:
-    """(user id -> email, the tasks with their annotations): what mirroring ``task_ids`` needs."""
-    users = studio.users() if task_ids else {}
-    return users, list(studio.list_tasks(project_id, task_ids=task_ids, fields=TASK_ANNOTATIONS))
+def fetch_changes(studio: Studio, project_id: int, synced: dict[int, str | None],
+                  counts: dict[int, int]) -> tuple[list[int], list[int], list[dict]]:
+    """(gone, changed, the changed tasks with their annotations) for the recorded tasks ``synced``.
+
+    Usually one light listing (ids, times, counts) decides and only the changed tasks are then fetched in full.
+    When most tasks were never mirrored (the first pull), nearly all of them would be fetched anyway: one full
+    listing then both decides and delivers, instead of a light listing followed by a full one.
+    """
+    never = sum(synced_at is None for synced_at in synced.values())
+    if synced and never >= FULL_LISTING_SHARE * len(synced):
+        listing = {int(t["id"]): t for t in studio.list_tasks(project_id, fields=TASK_FULL)}
+        gone, changed = changed_tasks(listing, synced, counts)
+        return gone, changed, [listing[task_id] for task_id in changed]
+    listing = {int(t["id"]): t for t in studio.list_tasks(project_id, fields=TASK_COUNTS)}
+    gone, changed = changed_tasks(listing, synced, counts)
+    return gone, changed, list(studio.list_tasks(project_id, task_ids=changed, fields=TASK_ANNOTATIONS))
 
 
 def pull_run(run: Run, settings: Settings, accept_deleted: bool = False) -> dict:
@@ -81,16 +94,17 @@ def pull_run(run: Run, settings: Settings, accept_deleted: bool = False) -> dict
         studio.connect()
         studio.project(project_id)
         known = {t.task_id: t for t in store.tasks(project_id)}
-        gone, changed = changed_tasks(studio, project_id, {t: r.synced_at for t, r in known.items()},
-                                      store.annotation_counts())
+        # read before Label Studio is asked: a task the ML backend's webhooks write meanwhile differs from this
+        before = store.annotation_rows(known)
+        gone, changed, fetched = fetch_changes(studio, project_id, {t: r.synced_at for t, r in known.items()},
+                                               store.annotation_counts())
         if gone and not accept_deleted:
             shown = ", ".join(map(str, gone[:SHOWN_IDS])) + (" ..." if len(gone) > SHOWN_IDS else "")
             raise PipelineError(
                 f"{len(gone)} task(s) of this run were deleted in Label Studio (ids {shown}); stored annotations "
                 "are kept — re-run pull with --accept-deleted to record the deletion (push then re-creates them)"
             )
-        before = store.annotation_rows(changed)
-        users, fetched = fetch_annotations(studio, project_id, changed)
+        users = studio.users() if fetched else {}
         totals = {"added": 0, "updated": 0, "removed": 0}
         if gone:
             store.mark_tasks_deleted(gone)

@@ -28,7 +28,7 @@ from pipeline.core.errors import PipelineError
 from pipeline.core.run import Run
 from pipeline.core.store import AnnotationStore, Check, CheckTask
 from pipeline.labelstudio.client import Settings, Studio
-from pipeline.labelstudio.pull import changed_tasks, fetch_annotations, nothing_pushed, remembered_project
+from pipeline.labelstudio.pull import fetch_changes, nothing_pushed, remembered_project
 from pipeline.labelstudio.push import TITLE_LENGTH, ProjectKind, project_identity, pushing
 from pipeline.labelstudio.schema import ControlNames, parse_annotation
 from pipeline.slim.counterfactual import manifest
@@ -204,9 +204,9 @@ def pull_checks(run: Run, settings: Settings, warn_above: float = REJECTION_WARN
         studio.connect()
         studio.project(project_id)
         known = {t.task_id: t for t in store.check_tasks(project_id)}
-        gone, changed = changed_tasks(studio, project_id, {t: r.synced_at for t, r in known.items()},
-                                      store.check_counts())
-        users, fetched = fetch_annotations(studio, project_id, changed)
+        gone, _, fetched = fetch_changes(studio, project_id, {t: r.synced_at for t, r in known.items()},
+                                         store.check_counts())
+        users = studio.users() if fetched else {}
         totals = {"added": 0, "updated": 0, "removed": 0}
         with store.transaction() as db:  # all changed tasks or none
             store.forget_check_tasks(gone, db)
