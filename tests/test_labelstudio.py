@@ -97,6 +97,23 @@ def test_push_twice_adds_no_task_and_no_upload(sampled_run: Path, settings: Sett
     assert len(list(Studio(settings).list_tasks(first["project_id"]))) == 8
 
 
+def test_push_asks_several_annotators_on_a_share_of_the_tasks(sampled_run: Path, settings: Settings) -> None:
+    """--annotations-per-task 3 --overlap-share 0.5: Label Studio's own overlap settings, so half the tasks wait
+    for three distinct annotators; pushing again with other settings re-deals them, and bad values are refused."""
+    summary = push_run(Run(sampled_run), settings, annotations_per_task=3, overlap_share=0.5, progress=False)
+    studio = Studio(settings)
+    project = studio.project(summary["project_id"])
+    assert (project.maximum_annotations, project.overlap_cohort_percentage) == (3, 50)
+    overlaps = sorted(t["overlap"] for t in studio.list_tasks(summary["project_id"], fields=("id", "overlap")))
+    assert overlaps == [1] * 4 + [3] * 4
+    push_run(Run(sampled_run), settings, annotations_per_task=2, progress=False)
+    assert {t["overlap"] for t in studio.list_tasks(summary["project_id"], fields=("id", "overlap"))} == {2}
+    for bad, message in (({"annotations_per_task": 0}, "--annotations-per-task must be at least 1"),
+                         ({"overlap_share": 1.5}, r"--overlap-share must be in \(0, 1\]")):
+        with pytest.raises(PipelineError, match=message):
+            push_run(Run(sampled_run), settings, progress=False, **bad)
+
+
 def test_push_recovers_tasks_it_imported_but_never_recorded(sampled_run: Path, settings: Settings) -> None:
     first = push_run(Run(sampled_run), settings, progress=False)
     with sqlite3.connect(sampled_run / "labels.sqlite") as db:  # as if killed right after the import

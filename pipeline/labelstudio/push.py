@@ -55,6 +55,10 @@ class PushOptions:
                                     "servers) or serve them as Label Studio local files", choices=STORAGES)
     document_root: str | None = option(None, "with --storage local-files: the server's "
                                              "LABEL_STUDIO_LOCAL_FILES_DOCUMENT_ROOT", metavar="DIR")
+    annotations_per_task: int = option(1, "annotators asked per task (Label Studio's maximum annotations; each "
+                                          "annotator sees a task at most once)", metavar="N")
+    overlap_share: float = option(1.0, "with --annotations-per-task above 1: the share of tasks asked that many "
+                                       "times, the rest once (Label Studio's overlap cohort)", metavar="F")
 
 
 def run_id_of(store: AnnotationStore) -> str:
@@ -321,15 +325,21 @@ def stage_images(studio: Studio, store: AnnotationStore, project_id: int, paths:
 
 def push_run(run: Run, settings: Settings, project_id: int | None = None, new_project: bool = False,
              round_: int | None = None, storage: str = "upload", document_root: str | Path | None = None,
-             progress: bool = True) -> dict:
-    """Push the selection of ``round_`` (default: the latest) as tasks; returns counts."""
+             annotations_per_task: int = 1, overlap_share: float = 1.0, progress: bool = True) -> dict:
+    """Push the selection of ``round_`` (default: the latest) as tasks, asked of ``annotations_per_task``
+    annotators on ``overlap_share`` of them (the project's overlap settings); returns counts."""
     if storage not in STORAGES:
         raise PipelineError(f"unknown --storage {storage!r}; choose upload or local-files")
+    if annotations_per_task < 1:
+        raise PipelineError(f"--annotations-per-task must be at least 1, got {annotations_per_task}")
+    if not 0.0 < overlap_share <= 1.0:
+        raise PipelineError(f"--overlap-share must be in (0, 1], got {overlap_share}")
     round_ = round_ or latest_round(run)
     selection = run.load_csv(run.selection_path(round_), "sample --run RUN")
     arrays = AttentionArrays.load(run.require(run.attention_path, "embed --run RUN"))
     with pushing(run, settings, lambda run_id: attention_project(run, run_id), AttentionTasks, project_id,
                  new_project) as push:
+        push.studio.set_overlap(push.project_id, annotations_per_task, overlap_share)  # before tasks arrive
         present = push.book.present()
         todo = [r for r in selection if int(r["image_id"]) not in present]
         views = task_views(run, round_, todo)
@@ -342,7 +352,8 @@ def push_run(run: Run, settings: Settings, project_id: int | None = None, new_pr
                                     progress)
     project, adopted = push.project_id, push.adopted
     summary = {"project_id": project, "created": created, "already_present": len(selection) - len(todo),
-               "adopted": adopted, "round": round_}
+               "adopted": adopted, "round": round_, "annotations_per_task": annotations_per_task,
+               "overlap_share": overlap_share if annotations_per_task > 1 else 0.0}
     log.info("project %d: %d tasks created, %d already there%s; open %s", project, created,
              summary["already_present"], f" ({adopted} recovered from an interrupted push)" if adopted else "",
              push.studio.project_url(project))
