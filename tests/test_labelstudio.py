@@ -107,7 +107,13 @@ def test_push_asks_several_annotators_on_a_share_of_the_tasks(sampled_run: Path,
     overlaps = sorted(t["overlap"] for t in studio.list_tasks(summary["project_id"], fields=("id", "overlap")))
     assert overlaps == [1] * 4 + [3] * 4
     push_run(Run(sampled_run), settings, annotations_per_task=2, progress=False)
-    assert {t["overlap"] for t in studio.list_tasks(summary["project_id"], fields=("id", "overlap"))} == {2}
+    tasks = list(studio.list_tasks(summary["project_id"], fields=("id", "overlap")))
+    assert {t["overlap"] for t in tasks} == {2}
+    for choice in ("core", "spurious"):  # two answers on one task: pull counts one image, two answers
+        studio.submit_annotation(tasks[0]["id"], summary["project_id"], choice_result(choice), 3.0)
+    pulled = pull_run(Run(sampled_run), settings)
+    assert (pulled["annotated_images"], pulled["annotations"], pulled["images_answered_more_than_once"]) == (1, 2, 1)
+    assert pulled["alpha"] is None  # both answers are one person's: no agreement between people to measure yet
     for bad, message in (({"annotations_per_task": 0}, "--annotations-per-task must be at least 1"),
                          ({"overlap_share": 1.5}, r"--overlap-share must be in \(0, 1\]")):
         with pytest.raises(PipelineError, match=message):
@@ -288,7 +294,7 @@ def test_demo_runs_the_loop_against_the_configured_server(tmp_path: Path, settin
     assert summary["tasks"] == summary["annotated_tasks"] == 6
     logged = {record.name: record.getMessage() for record in caplog.records}
     assert "6 tasks created" in logged["pipeline.labelstudio.push"]
-    assert logged["pipeline.labelstudio.pull"].startswith("6 tasks, 6 annotated")
+    assert logged["pipeline.labelstudio.pull"].startswith("6 tasks, 6 images annotated; 6 answers")
     assert not run.labelstudio_dir.exists()  # no local server was started
     metrics = json.loads(run.metrics_path.read_text())
     assert metrics["annotated"] == 6 and {"erm", "slim", "curation"} <= set(metrics)

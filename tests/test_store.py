@@ -180,3 +180,17 @@ def test_one_verdict_per_key_by_majority_a_tie_rejects_skips_do_not_count(tmp_pa
     assert [t.synced_at for t in store.check_tasks()] == ["t1", "t0", "t0", "t1"]
     assert store.annotations() == []  # checks never reach the attention answers
     store.close()
+
+
+def test_summary_counts_images_and_answers_apart(tmp_path: Path) -> None:
+    """Two annotators on one task: two answers, one image; a skip is neither."""
+    store = AnnotationStore(tmp_path / "labels.sqlite")
+    store.add_tasks([TaskRecord(1, 9, 101, 1), TaskRecord(2, 9, 102, 1), TaskRecord(3, 9, 103, 1)])
+    for annotation in (Annotation(1, 1, 101, "a@x", "core"), Annotation(2, 1, 101, "b@x", "spurious"),
+                       Annotation(3, 2, 102, "a@x", "unsure"), Annotation(4, 3, 103, "b@x", None, skipped=True)):
+        store.upsert_annotation(annotation)
+    summary = store.summary()
+    assert (summary["tasks"], summary["annotated_tasks"], summary["annotated_images"]) == (3, 2, 2)
+    assert (summary["annotations"], summary["images_answered_more_than_once"], summary["skipped"]) == (3, 1, 1)
+    assert summary["choices"] == {"core": 1, "spurious": 1, "unsure": 1}
+    store.close()

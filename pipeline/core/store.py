@@ -20,6 +20,7 @@ from __future__ import annotations
 import json
 import sqlite3
 import threading
+from collections import Counter
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -339,12 +340,17 @@ class AnnotationStore:
         return [Annotation(r[0], r[1], r[2], r[3], r[4], bool(r[5]), json.loads(r[6]), *r[7:]) for r in rows]
 
     def summary(self) -> dict:
-        """What ``pull`` prints: tasks, annotated tasks, answers by choice, skipped, annotators."""
+        """What ``pull`` prints: tasks, annotated tasks and images (and those answered more than once), answers
+        by choice, skipped, annotators. Images and answers are counted apart: with several annotators per task
+        the answers outnumber the images."""
         annotations = self.annotations()
         answered = [a for a in annotations if not a.skipped]
+        per_image = Counter(a.image_id for a in answered)
         return {
             "tasks": len(self.tasks()),
             "annotated_tasks": len({a.task_id for a in answered}),
+            "annotated_images": len(per_image),
+            "images_answered_more_than_once": sum(n > 1 for n in per_image.values()),
             "annotations": len(answered),
             "skipped": sum(a.skipped for a in annotations),
             "choices": {c: sum(a.choice == c for a in answered) for c in CHOICES},

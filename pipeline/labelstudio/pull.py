@@ -19,6 +19,7 @@ from pipeline.core.run import Run
 from pipeline.core.store import AnnotationStore
 from pipeline.labelstudio.client import TASK_ANNOTATIONS, TASK_COUNTS, TASK_FULL, Settings, Studio
 from pipeline.labelstudio.schema import parse_annotation
+from pipeline.slim.consensus import krippendorff_alpha, votes_of
 
 log = logging.getLogger(__name__)
 SHOWN_IDS = 5  # deleted task ids named in the error; the count says the rest
@@ -123,13 +124,19 @@ def pull_run(run: Run, settings: Settings, accept_deleted: bool = False) -> dict
                     totals[key] += value
         summary = {**store.summary(), "changed_tasks": len(fetched), "deleted_tasks": len(gone),
                    "deferred_tasks": len(touched), **totals}
+        if summary["images_answered_more_than_once"]:
+            summary["alpha"] = krippendorff_alpha(votes_of(store.annotations()))
     finally:
         store.close()
         studio.close()
     choices = summary["choices"]
-    log.info(f"{summary['tasks']} tasks, {summary['annotated_tasks']} annotated "
-             f"(core {choices['core']}, spurious {choices['spurious']}, unsure {choices['unsure']}; "
-             f"skipped {summary['skipped']}); annotators: {', '.join(summary['annotators']) or 'none'}; "
+    overlap = summary["images_answered_more_than_once"]
+    agreement = "" if not overlap else (f", {overlap} answered more than once, Krippendorff's alpha "
+                                        + ("n/a" if summary["alpha"] is None else f"{summary['alpha']:.2f}"))
+    log.info(f"{summary['tasks']} tasks, {summary['annotated_images']} images annotated{agreement}; "
+             f"{summary['annotations']} answers (core {choices['core']}, spurious {choices['spurious']}, unsure "
+             f"{choices['unsure']}; skipped {summary['skipped']}); annotators: "
+             f"{', '.join(summary['annotators']) or 'none'}; "
              f"this pull: {totals['added']} new, {totals['updated']} updated, {totals['removed']} removed"
              + (f"; {len(touched)} task(s) written by the ML backend meanwhile, mirrored by the next pull"
                 if touched else ""))

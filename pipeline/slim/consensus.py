@@ -125,18 +125,20 @@ class AnnotatorQuality:
 
 def krippendorff_alpha(votes: Sequence[Vote]) -> float | None:
     """Krippendorff's alpha (nominal) of the core/spurious answers: 1 perfect agreement, 0 chance, below 0
-    systematic disagreement; ``None`` until some image has two answers (nothing to agree on yet)."""
-    images = sorted({v.image_id for v in votes})
-    annotators = sorted({v.annotator for v in votes})
-    if len(votes) <= len(images) or len({v.verdict for v in votes}) < 2:
-        return None
+    systematic disagreement; ``None`` while it is undefined: no image with answers from two people yet, or only
+    one verdict ever given (nothing to tell agreement from chance)."""
     import krippendorff
 
-    matrix = np.full((len(annotators), len(images)), np.nan)
+    images = sorted({v.image_id for v in votes})
+    annotators = sorted({v.annotator for v in votes})
+    matrix = np.full((len(annotators), len(images)), np.nan)  # one value per person and image: their last
     column = {image_id: k for k, image_id in enumerate(images)}
     row = {annotator: k for k, annotator in enumerate(annotators)}
     for vote in votes:
         matrix[row[vote.annotator], column[vote.image_id]] = vote.verdict
+    pairable = (~np.isnan(matrix)).sum(axis=0) >= 2
+    if not pairable.any() or len(np.unique(matrix[:, pairable][~np.isnan(matrix[:, pairable])])) < 2:
+        return None
     return float(krippendorff.alpha(reliability_data=matrix, level_of_measurement="nominal"))
 
 
