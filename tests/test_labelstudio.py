@@ -99,14 +99,17 @@ def test_push_twice_adds_no_task_and_no_upload(sampled_run: Path, settings: Sett
 
 def test_push_asks_several_annotators_on_a_share_of_the_tasks(sampled_run: Path, settings: Settings) -> None:
     """--annotations-per-task 3 --overlap-share 0.5: Label Studio's own overlap settings, so half the tasks wait
-    for three distinct annotators; pushing again with other settings re-deals them, and bad values are refused."""
+    for three distinct annotators; pushing again with other settings re-deals them (and --predictions show
+    lets annotators see the model's guess), and bad values are refused."""
     summary = push_run(Run(sampled_run), settings, annotations_per_task=3, overlap_share=0.5, progress=False)
     studio = Studio(settings)
     project = studio.project(summary["project_id"])
     assert (project.maximum_annotations, project.overlap_cohort_percentage) == (3, 50)
+    assert project.show_collab_predictions is False  # by default annotators do not see the model's guess
     overlaps = sorted(t["overlap"] for t in studio.list_tasks(summary["project_id"], fields=("id", "overlap")))
     assert overlaps == [1] * 4 + [3] * 4
-    push_run(Run(sampled_run), settings, annotations_per_task=2, progress=False)
+    push_run(Run(sampled_run), settings, annotations_per_task=2, predictions="show", progress=False)
+    assert studio.project(summary["project_id"]).show_collab_predictions is True
     tasks = list(studio.list_tasks(summary["project_id"], fields=("id", "overlap")))
     assert {t["overlap"] for t in tasks} == {2}
     for choice in ("core", "spurious"):  # two answers on one task: pull counts one image, two answers
@@ -115,7 +118,8 @@ def test_push_asks_several_annotators_on_a_share_of_the_tasks(sampled_run: Path,
     assert (pulled["annotated_images"], pulled["annotations"], pulled["images_answered_more_than_once"]) == (1, 2, 1)
     assert pulled["alpha"] is None  # both answers are one person's: no agreement between people to measure yet
     for bad, message in (({"annotations_per_task": 0}, "--annotations-per-task must be at least 1"),
-                         ({"overlap_share": 1.5}, r"--overlap-share must be in \(0, 1\]")):
+                         ({"overlap_share": 1.5}, r"--overlap-share must be in \(0, 1\]"),
+                         ({"predictions": "maybe"}, "unknown --predictions 'maybe'; choose hide or show")):
         with pytest.raises(PipelineError, match=message):
             push_run(Run(sampled_run), settings, progress=False, **bad)
 
@@ -316,7 +320,7 @@ def test_ml_backend_end_to_end(sampled_run: Path, settings: Settings) -> None:
     from ml_backend.model import SlimAttentionBackend
 
     run = Run(sampled_run)
-    project = push_run(run, settings, progress=False)["project_id"]
+    project = push_run(run, settings, predictions="show", progress=False)["project_id"]  # the backend's guesses
     backend = SlimAttentionBackend(sampled_run, settings.url, settings.api_key).setup()
     server = make_server("127.0.0.1", free_port(9090), create_app(backend), threaded=True)
     threading.Thread(target=server.serve_forever, daemon=True).start()
@@ -336,7 +340,7 @@ def test_ml_backend_end_to_end(sampled_run: Path, settings: Settings) -> None:
         # an answer submitted in Label Studio reaches the backend by webhook and moves its predictions
         first = tasks[0]
         same_class = [t for t in tasks[1:] if t["data"]["class_name"] == first["data"]["class_name"]]
-        arrays, points = backend.arrays, backend.points
+        arrays, points = backend.arrays, backend.placement.points
         row = arrays.row_of(first["data"]["image_id"])
         neighbour = min(same_class, key=lambda t: float(np.linalg.norm(
             points[arrays.row_of(t["data"]["image_id"])] - points[row])))

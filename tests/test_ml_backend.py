@@ -134,7 +134,7 @@ def test_answers_by_webhook_are_stored_once_and_move_the_next_prediction(client,
     # the nearest unanswered neighbour of an answered image (same class) is now predicted spurious
     same_class = np.flatnonzero(backend.arrays.y == 0)
     candidates = np.setdiff1d(same_class, rows)
-    distances = np.linalg.norm(backend.points[candidates] - backend.points[rows[0]], axis=1)
+    distances = np.linalg.norm(backend.placement.points[candidates] - backend.placement.points[rows[0]], axis=1)
     neighbour = int(candidates[np.argmin(distances)])
     result = client.post("/predict", json={"tasks": [known_task(backend, neighbour)]}).get_json()["results"][0]
     assert result["result"][0]["value"]["choices"] == ["spurious"]

@@ -398,22 +398,27 @@ class Studio:
 
         return self.retrying("create a project", attempt)
 
-    def set_overlap(self, project_id: int, annotations_per_task: int, share: float) -> None:
-        """Ask ``annotations_per_task`` distinct annotators for ``share`` of the project's tasks, one for the rest.
+    def configure_annotation(self, project_id: int, annotations_per_task: int, share: float,
+                             show_predictions: bool) -> None:
+        """Ask ``annotations_per_task`` distinct annotators for ``share`` of the project's tasks (one for the
+        rest), and show annotators the tasks' predictions or not.
 
-        Label Studio's own settings (maximum annotations, overlap cohort percentage): its label stream then
-        never gives a task to someone who already answered it, and it re-deals the cohort when tasks arrive.
-        Unchanged settings are not written again (the server re-deals every task on each change).
+        Label Studio's own settings (maximum annotations, overlap cohort percentage, "show predictions to
+        annotators"): its label stream then never gives a task to someone who already answered it, and it
+        re-deals the cohort when tasks arrive. Unchanged settings are not written again (the server re-deals
+        every task on each change).
         """
         wanted = {"maximum_annotations": annotations_per_task,
-                  "overlap_cohort_percentage": round(100 * share) if annotations_per_task > 1 else 100}
+                  "overlap_cohort_percentage": round(100 * share) if annotations_per_task > 1 else 100,
+                  "show_collab_predictions": show_predictions}
         current = self.project(project_id)
         if all(getattr(current, key, None) == value for key, value in wanted.items()):
             return
-        self._call(f"set the overlap of project {project_id}",
+        self._call(f"configure project {project_id}",
                    lambda: self.client.projects.update(id=project_id, **wanted), project_id)
-        log.info("project %d: %d annotations per task on %d %% of its tasks", project_id,
-                 annotations_per_task, wanted["overlap_cohort_percentage"])
+        log.info("project %d: %d annotations per task on %d %% of its tasks; predictions %s to annotators",
+                 project_id, annotations_per_task, wanted["overlap_cohort_percentage"],
+                 "shown" if show_predictions else "hidden")
 
     def project(self, project_id: int) -> Any:
         return self._call(f"open project {project_id}", lambda: self.client.projects.get(id=project_id), project_id)

@@ -42,6 +42,7 @@ UPLOAD_THREADS = 2  # two requests in flight keep the server busy while the othe
 RUN_ID_LENGTH = 12  # hex digits of a run id: unique among a server's runs, short enough to read in a task
 TITLE_LENGTH = 50  # Label Studio's limit on a project title
 
+PREDICTION_DISPLAY = ("hide", "show")  # what annotators see of the model's guess (Label Studio's project setting)
 
 @dataclass(frozen=True)
 class PushOptions:
@@ -59,6 +60,9 @@ class PushOptions:
                                           "annotator sees a task at most once)", metavar="N")
     overlap_share: float = option(1.0, "with --annotations-per-task above 1: the share of tasks asked that many "
                                        "times, the rest once (Label Studio's overlap cohort)", metavar="F")
+    predictions: str = option("hide", "show annotators the model's guess as a pre-selected answer, or hide it "
+                                      "(default: a shown guess anchors the very judgement SLIM needs)",
+                              choices=PREDICTION_DISPLAY)
 
 
 def run_id_of(store: AnnotationStore) -> str:
@@ -325,21 +329,26 @@ def stage_images(studio: Studio, store: AnnotationStore, project_id: int, paths:
 
 def push_run(run: Run, settings: Settings, project_id: int | None = None, new_project: bool = False,
              round_: int | None = None, storage: str = "upload", document_root: str | Path | None = None,
-             annotations_per_task: int = 1, overlap_share: float = 1.0, progress: bool = True) -> dict:
+             annotations_per_task: int = 1, overlap_share: float = 1.0, predictions: str = "hide",
+             progress: bool = True) -> dict:
     """Push the selection of ``round_`` (default: the latest) as tasks, asked of ``annotations_per_task``
-    annotators on ``overlap_share`` of them (the project's overlap settings); returns counts."""
+    annotators on ``overlap_share`` of them, the model's guess shown or hidden (the project's settings);
+    returns counts. Tasks always carry the guess as a prediction, so showing it later needs no new push."""
     if storage not in STORAGES:
         raise PipelineError(f"unknown --storage {storage!r}; choose upload or local-files")
     if annotations_per_task < 1:
         raise PipelineError(f"--annotations-per-task must be at least 1, got {annotations_per_task}")
     if not 0.0 < overlap_share <= 1.0:
         raise PipelineError(f"--overlap-share must be in (0, 1], got {overlap_share}")
+    if predictions not in PREDICTION_DISPLAY:
+        raise PipelineError(f"unknown --predictions {predictions!r}; choose {' or '.join(PREDICTION_DISPLAY)}")
     round_ = round_ or latest_round(run)
     selection = run.load_csv(run.selection_path(round_), "sample --run RUN")
     arrays = AttentionArrays.load(run.require(run.attention_path, "embed --run RUN"))
     with pushing(run, settings, lambda run_id: attention_project(run, run_id), AttentionTasks, project_id,
                  new_project) as push:
-        push.studio.set_overlap(push.project_id, annotations_per_task, overlap_share)  # before tasks arrive
+        # before tasks arrive: Label Studio deals the overlap out as they are imported
+        push.studio.configure_annotation(push.project_id, annotations_per_task, overlap_share, predictions == "show")
         present = push.book.present()
         todo = [r for r in selection if int(r["image_id"]) not in present]
         views = task_views(run, round_, todo)
@@ -353,7 +362,7 @@ def push_run(run: Run, settings: Settings, project_id: int | None = None, new_pr
     project, adopted = push.project_id, push.adopted
     summary = {"project_id": project, "created": created, "already_present": len(selection) - len(todo),
                "adopted": adopted, "round": round_, "annotations_per_task": annotations_per_task,
-               "overlap_share": overlap_share if annotations_per_task > 1 else 0.0}
+               "overlap_share": overlap_share if annotations_per_task > 1 else 0.0, "predictions": predictions}
     log.info("project %d: %d tasks created, %d already there%s; open %s", project, created,
              summary["already_present"], f" ({adopted} recovered from an interrupted push)" if adopted else "",
              push.studio.project_url(project))
