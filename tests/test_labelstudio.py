@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+import label_config
 from pipeline.cli import main
 from pipeline.core.data import load_dataset, load_mask
 from pipeline.core.errors import PipelineError
@@ -71,6 +72,9 @@ def test_push_creates_exactly_the_selection_with_predictions(sampled_run: Path, 
     summary = push_run(Run(sampled_run), settings, progress=False)
     assert summary["created"] == 8 and summary["already_present"] == 0
     studio = Studio(settings)
+    project = studio.project(summary["project_id"])  # annotators get the threshold and the instructions
+    assert "CAM ≥ 0.8" in project.label_config and label_config.THRESHOLD_MARK not in project.label_config
+    assert project.show_instruction and "<b>spurious</b>" in project.expert_instruction
     tasks = list(studio.list_tasks(summary["project_id"],
                                    fields=("id", "data", "predictions", "result", "score", "model_version")))
     assert sorted(t["data"]["image_id"] for t in tasks) == sorted(int(r["image_id"]) for r in selection(sampled_run))

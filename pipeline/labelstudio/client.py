@@ -379,8 +379,9 @@ class Studio:
         projects = self._call("list projects", lambda: list(self.client.projects.list(title=title)))
         return sorted(int(p.id) for p in projects if p.title == title and (p.description or "") == description)
 
-    def create_project(self, title: str, description: str, config: str | None = None) -> int:
-        """A project with the SLIM labeling config (or ``config``).
+    def create_project(self, title: str, description: str, config: str | None = None, instructions: str = "") -> int:
+        """A project with the SLIM labeling config (or ``config``), and ``instructions`` (HTML) shown to annotators
+        before they start, where given.
 
         Creating is not idempotent and a broken connection leaves unknown whether the server made the project,
         so a retry first looks for a project with this title and description that was not there before the
@@ -394,7 +395,9 @@ class Studio:
                 if made:
                     return made[0]
             return int(self.client.projects.create(title=title, description=description,
-                                                   label_config=config or label_config.load()).id)
+                                                   label_config=config or label_config.load(),
+                                                   expert_instruction=instructions,
+                                                   show_instruction=bool(instructions)).id)
 
         return self.retrying("create a project", attempt)
 

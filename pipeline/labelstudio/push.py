@@ -106,12 +106,14 @@ class ProjectKind:
     config: str
     answer: str
     choices: tuple[str, ...]
+    instructions: str = ""  # shown to annotators before their first task (HTML)
 
 
 def attention_project(run: Run, run_id: str) -> ProjectKind:
     """The run's SLIM attention-review project."""
-    return ProjectKind("project_id", *project_identity(run, run_id), label_config.load(label_config.ATTENTION),
-                       ANSWER, CHOICES)
+    return ProjectKind("project_id", *project_identity(run, run_id),
+                       label_config.attention(run.load_config().embed.threshold), ANSWER, CHOICES,
+                       label_config.load(label_config.ATTENTION_INSTRUCTIONS))
 
 
 def resolve_project(studio: Studio, store: AnnotationStore, kind: ProjectKind, project_id: int | None,
@@ -127,7 +129,8 @@ def resolve_project(studio: Studio, store: AnnotationStore, kind: ProjectKind, p
             project_id = found[0]
             log.info("adopted project %d '%s' (created by an interrupted push)", project_id, kind.title)
         else:
-            project_id = studio.create_project(kind.title, kind.description, config=kind.config)
+            project_id = studio.create_project(kind.title, kind.description, config=kind.config,
+                                               instructions=kind.instructions)
             log.info("created project %d '%s'", project_id, kind.title)
     else:
         studio.check_project(project_id, kind.answer, kind.choices)
