@@ -44,7 +44,7 @@ from pipeline.core.data import normalize, rgb_array
 from pipeline.core.errors import PipelineError
 from pipeline.core.run import Run
 from pipeline.core.store import AnnotationStore
-from pipeline.labelstudio.client import Settings, Studio
+from pipeline.labelstudio.client import TASK_STATE, Settings, Studio
 from pipeline.labelstudio.schema import ConfigError, ControlNames, control_names, parse_annotation, prediction
 from pipeline.model.attention import AttentionArrays, attention_vectors, representation_of
 from pipeline.model.cam import AttentionExtractor, make_extractor
@@ -350,6 +350,25 @@ class SlimAttentionBackend:
         save_propagation(self.run, self.arrays, answers)
         self._load_scores()
         log.info("propagation refreshed from %d answers; model version %s", len(answers.labels), self.version)
+        self._publish_open_tasks()
+
+    def _publish_open_tasks(self) -> None:
+        """Give the run's tasks nobody has answered yet a prediction of the current version and make it the
+        project's: annotators (where predictions are shown) and API readers see the newest guess at once.
+
+        Needs Label Studio settings and a pushed run; tasks that already have this version's prediction are
+        left alone, so a repeated refresh adds nothing.
+        """
+        project = self.store.get_meta("project_id")
+        if not project or not self.label_studio_url or not self._api_key:
+            return
+        studio, version = self._client(), self.version
+        open_tasks = [t for t in studio.list_tasks(int(project), fields=(*TASK_STATE, "predictions", "model_version"))
+                      if not t.get("total_annotations") and self._known_image(t) is not None
+                      and all(p.get("model_version") != version for p in t.get("predictions") or [])]
+        predictions = [{**prediction(self._p_core(task), version), "task": int(task["id"])} for task in open_tasks]
+        studio.publish_predictions(int(project), predictions, version)
+        log.info("project %s: %d open tasks given predictions of version %s", project, len(predictions), version)
 
     def _train(self) -> None:
         """Curate + retrain on the answers stored so far; a PipelineError (say, no usable answer yet) makes
@@ -361,6 +380,7 @@ class SlimAttentionBackend:
         retrain_run(self.run, self.config, progress=False)
         self._load_scores()
         log.info("curate + retrain done; model version %s", self.version)
+        self._publish_open_tasks()
 
     def wait_idle(self, timeout: float = 60.0) -> None:
         """Block until background work is done (tests, shutdown)."""

@@ -361,5 +361,15 @@ def test_ml_backend_end_to_end(sampled_run: Path, settings: Settings) -> None:
         again = backend.predict([{"data": neighbour["data"]}])["results"][0]
         assert again["result"][0]["value"]["choices"] == ["spurious"]
         assert p_core(again) < min(neighbour_before, 0.5)
+        # live: the next task opened through the API already carries the new guess, as the project's version
+        (opened,) = studio.list_tasks(project, [neighbour["id"]], fields=("id", "predictions", "model_version",
+                                                                          "result", "score"))
+        (live,) = [p for p in opened["predictions"] if p["model_version"] == backend.version]
+        assert live["result"][0]["value"]["choices"] == ["spurious"]
+        assert live["score"] == pytest.approx(again["score"], abs=1e-4)
+        assert studio.project(project).model_version == backend.version
+        answered = next(iter(studio.list_tasks(project, [first["id"]], fields=("id", "predictions",
+                                                                                  "model_version"))))
+        assert all(p["model_version"] != backend.version for p in answered["predictions"])  # only open tasks
     finally:
         server.shutdown()

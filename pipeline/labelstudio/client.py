@@ -518,6 +518,18 @@ class Studio:
 
         return self._call("import tasks", post, project_id, idempotent=False)
 
+    def publish_predictions(self, project_id: int, predictions: Sequence[dict], version: str) -> None:
+        """Add ``predictions`` (each naming its ``task``) in one import, then make ``version`` the project's current
+        model version: Label Studio shows annotators the predictions of that version, so the tasks still open
+        show the newest guess without anyone pressing "Retrieve predictions"."""
+        def post() -> None:
+            if predictions:
+                self._raise_for(self.http.post(f"/api/projects/{project_id}/import/predictions",
+                                               json=list(predictions)))
+            self._raise_for(self.http.patch(f"/api/projects/{project_id}", json={"model_version": version}))
+
+        self._call(f"publish predictions of version {version}", post, project_id, idempotent=False)
+
     def list_tasks(self, project_id: int, task_ids: Sequence[int] | None = None,
                    fields: Sequence[str] = TASK_STATE) -> Iterator[dict]:
         """Tasks of the project (optionally only ``task_ids``) with only ``fields``.
