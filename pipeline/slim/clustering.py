@@ -27,6 +27,7 @@ NEAREST_CANDIDATES = 8  # points fetched per centroid; more only where all of th
 # at k = 1,500 and would miss CelebA's 5 minutes. 32 is the projection propagation's kernel already compares images in.
 PROJECTED_DIMS = 32
 PROJECTION_FIT_ROWS = 20_000  # rows the projection is fitted on: its leading axes settle long before
+PROJECTION_CHUNK = 16_384  # rows standardised and projected at a time: 128 MB of temporaries at 2,048-d
 # Above this many coordinates (rows x dims) the elbow clusters the standardised points' principal axes too: its 19
 # k-means fits cost ~0.35 us per coordinate (6 s for 8,600 x 2,048-d on one core), 100 s per space for CelebA's large
 # class and ~40 min over ImageNet's classes. Every benchmark's class so far is below it (at most 5,026 x 128 = 0.64 M).
@@ -55,12 +56,18 @@ def pick_near_centroids(points: np.ndarray, k: int, seed: int) -> list[tuple[int
     return chosen
 
 
-def principal_axes(points: np.ndarray, seed: int) -> np.ndarray:
-    """``points`` on their first ``PROJECTED_DIMS`` principal axes, fitted on at most ``PROJECTION_FIT_ROWS`` rows:
-    the directions along which the class varies most, where its clusters lie, at a width k-means can afford."""
+def principal_axes(points: np.ndarray, seed: int, scaler: StandardScaler | None = None) -> np.ndarray:
+    """``points`` (standardised by ``scaler`` first, if given) on their first ``PROJECTED_DIMS`` principal axes,
+    fitted on at most ``PROJECTION_FIT_ROWS`` rows: the directions along which the class varies most, where its
+    clusters lie, at a width k-means can afford. Transformed ``PROJECTION_CHUNK`` rows at a time, so no
+    full-width copy of the class is made (1.15 GB for 140,000 x 2,048-d)."""
+    def prepared(rows: np.ndarray | slice) -> np.ndarray:
+        return points[rows] if scaler is None else scaler.transform(points[rows])
+
     fit_rows = np.random.default_rng(seed).choice(len(points), min(len(points), PROJECTION_FIT_ROWS), replace=False)
-    pca = PCA(n_components=min(PROJECTED_DIMS, *points.shape), random_state=seed).fit(points[np.sort(fit_rows)])
-    return pca.transform(points).astype(np.float32, copy=False)
+    pca = PCA(n_components=min(PROJECTED_DIMS, *points.shape), random_state=seed).fit(prepared(np.sort(fit_rows)))
+    return np.concatenate([pca.transform(prepared(slice(start, start + PROJECTION_CHUNK))).astype(np.float32)
+                           for start in range(0, len(points), PROJECTION_CHUNK)])
 
 
 def nearest_unchosen(points: np.ndarray, centres: np.ndarray) -> list[tuple[int, int, float]]:
@@ -98,7 +105,11 @@ def elbow_k(points: np.ndarray, seed: int) -> int:
 def elbow_clusters(space: np.ndarray, seed: int) -> tuple[np.ndarray, np.ndarray]:
     """Standardise, pick k by the elbow, cluster: returns the standardised points (above ``ELBOW_EXACT_LIMIT``
     coordinates, on their principal axes) and a cluster per point."""
-    points = StandardScaler().fit_transform(space)
-    if points.size > ELBOW_EXACT_LIMIT:
-        points = principal_axes(points, seed)
+    if space.size > ELBOW_EXACT_LIMIT:  # standardised chunk by chunk on the way to the axes: no full copy
+        scaler = StandardScaler()
+        for start in range(0, len(space), PROJECTION_CHUNK):
+            scaler.partial_fit(space[start:start + PROJECTION_CHUNK])
+        points = principal_axes(space, seed, scaler)
+    else:
+        points = StandardScaler().fit_transform(space)
     return points, KMeans(n_clusters=elbow_k(points, seed), n_init=PICK_INITS, random_state=seed).fit_predict(points)
