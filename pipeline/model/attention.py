@@ -55,20 +55,23 @@ def unit_rows(vectors: np.ndarray) -> np.ndarray:
     return vectors / np.maximum(np.linalg.norm(vectors, axis=1, keepdims=True), UNIT_EPS)
 
 
-def representation_of(attended: np.ndarray, ignored: np.ndarray) -> np.ndarray:
-    """The attention representation: unit-length ``f`` and ``f_rev`` side by side.
+def representation_of(attended: np.ndarray, ignored: np.ndarray,
+                      rows: np.ndarray | slice | None = None) -> np.ndarray:
+    """The attention representation: unit-length ``f`` and ``f_rev`` side by side, of ``rows`` only if given.
 
     Unit length keeps the two halves equally weighted whatever the activation scale of the backbone. Rows are
-    written straight into the result ``REPRESENTATION_ROWS`` at a time, so memory holds the result and one chunk's
-    temporaries, not whole copies of each half (4.6 GB more for a 140,000-image class at 2 x 2,048-d).
+    read (from memory-mapped arrays: from disk) and written into the result ``REPRESENTATION_ROWS`` at a time,
+    so memory holds the result and one chunk, not copies of each half (4.6 GB more for a 140,000-image class
+    at 2 x 2,048-d).
     """
+    index = np.arange(len(attended)) if rows is None else np.arange(len(attended))[rows]
     width = attended.shape[1]
     dtype = np.result_type(unit_rows(attended[:1]), unit_rows(ignored[:1]))
-    out = np.empty((len(attended), width + ignored.shape[1]), dtype=dtype)
-    for start in range(0, len(attended), REPRESENTATION_ROWS):
-        rows = slice(start, start + REPRESENTATION_ROWS)
-        out[rows, :width] = unit_rows(attended[rows])
-        out[rows, width:] = unit_rows(ignored[rows])
+    out = np.empty((len(index), width + ignored.shape[1]), dtype=dtype)
+    for start in range(0, len(index), REPRESENTATION_ROWS):
+        chunk = slice(start, start + REPRESENTATION_ROWS)
+        out[chunk, :width] = unit_rows(attended[index[chunk]])
+        out[chunk, width:] = unit_rows(ignored[index[chunk]])
     return out
 
 
@@ -128,15 +131,15 @@ class AttentionArrays:
         The embeddings are standardised over every row, so a class's points are on the same scale whether read
         alone or with the rest.
         """
-        rows = slice(None) if rows is None else rows
         if space == "embedding":
             if self.emb_att is None or self.emb_rev is None:
                 raise PipelineError("this attention data has no 2-D embedding; re-run `embed`")
+            selected = slice(None) if rows is None else rows
             return StandardScaler().fit(np.hstack([self.emb_att, self.emb_rev])).transform(
-                np.hstack([self.emb_att[rows], self.emb_rev[rows]]))
+                np.hstack([self.emb_att[selected], self.emb_rev[selected]]))
         if space != "vectors":
             raise PipelineError(f"unknown space {space!r}; choose {' or '.join(SPACES)}")
-        return representation_of(self.f_att[rows], self.f_rev[rows])
+        return representation_of(self.f_att, self.f_rev, rows)
 
     # --- files ------------------------------------------------------------------------------------------
     @classmethod
