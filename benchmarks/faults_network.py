@@ -222,6 +222,7 @@ def server_copies(settings: Settings, run: Run) -> dict:
         "duplicate_tasks": sum(n - 1 for n in per_image.values()),
         "unrecorded_tasks": len({int(t["id"]) for t in tasks} - recorded),
         "files": sum(names.values()),
+        "example_files": sum(n for name, n in names.items() if name.startswith("example-")),
         "duplicate_uploads": sum(n - 1 for n in names.values()),
         "unrecorded_uploads": len(set(names) - set(uploads)),
         "projects": projects,
@@ -230,10 +231,12 @@ def server_copies(settings: Settings, run: Run) -> dict:
 
 
 def push_is_complete(copies: dict, run: Run) -> bool:
-    """Every selected image is one recorded task; every picture stored once and recorded; one project each."""
+    """Every selected image is one recorded task; every picture stored once and recorded (the tasks' two each, and
+    the instructions' two examples); one project each."""
     selected = sorted(int(r["image_id"]) for r in run.load_csv(run.selection_path(run.rounds()[-1]), "sample"))
     return (copies["images"] == selected and copies["duplicate_tasks"] == copies["unrecorded_tasks"] == 0
-            and copies["duplicate_uploads"] == copies["unrecorded_uploads"] == 0 and copies["files"] == 2 * len(selected)
+            and copies["duplicate_uploads"] == copies["unrecorded_uploads"] == 0 and copies["example_files"] == 2
+            and copies["files"] == 2 * len(selected) + copies["example_files"]
             and copies["projects"] == copies["media_projects"] == 1)
 
 

@@ -70,7 +70,7 @@ from pipeline.core.io import atomic_write_json
 from pipeline.core.run import Run
 from pipeline.core.synth import VARIANTS, SynthSpec
 from pipeline.core.verdicts import CORE, CORE_CUT, SPURIOUS
-from pipeline.labelstudio.annotator import AIOU_CORE, decide
+from pipeline.labelstudio.annotator import AIOU_CORE, decide, mask_box
 from pipeline.model.attention import AttentionArrays, compute_attention
 from pipeline.model.cam import make_extractor
 from pipeline.model.evaluate import evaluate_splits, group_metrics
@@ -128,14 +128,6 @@ class SimulatedAnswers:
 
     answers: Answers
     boxes: dict[int, list[dict]]
-
-
-def mask_box(mask: np.ndarray) -> dict:
-    """The bounding box of a mask as a Label Studio rectangle (percent of the image): what an annotator draws."""
-    rows, cols = np.flatnonzero(mask.any(axis=1)), np.flatnonzero(mask.any(axis=0))
-    side = 100.0 / mask.shape[0]
-    return {"x": cols[0] * side, "y": rows[0] * side, "width": (cols[-1] + 1 - cols[0]) * side,
-            "height": (rows[-1] + 1 - rows[0]) * side}
 
 
 def simulated_answers(run: Run, arrays: AttentionArrays, noise: float, seed: int,

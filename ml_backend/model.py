@@ -56,7 +56,7 @@ log = logging.getLogger(__name__)
 MAX_IMAGE_BYTES = 20 * 1024 * 1024  # a task image larger than this is refused (413): no photo needs more
 NEIGHBOURS = 10  # training images whose scores an unseen image inherits
 VERSION_LENGTH = 12  # hex digits of the model version: unique per run state, short enough to read in the UI
-USERS_REFRESH_S = 60.0  # how often an annotator id unknown to Label Studio is looked up again
+USERS_REFRESH_S = 60.0  # how often an annotator Label Studio could not name is asked about again
 REASON_CHARS = 300  # a failure's reason as /metrics and /health show it: one line an operator can read
 # Above this many coordinates (training images x representation width), unseen images are placed among the training
 # images on the representation's first PLACEMENT_DIMS principal axes: the full representation would not fit in RAM
@@ -185,8 +185,8 @@ class SlimAttentionBackend:
         self._studio: Studio | None = None
         self._studio_lock = threading.Lock()  # request threads share one client, connected once
         self._users: dict[int, str] = {}  # Label Studio user id -> email, to name annotators as pull does
+        self._users_missed: dict[int, float] = {}  # user id -> when Label Studio last could not name it
         self._users_lock = threading.Lock()
-        self._users_checked = -USERS_REFRESH_S
         self.projects: dict[str, ControlNames] = {}
         self.lock = threading.Lock()
         self.worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="slim-learn")
@@ -276,20 +276,29 @@ class SlimAttentionBackend:
         return {"status": "ok", "event": event}
 
     def _users_for(self, annotation: dict) -> dict[int, str]:
-        """Label Studio's user names, so that a webhook stores exactly the row ``pull`` stores for the same
-        answer (its annotator's email, not a bare id): the two writers never undo each other, and the next
-        pull finds nothing changed. Without Label Studio settings the id is stored and pull names it later."""
+        """The annotator's name as ``pull`` gives it (the e-mail), so that a webhook stores exactly the row
+        ``pull`` stores for the same answer: the two writers never undo each other.
+
+        Label Studio is asked once per user id (one small request with a short timeout: it waits only a second
+        for the webhook's answer) and the name is cached. A user it cannot name now (no Label Studio settings,
+        no answer in time, no such user) is stored under the bare id -- what ``pull`` stores for a user it cannot
+        name -- and asked about again after ``USERS_REFRESH_S``; the next pull names such rows."""
         author = annotation.get("completed_by")
-        if not isinstance(author, int) or not self.label_studio_url or not self._api_key:
+        if not isinstance(author, int) or isinstance(author, bool) or not self.label_studio_url or not self._api_key:
             return {}
-        with self._users_lock:
-            if author not in self._users and time.monotonic() - self._users_checked >= USERS_REFRESH_S:
-                self._users_checked = time.monotonic()
+        with self._users_lock:  # one lookup per user, however many of their webhooks arrive at once
+            name = self._users.get(author)
+            missed = self._users_missed.get(author)
+            if name is None and (missed is None or time.monotonic() - missed >= USERS_REFRESH_S):
                 try:
-                    self._users = self._client().users()
+                    name = self._client().user_name(author)
                 except (PipelineError, httpx.HTTPError) as exc:
                     log.warning("could not name annotator %d (%s); the next pull will", author, one_line(exc))
-            return self._users
+                if name:
+                    self._users[author] = name
+                else:
+                    self._users_missed[author] = time.monotonic()
+        return {author: name} if name else {}
 
     def _client(self) -> Studio:
         """The one Label Studio client of the backend, connected on first use by whichever thread needs it."""

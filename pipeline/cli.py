@@ -77,12 +77,20 @@ def _value_type(hint: Any) -> type:
     return hint
 
 
+def _list_item_type(hint: Any) -> type | None:
+    """``float`` for ``tuple[float, ...]`` or ``list[float]`` (an option taking one or more values), else None."""
+    if typing.get_origin(hint) in (tuple, list):
+        return typing.get_args(hint)[0]
+    return None
+
+
 def _help(field: dataclasses.Field) -> str:
     """The field's help with its default appended (unless the help already explains it)."""
     text = field.metadata["help"]
     unset = field.default is None or field.default is False or field.default == ""
     if "default" not in text and not unset:
-        text += f" (default: {field.default})"
+        shown = " ".join(map(str, field.default)) if isinstance(field.default, (tuple, list)) else field.default
+        text += f" (default: {shown})"
     return text.replace("%", "%%")  # argparse formats help with %
 
 
@@ -106,6 +114,10 @@ def add_options(parser: argparse.ArgumentParser, cls: type, prefix: str = "", on
             target = groups[meta["exclusive"]]
         kind = _value_type(hints[field.name])
         kwargs: dict[str, Any] = {"help": _help(field)}
+        item = _list_item_type(kind)
+        if item is not None:  # one or more values; the dataclass keeps them as given (a list)
+            kind = item
+            kwargs["nargs"] = "+"
         if meta["positional"]:
             target.add_argument(prefix + field.name, metavar=meta["metavar"], **kwargs)
             continue
@@ -312,7 +324,8 @@ def _serve(args: argparse.Namespace) -> None:
     options = options_from(ServerOptions, args)
     if not (options.data_dir or options.run):
         raise PipelineError("pass --run DIR (its label-studio folder) or --data-dir DIR")
-    serve_forever(options.data_dir or Run(options.run).labelstudio_dir, options.port)
+    serve_forever(options.data_dir or Run(options.run).labelstudio_dir, options.port, options.database,
+                  options.postgres_url)
 
 
 def _demo(args: argparse.Namespace) -> None:
@@ -321,7 +334,8 @@ def _demo(args: argparse.Namespace) -> None:
     options = options_from(DemoOptions, args)
     serve = sys.stdin.isatty() if options.serve == "auto" else options.serve == "yes"
     run_demo(options.data_dir, options.run_dir, device=options.device, noise=options.noise, serve=serve,
-             progress=not args.quiet)
+             progress=not args.quiet, annotators=options.annotators,
+             annotations_per_task=options.annotations_per_task)
 
 
 @dataclass(frozen=True)
@@ -356,7 +370,9 @@ LABEL_STUDIO_COMMANDS = (
     LabelStudioCommand(
         "simulate-annotator", "answer open tasks from the true masks (for demos, tests and benchmarks)",
         "Answer core when AIoU >= 0.5, else spurious, through Label Studio's API; with --checks, the counterfactual "
-        "checks: yes while at least half of the donor's object is kept.", AnnotatorOptions, _simulate),
+        "checks: yes while at least half of the donor's object is kept. --annotators K answers as a team of K Label "
+        "Studio users, each with its own token, noise and pace, as many per task as the project asks for.",
+        AnnotatorOptions, _simulate),
 )
 
 
@@ -389,8 +405,10 @@ def build_parser() -> argparse.ArgumentParser:
         add_options(command, spec.options)
         command.set_defaults(handler=spec.handler)
 
-    server = sub.add_parser("labelstudio", help="run a local Label Studio (SQLite, 127.0.0.1) until Ctrl-C",
-                            description="Start the local Label Studio the demo uses, with a known login and token.")
+    server = sub.add_parser("labelstudio",
+                            help="run a local Label Studio (SQLite or PostgreSQL, 127.0.0.1) until Ctrl-C",
+                            description="Start the local Label Studio the demo uses, with a known login and token; "
+                                        "its data in SQLite (default) or PostgreSQL.")
     add_options(server, ServerOptions)
     server.set_defaults(handler=_serve, log_level="INFO")
 

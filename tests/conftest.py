@@ -12,6 +12,9 @@ from pipeline.cli import main
 from pipeline.core.synth import SynthSpec, generate
 
 TINY = SynthSpec(n_train=160, n_val=40, n_test=40, image_size=32, seed=3)
+# Label Studio's first start (migrations) takes ~30 s alone on 2 cores, and over 180 s on a runner busy with other
+# jobs: a generous limit keeps a slow machine from failing every Label Studio test at once
+LABEL_STUDIO_START_S = 360.0
 
 
 @pytest.fixture(scope="session")
@@ -48,7 +51,7 @@ def labelstudio(tmp_path_factory: pytest.TempPathFactory):
     # any free port, not 8080: a developer's own Label Studio (or a parallel session's) may hold that one
     server = LocalLabelStudio(tmp_path_factory.mktemp("label-studio"), port=free_port(0),
                               files_root=tmp_path_factory.getbasetemp())
-    credentials = server.start()
+    credentials = server.start(timeout=LABEL_STUDIO_START_S)
     yield credentials
     server.stop()
 

@@ -18,7 +18,8 @@ except ModuleNotFoundError:  # Python 3.10: pytest's own TOML reader
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCKER = ROOT / "docker"
-SECRETS = {"LABEL_STUDIO_PASSWORD": "a-password", "LABEL_STUDIO_API_KEY": "a-token-123"}
+SECRETS = {"LABEL_STUDIO_PASSWORD": "a-password", "LABEL_STUDIO_API_KEY": "a-token-123",
+           "POSTGRES_PASSWORD": "a-db-password"}
 needs_compose = pytest.mark.skipif(shutil.which("docker-compose") is None,
                                    reason="docker-compose (Debian package) not installed; .ci/run installs it")
 
@@ -41,7 +42,7 @@ def resolved(tmp_path: Path) -> dict:
 @needs_compose
 def test_backend_reaches_label_studio_by_service_name_on_one_network(resolved: dict) -> None:
     services = resolved["services"]
-    assert set(services) == {"label-studio", "slim-backend"}
+    assert set(services) == {"postgres", "label-studio", "slim-backend"}
     studio, backend = services["label-studio"], services["slim-backend"]
     assert backend["environment"]["LABEL_STUDIO_URL"] == "http://label-studio:8080"  # not localhost: a container
     assert backend["environment"]["LABEL_STUDIO_API_KEY"] == studio["environment"]["LABEL_STUDIO_USER_TOKEN"]
@@ -63,15 +64,34 @@ def test_both_services_see_the_runs_folder_where_the_backend_and_local_files_exp
 
 
 @needs_compose
+def test_label_studio_keeps_its_data_in_postgres_once_it_is_healthy(resolved: dict) -> None:
+    postgres, studio = resolved["services"]["postgres"], resolved["services"]["label-studio"]
+    assert postgres["image"].split(":")[0] == "postgres" and "ports" not in postgres  # only the network sees it
+    db, env = postgres["environment"], studio["environment"]
+    assert env["DJANGO_DB"] == "default" and env["POSTGRE_HOST"] == "postgres" and env["POSTGRE_PORT"] == "5432"
+    assert (env["POSTGRE_NAME"], env["POSTGRE_USER"], env["POSTGRE_PASSWORD"]) == (
+        db["POSTGRES_DB"], db["POSTGRES_USER"], db["POSTGRES_PASSWORD"]) == ("labelstudio", "labelstudio",
+                                                                             "a-db-password")
+    assert studio["depends_on"] == {"postgres": {"condition": "service_healthy"}}  # not before it accepts connections
+    check = postgres["healthcheck"]
+    assert check["test"][0] == "CMD-SHELL" and check["test"][1].startswith("pg_isready -h 127.0.0.1 ")
+    assert set(postgres["networks"]) == set(studio["networks"]) == {"slim"}
+    assert "postgres-data:/var/lib/postgresql/data:rw" in postgres["volumes"] and "postgres-data" in resolved[
+        "volumes"]  # the database survives a container's removal
+
+
+@needs_compose
 def test_backend_image_builds_from_the_repository(resolved: dict) -> None:
     build = resolved["services"]["slim-backend"]["build"]
     assert Path(build["context"]) == ROOT and (ROOT / build["dockerfile"]).is_file()
 
 
 @needs_compose
-def test_compose_refuses_to_start_without_secrets() -> None:
-    result = compose_config({k: v for k, v in os.environ.items() if k not in SECRETS})
-    assert result.returncode != 0 and "LABEL_STUDIO_PASSWORD" in result.stderr
+@pytest.mark.parametrize("missing", sorted(SECRETS))
+def test_compose_refuses_to_start_without_secrets(missing: str) -> None:
+    given = {k: v for k, v in SECRETS.items() if k != missing}
+    result = compose_config({k: v for k, v in os.environ.items() if k not in SECRETS} | given)
+    assert result.returncode != 0 and missing in result.stderr
 
 
 def dockerfile_instructions(path: Path) -> list[tuple[str, str]]:

@@ -40,7 +40,7 @@ def test_push_completes_after_label_studio_was_killed_mid_push(sampled_run: Path
     result = faults_network.scenario_push_ls_killed(tmp_path, run=sampled_run, server=killable)
     assert result.ok and result.faults_injected == len(faults_network.PUSH_KILLS[True]), result.detail
     for case in result.detail.values():
-        assert case["files"] == 16 and case["duplicate_uploads"] == 0 and case["projects"] == 1
+        assert case["files"] == 16 + 2 and case["duplicate_uploads"] == 0 and case["projects"] == 1
     assert result.detail["imported the tasks"]["next_push"]["adopted"] == 8  # found by run id, not re-imported
 
 
@@ -55,7 +55,7 @@ def test_answers_lost_after_the_server_acted_are_found_by_the_retries(sampled_ru
                                                                        tmp_path: Path) -> None:
     result = faults_network.scenario_lost_answers(tmp_path, run=sampled_run, server=killable)
     assert result.ok and result.faults_injected == len(faults_network.LOST_ANSWERS) + 1, result.detail
-    assert result.detail["files"] == 16 and result.detail["projects"] == result.detail["media_projects"] == 1
+    assert result.detail["files"] == 16 + 2 and result.detail["projects"] == result.detail["media_projects"] == 1
 
 
 def test_push_and_pull_through_a_flaky_network_match_a_clean_run(sampled_run: Path, killable,

@@ -501,3 +501,84 @@ def test_answer_stored_by_webhook_while_pull_fetches_is_kept(sampled_run: Path, 
     assert second["annotations"] == 2 and second["choices"]["core"] == 1 and second["choices"]["spurious"] == 1
     assert second["deferred_tasks"] == 0
     assert pull_run(run, settings)["changed_tasks"] == 0
+
+
+def test_webhook_names_each_annotator_once_and_falls_back_to_the_id_as_pull_does(backend_run: Path,
+                                                                                 monkeypatch) -> None:
+    """Label Studio is asked once per user id (the webhook answers within Label Studio's one-second timeout); a
+    user it cannot name is stored under the bare id, as pull stores such a user, and asked about again only after
+    a while."""
+    from pipeline.core.errors import PipelineError
+    from pipeline.labelstudio.client import Studio
+
+    asked: list[int] = []
+
+    def user_name(self, user_id: int, timeout_s: float = 0.5) -> str:
+        asked.append(user_id)
+        if user_id == 8:
+            raise PipelineError("cannot reach Label Studio at http://127.0.0.1:1 while trying to name user 8")
+        return "a@x"
+
+    monkeypatch.setattr(Studio, "connect", lambda self: self)  # no server: the naming is what is tested here
+    monkeypatch.setattr(Studio, "user_name", user_name)
+    backend = SlimAttentionBackend(backend_run, "http://127.0.0.1:1", "key").setup()
+    client = create_app(backend).test_client()
+    for n, author in enumerate((7, 7, 8, 7, 8)):
+        body = annotation_webhook(backend, 600 + n, "core")
+        body["annotation"]["completed_by"] = author
+        assert client.post("/webhook", json=body).status_code == 201
+    backend.wait_idle()
+    assert asked == [7, 8]
+    assert [a.annotator for a in backend.store.annotations()] == ["a@x", "a@x", "8", "a@x", "8"]
+    monkeypatch.setattr(backend_model, "USERS_REFRESH_S", 0.0)
+    body = annotation_webhook(backend, 700, "core")
+    body["annotation"]["completed_by"] = 8
+    assert client.post("/webhook", json=body).status_code == 201
+    backend.wait_idle()
+    assert asked == [7, 8, 8]
+
+
+def test_an_answer_the_webhook_stored_first_is_new_to_pull_and_named_alike(sampled_run: Path, settings,
+                                                                           monkeypatch) -> None:
+    """Real webhooks (the backend connected to the project as its model): the backend stores each answer under
+    the annotator's e-mail, asking Label Studio once; the next pull reports the answers as new, not updated, and
+    finds the rows as it would write them. A row an older backend stored under the user id is named by pull."""
+    import faults_backend
+
+    from pipeline.labelstudio.client import Studio
+    from pipeline.labelstudio.pull import pull_run
+    from pipeline.labelstudio.push import push_run
+    from pipeline.labelstudio.schema import choice_result
+
+    run = Run(sampled_run)
+    project = push_run(run, settings, progress=False)["project_id"]
+    backend = SlimAttentionBackend(sampled_run, settings.url, settings.api_key).setup()
+    asked: list[int] = []
+    name_user = Studio.user_name
+    monkeypatch.setattr(Studio, "user_name", lambda self, user_id, **kw: asked.append(user_id) or name_user(
+        self, user_id, **kw))
+    with faults_backend.serve(backend) as url, Studio(settings) as studio:
+        studio.client.ml.create(url=url, project=project, title="slim")
+        tasks = [t["id"] for t in studio.list_tasks(project)][:2]
+        for task, choice in zip(tasks, ("core", "spurious")):
+            studio.submit_annotation(task, project, choice_result(choice), 2.0)
+        deadline = time.monotonic() + 30
+        while len(backend.store.annotations()) < 2:
+            assert time.monotonic() < deadline, "the webhooks never arrived"
+            time.sleep(0.1)
+        backend.wait_idle()
+    assert {a.annotator for a in backend.store.annotations()} == {"admin@slim.local"}
+    assert asked == [1]  # one small request for the one annotator, however many answers
+    by_webhook = annotation_rows(run.root)
+    pulled = pull_run(run, settings)
+    assert (pulled["added"], pulled["updated"], pulled["removed"]) == (2, 0, 0)
+    assert annotation_rows(run.root) == by_webhook  # the same rows: annotator, times, answer
+    again = pull_run(run, settings)
+    assert (again["changed_tasks"], again["added"], again["updated"], again["removed"]) == (0, 0, 0, 0)
+
+    with closing(sqlite3.connect(run.labels_path)) as db, db:  # as an older backend stored it: the bare id
+        db.execute("UPDATE annotations SET annotator = '1' WHERE annotation_id = (SELECT MIN(annotation_id) "
+                   "FROM annotations)")
+    repaired = pull_run(run, settings)
+    assert repaired["annotators_named"] == 1 and (repaired["added"], repaired["updated"]) == (0, 0)
+    assert annotation_rows(run.root) == by_webhook

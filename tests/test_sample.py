@@ -105,3 +105,43 @@ def test_class_budget_rules() -> None:
     assert class_budget(1000, SampleConfig(fraction=0.02)) == 20
     assert class_budget(10, SampleConfig(fraction=0.02)) == 1
     assert class_budget(5, SampleConfig(per_class=20)) == 5
+
+
+def test_later_round_asks_the_contested_images_again_first(run: Path) -> None:
+    """Round 2 re-asks the images two annotators disagreed on (or one could not decide) before any new image,
+    within the class budget, recording who answered them; an image everyone on the team answered, or one they
+    agreed on, is not asked again; --contested-below 0 turns it off."""
+    from pipeline.core.store import Annotation, AnnotationStore
+
+    assert main(["sample", "--run", str(run), "--per-class", "4", "--quiet"]) == 0
+    first = read_selection(run, 1)
+    discs = [int(r["image_id"]) for r in first if r["class_name"] == "disc"]
+    triangles = [int(r["image_id"]) for r in first if r["class_name"] == "triangle"]
+    answers = {discs[0]: {"a": "core", "b": "spurious"},  # disagreement: asked again
+               discs[1]: {"a": "unsure"},  # nobody could tell, and b has not seen it: asked again
+               discs[2]: {"a": "unsure", "b": "unsure", "c": "core"},  # the whole team answered: nobody to ask
+               triangles[0]: {"a": "spurious", "b": "core"},  # c has not seen it: asked of c
+               **{image_id: {"a": "core", "b": "core"} for image_id in (discs[3], *triangles[1:])}}
+    store = AnnotationStore(run / "labels.sqlite")
+    number = 0
+    for task, (image_id, given) in enumerate(answers.items()):
+        for annotator, choice in given.items():
+            number += 1
+            store.upsert_annotation(Annotation(number, task + 1, image_id, annotator, choice))
+    store.close()
+
+    assert main(["sample", "--run", str(run), "--per-class", "4", "--round", "2", "--quiet"]) == 0
+    second = read_selection(run, 2)
+    again = [r for r in second if r["reask"] == "1"]
+    assert second[:len(again)] == again  # contested images first
+    assert {int(r["image_id"]): r["answered_by"] for r in again} == {discs[0]: "a;b", discs[1]: "a",
+                                                                       triangles[0]: "a;b"}
+    assert all(r["cluster"] == "-1" for r in again)
+    assert sorted(r["class_name"] for r in second) == ["disc"] * 4 + ["triangle"] * 4  # within the budget
+    new = {int(r["image_id"]) for r in second if r["reask"] == "0"}
+    assert len(new) == 5 and not new & set(discs + triangles)
+
+    assert main(["sample", "--run", str(run), "--per-class", "4", "--round", "2", "--contested-below", "0",
+                 "--quiet"]) == 0
+    assert all(r["reask"] == "0" for r in read_selection(run, 2))
+    assert main(["sample", "--run", str(run), "--round", "2", "--contested-below", "1.5", "--quiet"]) == 2

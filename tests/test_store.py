@@ -194,3 +194,59 @@ def test_summary_counts_images_and_answers_apart(tmp_path: Path) -> None:
     assert (summary["annotations"], summary["images_answered_more_than_once"], summary["skipped"]) == (3, 1, 1)
     assert summary["choices"] == {"core": 1, "spurious": 1, "unsure": 1}
     store.close()
+
+
+NOTHING = {"added": 0, "updated": 0, "removed": 0}
+
+
+def test_pull_reports_answers_new_to_the_run_whoever_stored_them_first(tmp_path: Path) -> None:
+    """The ML backend's webhook stores an answer first: the pull that then mirrors it still calls it new. Only a
+    change of the answer since a pull saw it is an update -- naming its annotator differently is not."""
+    from dataclasses import replace
+
+    store = AnnotationStore(tmp_path / "labels.sqlite")
+    store.add_tasks([TaskRecord(1, 9, 101, 1)])
+    by_webhook = Annotation(1, 1, 101, "7", "core", updated_at="t1", lead_time=2.5)  # its user not named
+    store.upsert_annotation(by_webhook)
+    pulled = replace(by_webhook, annotator="a@x")
+
+    def sync(*annotations: Annotation) -> dict:
+        with store.transaction() as db:
+            return store.sync_task_annotations(1, list(annotations), "u", db)
+
+    assert sync(pulled) == {"added": 1, "updated": 0, "removed": 0}
+    assert sync(pulled) == NOTHING and store.pulled_counts() == {1: 1}
+    assert sync(replace(pulled, annotator="another name")) == NOTHING
+    assert sync(replace(pulled, choice="spurious", updated_at="t2")) == {"added": 0, "updated": 1, "removed": 0}
+    assert sync(Annotation(2, 1, 101, "b@x", "unsure")) == {"added": 1, "updated": 0, "removed": 1}
+    assert [a.annotation_id for a in store.annotations()] == [2] and store.pulled_counts() == {1: 1}
+    store.close()
+
+
+def test_rows_stored_under_a_user_id_are_named_later(tmp_path: Path) -> None:
+    store = AnnotationStore(tmp_path / "labels.sqlite")
+    for n, name in enumerate(("7", "7", "8", "a@x", None)):
+        store.upsert_annotation(Annotation(n, n, n, name, "core"))
+    assert store.unnamed_annotators() == {"7", "8"}
+    with store.transaction() as db:
+        assert store.rename_annotators({"7": "b@x"}, db) == 2
+    assert [a.annotator for a in store.annotations()] == ["b@x", "b@x", "8", "a@x", None]
+    store.close()
+
+
+def test_a_database_from_before_the_pull_account_counts_its_answers_as_reported(tmp_path: Path) -> None:
+    """Answers stored by an older version were reported by its pulls: the first pull after the upgrade calls them
+    neither new nor updated."""
+    path = tmp_path / "labels.sqlite"
+    filled(path)
+    with sqlite3.connect(path) as db:
+        db.executescript("DROP TABLE pulled;")
+    store = AnnotationStore(path)
+    assert store.pulled_counts() == store.annotation_counts() and len(store.annotations()) == 300
+    with store.transaction() as db:
+        task = [a for a in store.annotations() if a.task_id == 5]
+        assert task and store.sync_task_annotations(5, task, "u", db) == NOTHING
+    store.close()
+    reopened = AnnotationStore(path)
+    assert reopened.pulled_counts() == reopened.annotation_counts()  # filled once: opening again adds nothing
+    reopened.close()

@@ -94,6 +94,10 @@ class SampleConfig:
     space: str = option("vectors", "cluster the full attention vectors or their 2-D embedding",
                         choices=SAMPLE_SPACES)
     round: int = option(1, "annotation round")
+    contested_below: float = option(0.8, "from round 2: answered images whose team agreement (the consensus's "
+                                         "confidence, or the share of answers agreeing with it where lower) is "
+                                         "below this are asked again first, of people who have not answered them "
+                                         "(0: none)", metavar="P")
     seed: int = option(0, "k-means seed")
 
 

@@ -2,10 +2,12 @@
 
 ``push`` records which image became which task (so pushing twice creates nothing new), ``pull`` and the ML
 backend's webhooks mirror annotations here, keyed by Label Studio's annotation id so that the same answer
-arriving twice is stored once. ``push-checks`` / ``pull-checks`` keep the verification of generated images
-apart (``check_tasks``, ``checks``): those answers judge a picture, not an attention map, and must never reach
-propagation. Tables are created when missing, so a database made by an older version opens unchanged. Each
-write is one SQLite transaction: a command that dies half-way leaves the database as it was before the command.
+arriving twice is stored once. ``pull`` also keeps its own account (``pulled``) of every answer it has reported
+and as what, so that its "new" means new to the run's pulls, whichever writer stored the answer first.
+``push-checks`` / ``pull-checks`` keep the verification of generated images apart (``check_tasks``, ``checks``):
+those answers judge a picture, not an attention map, and must never reach propagation. Tables are created when
+missing, so a database made by an older version opens unchanged. Each write is one SQLite transaction: a command
+that dies half-way leaves the database as it was before the command.
 
 Writers run at the same time: the backend serves webhooks from a thread pool while a ``pull`` runs in another
 process. SQLite connections must not be shared between threads that open transactions, so the store keeps one
@@ -82,6 +84,17 @@ CREATE TABLE IF NOT EXISTS checks (
 );
 CREATE INDEX IF NOT EXISTS checks_by_task ON checks (task_id);
 """
+# What ``pull`` has reported of each answer: its content as last seen (without the annotator's name, which is
+# how the tool names a person, not part of the answer). Created apart from SCHEMA: a database made before it
+# existed gets it filled from the answers already stored (see :meth:`AnnotationStore._add_pull_account`).
+PULLED_SCHEMA = """
+CREATE TABLE pulled (
+    annotation_id INTEGER PRIMARY KEY,
+    task_id INTEGER NOT NULL,
+    seen TEXT NOT NULL
+);
+CREATE INDEX pulled_by_task ON pulled (task_id);
+"""
 
 
 @dataclass(frozen=True)
@@ -94,6 +107,8 @@ class MirroredTable:
     delete: str
 
 
+ANNOTATION_ROWS = ("SELECT annotation_id, task_id, image_id, annotator, choice, skipped, boxes, note, created_at, "
+                   "updated_at, lead_time FROM annotations")
 ANNOTATION_TABLE = MirroredTable(
     select="SELECT annotation_id, task_id, image_id, annotator, choice, skipped, boxes, note, created_at, updated_at, "
            "lead_time FROM annotations WHERE task_id = ?",
@@ -125,6 +140,16 @@ class Annotation:
     def row(self) -> tuple:
         return (self.annotation_id, self.task_id, self.image_id, self.annotator, self.choice, int(self.skipped),
                 json.dumps(self.boxes, sort_keys=True), self.note, self.created_at, self.updated_at, self.lead_time)
+
+    def seen(self) -> str:
+        """What ``pull`` remembers having reported: the answer without the annotator's name (renaming a person
+        from a user id to an e-mail is not a change of their answer)."""
+        return seen_of(self.row())
+
+
+def seen_of(row: tuple | list) -> str:
+    """:meth:`Annotation.seen` of a stored annotations row (or :meth:`Annotation.row`)."""
+    return json.dumps([*row[1:3], *row[4:]])
 
 
 @dataclass(frozen=True)
@@ -180,6 +205,23 @@ class AnnotationStore:
         db = self._open_checked()
         db.execute("PRAGMA journal_mode=WAL")  # persistent: recorded in the file, every connection uses it
         db.executescript(SCHEMA)
+        self._add_pull_account()
+
+    def _add_pull_account(self) -> None:
+        """Create ``pulled`` where it is missing. In a database made before it existed, every stored answer
+        counts as reported: older versions' pulls reported what they mirrored, and the alternative, calling
+        them all new, would be wrong for nearly all of them. Checked again inside one write transaction, so two
+        processes opening such a file at once do it once."""
+        exists = "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'pulled'"
+        if self._connection().execute(exists).fetchone():
+            return
+        with self.transaction() as db:
+            if db.execute(exists).fetchone():
+                return
+            for statement in filter(str.strip, PULLED_SCHEMA.split(";")):
+                db.execute(statement)
+            db.executemany("INSERT INTO pulled VALUES (?, ?, ?)",
+                           [(row[0], row[1], seen_of(row)) for row in db.execute(ANNOTATION_ROWS)])
 
     def _connection(self) -> sqlite3.Connection:
         """This thread's connection, opened on first use.
@@ -295,22 +337,51 @@ class AnnotationStore:
     # --- annotations --------------------------------------------------------------------------------
     def sync_task_annotations(self, task_id: int, annotations: list[Annotation], synced_at: str,
                               db: sqlite3.Connection) -> dict:
-        """Make the stored annotations of ``task_id`` equal ``annotations``; count what changed.
+        """Make the stored annotations of ``task_id`` equal ``annotations`` (what ``pull`` fetched); count what
+        changed for the run's pulls: ``added``, answers no pull had reported yet (the ML backend's webhook may
+        have stored them already); ``updated``, answers changed since a pull last saw them; ``removed``, answers
+        a pull had reported that are gone.
 
         ``synced_at`` is the task's ``updated_at`` that this state corresponds to: the next pull skips the task
         unless Label Studio reports a newer one.
         """
         db.execute("UPDATE tasks SET synced_at = ? WHERE task_id = ?", (synced_at, task_id))
-        return mirror_rows(db, ANNOTATION_TABLE, task_id, [a.row() for a in annotations])
+        mirror_rows(db, ANNOTATION_TABLE, task_id, [a.row() for a in annotations])
+        reported = dict(db.execute("SELECT annotation_id, seen FROM pulled WHERE task_id = ?", (task_id,)))
+        changes = {"added": 0, "updated": 0, "removed": 0}
+        for annotation in annotations:
+            previous, seen = reported.pop(annotation.annotation_id, None), annotation.seen()
+            if previous == seen:
+                continue
+            db.execute("INSERT OR REPLACE INTO pulled VALUES (?, ?, ?)", (annotation.annotation_id, task_id, seen))
+            changes["added" if previous is None else "updated"] += 1
+        db.executemany("DELETE FROM pulled WHERE annotation_id = ?", [(a,) for a in reported])
+        changes["removed"] = len(reported)
+        return changes
+
+    def pulled_counts(self) -> dict[int, int]:
+        """Answers (given or skipped) per task id as the last pull of each task saw them: a task whose count in
+        Label Studio differs has changed since, whatever the ML backend's webhooks stored meanwhile."""
+        return dict(self._connection().execute("SELECT task_id, COUNT(*) FROM pulled GROUP BY task_id").fetchall())
+
+    def unnamed_annotators(self) -> set[str]:
+        """Stored annotator names that are bare Label Studio user ids: what both writers store when the user
+        could not be named (a webhook while Label Studio did not answer, an older version's webhook)."""
+        rows = self._connection().execute("SELECT DISTINCT annotator FROM annotations WHERE annotator IS NOT NULL")
+        return {name for (name,) in rows if name.isdecimal()}
+
+    def rename_annotators(self, names: dict[str, str], db: sqlite3.Connection) -> int:
+        """Replace stored annotator names (a bare user id -> the name ``pull`` gives that user); returns the
+        rows changed."""
+        return sum(db.execute("UPDATE annotations SET annotator = ? WHERE annotator = ?", (new, old)).rowcount
+                   for old, new in names.items() if new != old)
 
     def annotation_rows(self, task_ids: Iterable[int], db: sqlite3.Connection | None = None) -> dict[int, frozenset]:
         """The stored rows of each of ``task_ids`` (an empty set for a task without any), to compare later:
         a task whose rows changed between two looks was written by someone else meanwhile."""
         wanted = set(task_ids)
         rows: dict[int, set] = {task_id: set() for task_id in wanted}
-        for row in (db or self._connection()).execute(
-                "SELECT annotation_id, task_id, image_id, annotator, choice, skipped, boxes, note, created_at, "
-                "updated_at, lead_time FROM annotations"):
+        for row in (db or self._connection()).execute(ANNOTATION_ROWS):
             if row[1] in wanted:
                 rows[row[1]].add(row)
         return {task_id: frozenset(found) for task_id, found in rows.items()}
@@ -334,9 +405,7 @@ class AnnotationStore:
         return dict(rows.fetchall())
 
     def annotations(self) -> list[Annotation]:
-        rows = self._connection().execute(
-            "SELECT annotation_id, task_id, image_id, annotator, choice, skipped, boxes, note, created_at, "
-            "updated_at, lead_time FROM annotations ORDER BY annotation_id")
+        rows = self._connection().execute(ANNOTATION_ROWS + " ORDER BY annotation_id")
         return [Annotation(r[0], r[1], r[2], r[3], r[4], bool(r[5]), json.loads(r[6]), *r[7:]) for r in rows]
 
     def summary(self) -> dict:

@@ -63,6 +63,9 @@ RETRY_BUDGET_S = 30.0  # no attempt starts later than this after the first: a lo
 # answers that say "try again": request timeout, rate limit, server errors, a proxy whose upstream is down
 RETRY_STATUSES = frozenset({408, 429, 500, 502, 503, 504})
 UPLOAD_BATCH = 100  # Django's DATA_UPLOAD_MAX_NUMBER_FILES
+# one user's name, asked while Label Studio waits for a webhook's answer (its WEBHOOK_TIMEOUT, 1 s by default);
+# a local server answers in milliseconds
+USER_LOOKUP_TIMEOUT_S = 0.5
 # Label Studio parses every uploaded file as a task and refuses that for configs with several data keys, so
 # pictures are uploaded into a companion project with this one-image config and referenced by URL.
 MEDIA_CONFIG = '<View><Image name="image" value="$image"/></View>'
@@ -85,6 +88,9 @@ T = TypeVar("T")
 # Label Studio stores an upload as upload/<project>/<8 hex digits of a uuid>-<file name>
 STORED_NAME = re.compile(r"^[0-9a-f]{8}-(?P<name>.+)$")
 TRUNCATED = "truncated response"  # a body cut off before its end: the JSON does not parse
+# Label Studio's (Django's) own sign-in pages, and what they answer when an email is already registered
+SIGNUP_PATH, LOGIN_PATH, CSRF_COOKIE = "/user/signup/", "/user/login/", "csrftoken"
+EMAIL_TAKEN = "User with this email already exists"
 
 
 @dataclass(frozen=True)
@@ -105,6 +111,17 @@ class RetryPolicy:
         """Seconds to wait before retry number ``retry`` (0 for the first retry)."""
         ceiling = min(self.max_delay_s, self.base_delay_s * 2 ** retry)
         return ceiling / 2 + rng.uniform(0, ceiling / 2)
+
+
+@dataclass(frozen=True)
+class UserLogin:
+    """A Label Studio user this tool signed in as: the token that acts as that user and the password it signed in
+    with (both kept out of ``repr``)."""
+
+    user_id: int
+    email: str
+    token: str = field(repr=False)
+    password: str = field(default="", repr=False)
 
 
 class TransientError(PipelineError):
@@ -423,6 +440,24 @@ class Studio:
                  project_id, annotations_per_task, wanted["overlap_cohort_percentage"],
                  "shown" if show_predictions else "hidden")
 
+    def describe_project(self, project_id: int, title: str, description: str) -> None:
+        """Give the project this title and description, unless it has them already (then nothing is written)."""
+        current = self.project(project_id)
+        if (current.title, current.description or "") != (title, description):
+            self._call(f"rename project {project_id}", lambda: self.client.projects.update(
+                id=project_id, title=title, description=description), project_id)
+
+    def set_instructions(self, project_id: int, html: str) -> bool:
+        """Show annotators ``html`` before they start (Label Studio's "instructions"), unless the project shows it
+        already; True when something was written. Label Studio sanitises the HTML (bleach): to compare, pass
+        HTML that it keeps as it is."""
+        current = self.project(project_id)
+        if (current.expert_instruction or "") == html and bool(current.show_instruction) == bool(html):
+            return False
+        self._call(f"update the instructions of project {project_id}", lambda: self.client.projects.update(
+            id=project_id, expert_instruction=html, show_instruction=bool(html)), project_id)
+        return True
+
     def project(self, project_id: int) -> Any:
         return self._call(f"open project {project_id}", lambda: self.client.projects.get(id=project_id), project_id)
 
@@ -578,6 +613,108 @@ class Studio:
         """User id -> email, to name annotators."""
         return self._call("list users", lambda: {int(u.id): u.email or u.username for u in self.client.users.list()})
 
+    # --- users and their own tokens -----------------------------------------------------------------
+    # Label Studio's API creates users (POST /api/users/) but never hands out their tokens; a user gets one by
+    # signing in. So a simulated annotator signs in like a person does -- the organisation's invite link, the
+    # signup or login form -- in a cookie session of its own, and then reads its own token from the API. All of
+    # it is plain HTTP, so it works with a remote server as well as the local one.
+    def invite_token(self) -> str:
+        """The organisation's invite token (``GET /api/invite``): what lets a new member sign up when the server
+        allows signing up only by invitation."""
+        return self._call("read the organization's invite link",
+                          lambda: self._json(self.http.get("/api/invite"))["token"])
+
+    def legacy_tokens_enabled(self) -> bool:
+        """Whether the organisation accepts legacy tokens; if not, users act through personal access tokens."""
+        return bool(self._call("read the API token settings",
+                               lambda: self.client.jwt_settings.get()).legacy_api_tokens_enabled)
+
+    def sign_up_user(self, email: str, password: str, invite: str, personal: bool) -> UserLogin | None:
+        """Create the user ``email`` through the signup form with the organisation's ``invite`` token, as a person
+        opening the invite link does, and return its own token (``personal``: a personal access token, else its
+        legacy token).
+
+        Submitted once (a lost answer may hide a created user); when the email is taken -- by an earlier attempt
+        or anyone else -- this logs in with ``password`` instead, so calling it again never makes a second user
+        (``None`` when that login is refused: the email belongs to someone with another password).
+        """
+        with http_client(base_url=self.settings.url) as browser:
+            response = self._submit_form(browser, SIGNUP_PATH, {"email": email, "password": password},
+                                         f"sign up {email}", params={"token": invite}, idempotent=False)
+            if response.status_code == 403:
+                raise PipelineError(f"Label Studio at {self.settings.url} refused the organization's invite link "
+                                    f"(403) while signing up {email}; was the invite link reset meanwhile? run again")
+            if response.status_code != 302:
+                if EMAIL_TAKEN not in response.text:
+                    raise PipelineError(f"Label Studio at {self.settings.url} refused to sign up {email} (HTTP "
+                                        f"{response.status_code}): its signup form rejected the email or password")
+                return self.log_in_user(email, [password], personal)
+            return self._own_token(browser, email, password, personal)
+
+    def log_in_user(self, email: str, passwords: Sequence[str], personal: bool) -> UserLogin | None:
+        """Log in as the existing user ``email`` with the first of ``passwords`` the server accepts and return its
+        own token (see :meth:`sign_up_user`); ``None`` when none is accepted."""
+        with http_client(base_url=self.settings.url) as browser:
+            for password in passwords:
+                response = self._submit_form(browser, LOGIN_PATH, {"email": email, "password": password},
+                                             f"log in as {email}")
+                if response.status_code == 302:
+                    return self._own_token(browser, email, password, personal)
+        return None
+
+    def _submit_form(self, browser: httpx.Client, path: str, fields: dict[str, str], action: str,
+                     params: dict | None = None, idempotent: bool = True) -> httpx.Response:
+        """Open the form at ``path`` (for Django's CSRF cookie), then post ``fields`` with that token, as a
+        browser does; the answer is returned unfollowed (a redirect means success, the form again a refusal)."""
+        def opened() -> str:
+            page = browser.get(path, params=params)
+            if page.status_code >= 400:
+                self._raise_for(page)
+            return browser.cookies.get(CSRF_COOKIE) or ""
+
+        csrf = self._call(f"open the form to {action}", opened)
+        headers = {"Referer": f"{self.settings.url}{path}"}  # Django checks the referer of a form posted over https
+        return self._call(action, lambda: browser.post(path, params=params, headers=headers,
+                                                       data={**fields, "csrfmiddlewaretoken": csrf}),
+                          idempotent=idempotent)
+
+    def _own_token(self, browser: httpx.Client, email: str, password: str, personal: bool) -> UserLogin:
+        """The logged-in session's user and its own token: the legacy token every user has, or a new personal
+        access token (a user may hold only one valid one, and Label Studio shows it only when it is made)."""
+        who = self._call("read the signed-in user", lambda: self._json(browser.get("/api/current-user/whoami")))
+        if (who.get("email") or "").lower() != email.lower():
+            raise PipelineError(f"Label Studio at {self.settings.url} signed in someone else than {email}")
+        if not personal:
+            body = self._call(f"read the API token of {email}",
+                              lambda: self._json(browser.get("/api/current-user/token")))
+            return UserLogin(int(who["id"]), email, body["token"], password)
+        response = self._call(f"create a personal access token for {email}", lambda: browser.post(
+            "/api/token/", headers={"X-CSRFToken": browser.cookies.get(CSRF_COOKIE) or ""}), idempotent=False)
+        if response.status_code == 409:
+            raise PipelineError(f"{email} already has a personal access token that this tool no longer knows; revoke "
+                                f"it in Label Studio (log in as {email}, Account & Settings) or enable legacy tokens, "
+                                "and run again")
+        return UserLogin(int(who["id"]), email, self._json(response)["token"], password)
+
+    def _json(self, response: httpx.Response) -> Any:
+        """The JSON body of a successful answer (an error status raises, as the SDK's calls do)."""
+        self._raise_for(response)
+        return response.json()
+
+    def user_name(self, user_id: int, timeout_s: float = USER_LOOKUP_TIMEOUT_S) -> str | None:
+        """One user's name as :meth:`users` gives it (e-mail, else username), or None when Label Studio has no
+        such user. One small request instead of the whole user list, tried once with a short timeout: the ML
+        backend asks it while Label Studio waits for the webhook's answer (for a second, by default)."""
+        def get() -> str | None:
+            response = self.http.get(f"/api/users/{int(user_id)}/", timeout=timeout_s)
+            if response.status_code == 404:
+                return None
+            self._raise_for(response)
+            body = response.json()
+            return body.get("email") or body.get("username") or None
+
+        return self._call(f"name user {user_id}", get, idempotent=False)
+
     # --- annotations --------------------------------------------------------------------------------
     def submit_annotation(self, task_id: int, project_id: int, result: list[dict], lead_time: float) -> int:
         """Submit an answer through the same endpoint the labeling UI posts to (once: a lost answer to a
@@ -598,3 +735,19 @@ class Studio:
 
     def delete_task(self, task_id: int) -> None:
         self._call(f"delete task {task_id}", lambda: self.client.tasks.delete(id=task_id), idempotent=False)
+
+    def reopen_task(self, task_id: int, answers_wanted: int) -> bool:
+        """Ask for ``answers_wanted`` answers on a task (its overlap), putting it back into the label stream while
+        it has fewer; Label Studio never deals a task to someone who already answered it, so each new answer is a
+        new person's. Setting what is already set is harmless (retried); False when nothing had to change.
+
+        Label Studio re-deals every task's overlap when tasks arrive in a project with an overlap cohort below
+        100 %, so a push applies this after its imports.
+        """
+        task = self._call(f"open task {task_id}", lambda: self.client.tasks.get(id=str(task_id)))
+        labeled = (task.total_annotations or 0) >= answers_wanted
+        if (task.overlap or 1) >= answers_wanted and bool(task.is_labeled) == labeled:
+            return False
+        self._call(f"reopen task {task_id}", lambda: self.client.tasks.update(
+            id=str(task_id), overlap=max(answers_wanted, task.overlap or 1), is_labeled=labeled))
+        return True

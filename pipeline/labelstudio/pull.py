@@ -6,6 +6,11 @@ needs them all, asks once for everything). Idempotent: a
 task is mirrored to exactly Label Studio's state (new, edited, deleted and skipped annotations alike), so
 pulling twice leaves the same database. A task that vanished from Label Studio stops the pull with a clear
 message unless ``--accept-deleted`` says to record that; its stored annotations are kept either way.
+
+What a pull reports is counted against what the run's pulls have reported before, not against the stored rows:
+an answer the ML backend's webhook stored first is *new* to the first pull that sees it, *updated* means changed
+since a pull last saw it, and annotators are named the same way whoever stored the answer (by e-mail; rows a
+webhook had to store under a bare user id are named by the next pull).
 """
 
 from __future__ import annotations
@@ -52,8 +57,8 @@ def changed_tasks(listing: dict[int, dict], synced: dict[int, str | None],
                   counts: dict[int, int]) -> tuple[list[int], list[int]]:
     """(gone, changed) among the recorded tasks ``synced`` (task id -> ``updated_at`` last mirrored): those
     missing from Label Studio's ``listing`` (task id -> task), and those whose ``updated_at`` moved or whose
-    number of annotations (``counts``: stored, skipped included) differs -- deleting an annotation does not
-    always move ``updated_at``."""
+    number of annotations (``counts``: as the last pull of the task saw them, skipped included) differs --
+    deleting an annotation does not always move ``updated_at``."""
     gone = sorted(set(synced) - set(listing))
     changed = [
         task_id for task_id, synced_at in synced.items()
@@ -98,14 +103,16 @@ def pull_run(run: Run, settings: Settings, accept_deleted: bool = False) -> dict
         # read before Label Studio is asked: a task the ML backend's webhooks write meanwhile differs from this
         before = store.annotation_rows(known)
         gone, changed, fetched = fetch_changes(studio, project_id, {t: r.synced_at for t, r in known.items()},
-                                               store.annotation_counts())
+                                               store.pulled_counts())
         if gone and not accept_deleted:
             shown = ", ".join(map(str, gone[:SHOWN_IDS])) + (" ..." if len(gone) > SHOWN_IDS else "")
             raise PipelineError(
                 f"{len(gone)} task(s) of this run were deleted in Label Studio (ids {shown}); stored annotations "
                 "are kept — re-run pull with --accept-deleted to record the deletion (push then re-creates them)"
             )
-        users = studio.users() if fetched else {}
+        # annotators are named by e-mail; rows stored under a bare user id (a webhook that could not ask Label
+        # Studio) are named too, whichever task they belong to
+        users = studio.users() if fetched or store.unnamed_annotators() else {}
         totals = {"added": 0, "updated": 0, "removed": 0}
         if gone:
             store.mark_tasks_deleted(gone)
@@ -122,8 +129,10 @@ def pull_run(run: Run, settings: Settings, accept_deleted: bool = False) -> dict
                                for a in task.get("annotations") or []]
                 for key, value in store.sync_task_annotations(task_id, annotations, task["updated_at"], db).items():
                     totals[key] += value
+            named = store.rename_annotators({name: users[int(name)] for name in store.unnamed_annotators()
+                                             if int(name) in users}, db)
         summary = {**store.summary(), "changed_tasks": len(fetched), "deleted_tasks": len(gone),
-                   "deferred_tasks": len(touched), **totals}
+                   "deferred_tasks": len(touched), "annotators_named": named, **totals}
         if summary["images_answered_more_than_once"]:
             summary["alpha"] = krippendorff_alpha(votes_of(store.annotations()))
     finally:
@@ -139,5 +148,6 @@ def pull_run(run: Run, settings: Settings, accept_deleted: bool = False) -> dict
              f"{', '.join(summary['annotators']) or 'none'}; "
              f"this pull: {totals['added']} new, {totals['updated']} updated, {totals['removed']} removed"
              + (f"; {len(touched)} task(s) written by the ML backend meanwhile, mirrored by the next pull"
-                if touched else ""))
+                if touched else "")
+             + (f"; {named} answer(s) stored under a user id now named by e-mail" if named else ""))
     return summary

@@ -31,6 +31,7 @@ from pipeline.core.run import Run
 from pipeline.core.store import AnnotationStore, TaskRecord
 from pipeline.core.verdicts import CHOICES
 from pipeline.labelstudio.client import IMPORT_BATCH, MEDIA_CONFIG, UPLOAD_BATCH, Settings, Studio
+from pipeline.labelstudio.guidance import example_pictures, instructions, show_instructions
 from pipeline.labelstudio.schema import ANSWER, prediction
 from pipeline.model.attention import AttentionArrays
 from pipeline.slim.prelabel import attention_prior
@@ -112,8 +113,7 @@ class ProjectKind:
 def attention_project(run: Run, run_id: str) -> ProjectKind:
     """The run's SLIM attention-review project."""
     return ProjectKind("project_id", *project_identity(run, run_id),
-                       label_config.attention(run.load_config().embed.threshold), ANSWER, CHOICES,
-                       label_config.load(label_config.ATTENTION_INSTRUCTIONS))
+                       label_config.attention(run.load_config().embed.threshold), ANSWER, CHOICES, instructions())
 
 
 def resolve_project(studio: Studio, store: AnnotationStore, kind: ProjectKind, project_id: int | None,
@@ -139,20 +139,40 @@ def resolve_project(studio: Studio, store: AnnotationStore, kind: ProjectKind, p
     return project_id
 
 
+def media_identity(title: str, project_id: int) -> tuple[str, str]:
+    """Title and description of the companion project that holds the pictures of project ``project_id`` (titled
+    ``title``): what it is and that nobody should annotate in it or delete it, since Label Studio lists it beside
+    the projects people work in."""
+    suffix = " - pictures, do not annotate"
+    description = (f"Holds the pictures shown in the tasks of project {project_id} ('{title}'): Label Studio keeps "
+                   "uploaded files per project and refuses them in a project whose tasks show two pictures. It has "
+                   f"no tasks: annotate in project {project_id}, not here, and do not delete it (those tasks would "
+                   "lose their images).")
+    return title[:TITLE_LENGTH - len(suffix)] + suffix, description
+
+
+def former_media_identity(title: str, project_id: int) -> tuple[str, str]:
+    """How earlier versions named the companion project: still found, then renamed."""
+    return (f"{title} images"[:TITLE_LENGTH],
+            f"Pictures of project {project_id}'s tasks; deleting this project breaks their images")
+
+
 def media_project(studio: Studio, store: AnnotationStore, project_id: int) -> int:
     """The companion project that holds the uploaded pictures of ``project_id`` (created once; one left by an
-    interrupted push is adopted)."""
+    interrupted push is adopted, by its title and description or by those earlier versions gave it). Its title
+    and description say what it is; one named by an earlier version is renamed."""
     key = f"media_project_for_{project_id}"
     remembered = store.get_meta(key)
+    title = studio.project(project_id).title
+    wanted = media_identity(title, project_id)
     if remembered is not None:
-        studio.project(int(remembered))
-        return int(remembered)
-    title = f"{studio.project(project_id).title} images"[:TITLE_LENGTH]
-    description = f"Pictures of project {project_id}'s tasks; deleting this project breaks their images"
-    found = studio.projects_named(title, description)
-    media = found[0] if found else studio.create_project(title, description, config=MEDIA_CONFIG)
-    with store.transaction() as db:
-        store.set_meta(key, str(media), db)
+        media = int(remembered)
+    else:
+        found = studio.projects_named(*wanted) or studio.projects_named(*former_media_identity(title, project_id))
+        media = found[0] if found else studio.create_project(*wanted, config=MEDIA_CONFIG)
+        with store.transaction() as db:
+            store.set_meta(key, str(media), db)
+    studio.describe_project(media, *wanted)
     return media
 
 
@@ -311,6 +331,8 @@ def stage_images(studio: Studio, store: AnnotationStore, project_id: int, paths:
     urls = store.uploads(project_id)
     missing = [p for p in paths if p.name not in urls]
     if not missing:
+        if store.get_meta(f"media_project_for_{project_id}") is not None:
+            media_project(studio, store, project_id)  # one an earlier version named is renamed
         return urls
     media = media_project(studio, store, project_id)
     stored = studio.uploaded_files(media)  # uploaded by a push that was stopped before it recorded them
@@ -359,17 +381,40 @@ def push_run(run: Run, settings: Settings, project_id: int | None = None, new_pr
         for path in paths:
             if not path.exists():
                 raise PipelineError(f"{path} is missing; re-run `python -m pipeline sample --run {run.root} --force`")
-        urls = push.stage(paths, storage, Path(document_root) if document_root else None, progress)
+        examples = example_pictures(run, arrays)  # one core, one spurious: staged like the tasks' pictures
+        urls = push.stage(paths + [path for _, path in examples], storage,
+                          Path(document_root) if document_root else None, progress)
+        instructed = show_instructions(push.studio, push.project_id, examples, urls, arrays)  # before any task
         created = push.import_tasks(task_payloads(run, arrays, round_, todo, push.run_id, picture_urls(views, urls)),
                                     progress)
+        reopened = reopen_contested(push, selection, round_)  # after the imports, which re-deal the overlap
     project, adopted = push.project_id, push.adopted
     summary = {"project_id": project, "created": created, "already_present": len(selection) - len(todo),
                "adopted": adopted, "round": round_, "annotations_per_task": annotations_per_task,
-               "overlap_share": overlap_share if annotations_per_task > 1 else 0.0, "predictions": predictions}
+               "overlap_share": overlap_share if annotations_per_task > 1 else 0.0, "predictions": predictions,
+               "examples": {example.verdict: example.image_id for example, _ in examples},
+               "instructions_updated": instructed, "reopened": reopened}
     log.info("project %d: %d tasks created, %d already there%s; open %s", project, created,
              summary["already_present"], f" ({adopted} recovered from an interrupted push)" if adopted else "",
              push.studio.project_url(project))
     return summary
+
+
+def reopen_contested(push: ProjectPush, selection: list[dict[str, str]], round_: int) -> int:
+    """Put the round's contested images (the selection's ``reask`` rows) back before the team: each one's task
+    from an earlier round asks one answer more than the people who had answered it when it was sampled
+    (:meth:`Studio.reopen_task`; Label Studio deals it only to the others). Returns how many tasks changed."""
+    wanted = {int(r["image_id"]): len(r["answered_by"].split(";")) + 1 for r in selection if r.get("reask") == "1"}
+    if not wanted:
+        return 0
+    tasks = {t.image_id: t.task_id for t in push.store.tasks(push.project_id)
+             if t.image_id in wanted and t.round < round_}
+    if len(tasks) < len(wanted):
+        log.warning("%d contested images have no task from an earlier round in project %d: asked as new tasks",
+                    len(wanted) - len(tasks), push.project_id)
+    reopened = sum(push.studio.reopen_task(task_id, wanted[image_id]) for image_id, task_id in tasks.items())
+    log.info("%d contested images asked again (%d tasks reopened)", len(tasks), reopened)
+    return reopened
 
 
 def task_views(run: Run, round_: int, rows: list[dict[str, str]]) -> dict[int, tuple[Path, ...]]:
