@@ -97,6 +97,26 @@ def test_large_classes_spread_on_a_sparse_neighbour_graph_with_the_dense_verdict
     assert ((approximate >= 0.5) == (knn >= 0.5)).mean() > 0.97
 
 
+def test_large_classes_spread_on_axes_fitted_on_a_sample_with_the_exact_verdicts(monkeypatch) -> None:
+    """Above EXACT_PCA_LIMIT the kernel's axes are fitted on a sample of the class and the class is projected chunk by
+    chunk (no centred copy of it): the verdicts agree with those on the exact PCA."""
+    from pipeline.slim import clustering
+
+    rng = np.random.default_rng(5)
+    centres = rng.normal(0.0, 3.0, (3, 64))
+    representation = np.vstack([rng.normal(c, 1.0, (1000, 64)) for c in centres]).astype(np.float32)
+    labelled = {0: CORE, 1: CORE, 1000: SPURIOUS, 1001: SPURIOUS, 2000: CORE, 2001: CORE}
+    exact, _ = spread_class(propagate_module.kernel_space(representation), labelled)
+    monkeypatch.setattr(propagate_module, "EXACT_PCA_LIMIT", 0)
+    monkeypatch.setattr(clustering, "PROJECTION_FIT_ROWS", 500)  # a sixth of the class
+    monkeypatch.setattr(clustering, "PROJECTION_CHUNK", 700)  # several chunks, the last one short
+    points = propagate_module.kernel_space(representation)
+    assert points.shape == (3000, propagate_module.MAX_DIMS)
+    sampled, _ = spread_class(points, labelled)
+    assert ((exact >= 0.5) == (sampled >= 0.5)).mean() > 0.98
+    assert np.corrcoef(exact, sampled)[0, 1] > 0.95
+
+
 def test_spreading_one_kind_of_answer_keeps_a_ranking() -> None:
     rng = np.random.default_rng(1)
     points = np.vstack([rng.normal(0, 0.2, (30, 4)), rng.normal(3, 0.2, (30, 4))])

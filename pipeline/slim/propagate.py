@@ -36,10 +36,11 @@ from pipeline.core.run import Run, reading
 from pipeline.core.store import Annotation, AnnotationStore
 from pipeline.core.verdicts import CHOICES, CORE, SPURIOUS, UNDECIDED
 from pipeline.model.attention import AttentionArrays
+from pipeline.slim.clustering import PROJECTED_DIMS, principal_axes
 from pipeline.slim.consensus import DEFAULT_CONSENSUS, Consensus, aggregate, agreement_report, votes_of
 
 log = logging.getLogger(__name__)
-MAX_DIMS = 32  # the kernel sees a PCA projection: RBF distances in 256-D are all alike
+MAX_DIMS = PROJECTED_DIMS  # the kernel sees a PCA projection (32-D): RBF distances in 256-D are all alike
 KERNEL_SAMPLE = 1000  # images whose pairwise distances set the RBF width: a median needs no more
 SPREAD_ALPHA = 0.2  # LabelSpreading's clamping: an answered image keeps 80 % of its own verdict
 SPREAD_ITERATIONS = 100  # LabelSpreading converges in far fewer steps on a few thousand images
@@ -58,6 +59,11 @@ SPREAD_NEIGHBOURS = 30  # neighbours per image in the sparse graph: far pairs ca
 # of the class (measured 64 s at 100k, 257 s at 200k images on one core, against 19 s and 44 s approximate, with
 # 88-91 % of the exact neighbours found on random 32-d points, its hardest case; BENCHMARKS.md)
 APPROXIMATE_NEIGHBOURS_ABOVE = 50_000
+# Above this many coordinates in a class (images x representation width) the kernel's axes are fitted on a sample of
+# rows and the class is projected chunk by chunk (:func:`~pipeline.slim.clustering.principal_axes`): the exact PCA
+# centres a full copy of the class, 2.3 GB for CelebA's 140,000 x 4,096 and the largest copy left at that scale.
+# Every benchmark's class is far below it (at most 5,026 x 128 = 0.64 M); the ML backend places images the same way.
+EXACT_PCA_LIMIT = 50_000_000
 
 
 @dataclass
@@ -172,6 +178,15 @@ def spread_labels(affinity: np.ndarray | sparse.spmatrix, targets: np.ndarray, a
     return distributions / np.where(totals == 0, 1.0, totals)
 
 
+def kernel_space(representation: np.ndarray) -> np.ndarray:
+    """A class's images on its first :data:`MAX_DIMS` principal axes, where the RBF kernel compares them: exact up
+    to :data:`EXACT_PCA_LIMIT` coordinates, above it fitted on a sample and projected in chunks (no second copy)."""
+    if representation.size > EXACT_PCA_LIMIT:
+        return principal_axes(representation, seed=0)
+    dims = min(MAX_DIMS, *representation.shape)
+    return PCA(n_components=dims, random_state=0).fit_transform(representation)
+
+
 def propagate(arrays: AttentionArrays, answers: Answers,
               width: float = SPREAD_WIDTH) -> tuple[np.ndarray, np.ndarray]:
     """Scores and certainties for every training image (rows of ``arrays``); ``width`` as in :func:`kernel_gamma`.
@@ -181,8 +196,7 @@ def propagate(arrays: AttentionArrays, answers: Answers,
     for y in arrays.classes:
         members = arrays.for_class(y)
         representation = arrays.representation("vectors", members)  # one class in memory at a time
-        dims = min(MAX_DIMS, len(members), representation.shape[1])
-        points = PCA(n_components=dims, random_state=0).fit_transform(representation)
+        points = kernel_space(representation)
         position = {row: k for k, row in enumerate(members)}
         answered = {position[arrays.row_of(i)]: i for i in answers.labels
                     if arrays.has_image(i) and arrays.row_of(i) in position}
