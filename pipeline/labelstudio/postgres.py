@@ -255,9 +255,13 @@ class LocalPostgres:
         return int(lines[3])  # pid, data dir, start time, port, ...
 
     def _create_database(self) -> None:
-        exists = self.psql(f"SELECT 1 FROM pg_database WHERE datname = '{self.database}'", database="postgres")
-        if not exists.strip():
-            self.psql(f'CREATE DATABASE "{self.database}"', database="postgres")
+        """Label Studio's database, made once with ``createdb`` (no SQL assembled from its name)."""
+        try:
+            self.psql("SELECT 1", database=self.database)  # connects only where the database exists
+        except PipelineError:
+            server = self.server
+            self._run("createdb", "-h", server.host, "-p", str(server.port), "-U", server.user, self.database,
+                      env={"PGPASSWORD": server.password, "PGCONNECT_TIMEOUT": "10"})
 
     def _run(self, binary: str, *args: str, env: Mapping[str, str] | None = None) -> str:
         """A PostgreSQL program, as the service account when we are root; its output, or one line on failure."""
