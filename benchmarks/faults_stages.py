@@ -231,13 +231,22 @@ def timed_stage(case: StageCase, run: Path) -> Timing:
     return Timing(time.perf_counter() - started, seen[0] if seen else None)
 
 
-def undisturbed_run(work: Path, quick: bool, upto: str = "retrain") -> tuple[Path, list[StageCase], dict[str, Timing]]:
-    """The reference: the stages once each, untouched, up to ``upto``; returns it, the cases, their timings."""
+@dataclass(frozen=True)
+class Reference:
+    """The undisturbed run the scenarios compare against (in ``work``, beside their own copies): its folder, its
+    stages, and how long each took. One reference serves every scenario run in the same ``work``."""
+
+    run: Path
+    cases: list[StageCase]
+    timings: dict[str, Timing]
+
+
+def undisturbed_run(work: Path, quick: bool) -> Reference:
+    """The reference: the stages once each, untouched, their outputs kept aside for comparison."""
     spec = QUICK_SPEC if quick else FULL_SPEC
     data = generate(work / "data", spec, progress=False)
     answers = work / "answers.csv"
     cases = stage_cases(data, answers, quick)
-    cases = cases[: max(i for i, c in enumerate(cases) if c.name == upto) + 1]
     reference = work / "reference"
     shutil.rmtree(reference, ignore_errors=True)
     timings = {}
@@ -248,7 +257,7 @@ def undisturbed_run(work: Path, quick: bool, upto: str = "retrain") -> tuple[Pat
         case.expected(work).mkdir(parents=True, exist_ok=True)
         for name in case.outputs:
             shutil.copy2(reference / name, case.expected(work) / name)
-    return reference, cases, timings
+    return Reference(reference, cases, timings)
 
 
 # --- kill -9 -------------------------------------------------------------------------------------------------
@@ -286,15 +295,18 @@ def kill_once(case: StageCase, run: Path, rng: random.Random, timing: Timing, st
     return None
 
 
-def scenario_kill_stages(work: Path, seed: int = 0, quick: bool = True) -> ScenarioResult:
-    """``kill -9`` of each long stage at seeded random points; the re-run must equal an undisturbed run.
+def scenario_kill_stages(work: Path, seed: int = 0, quick: bool = True,
+                         reference: Reference | None = None) -> ScenarioResult:
+    """``kill -9`` of each long stage at seeded random points; the re-run must equal an undisturbed run
+    (``reference``, made in ``work`` when not given).
 
     Quick: one kill per stage, after its first epoch checkpoint / shard (curate: after it wrote the
     propagation). Full: three per stage, alternating that with a random time into the whole subprocess.
     """
     result = ScenarioResult("kill_stages")
     rng = random.Random(seed)
-    _, cases, timings = undisturbed_run(work, quick)
+    reference = reference or undisturbed_run(work, quick)
+    cases, timings = reference.cases, reference.timings
     startup = None if quick else startup_seconds()
     killed = work / "killed"
     shutil.rmtree(killed, ignore_errors=True)
@@ -339,17 +351,18 @@ def one_line_error(done: subprocess.CompletedProcess, *needles: str) -> bool:
         and all(n in lines[0] for n in needles)
 
 
-def scenario_full_disk(work: Path, seed: int = 0, quick: bool = True) -> ScenarioResult:
+def scenario_full_disk(work: Path, seed: int = 0, quick: bool = True,
+                       reference: Reference | None = None) -> ScenarioResult:
     """Each stage that rewrites a big artifact, under a file-size limit below that artifact's size."""
     result = ScenarioResult("full_disk")
-    reference, cases, _ = undisturbed_run(work, quick, upto="embed" if quick else "retrain")
+    reference = reference or undisturbed_run(work, quick)
     artifact = {"train": "model.pt", "embed": "attention.npz", "retrain": "slim_model.pt"}
-    chosen = [c for c in cases if c.name in artifact]
+    chosen = [c for c in reference.cases if c.name in artifact and not (quick and c.name == "retrain")]
     runs = []
     for case in chosen:
         run = work / f"full-{case.name}-{len(runs)}"
         shutil.rmtree(run, ignore_errors=True)
-        shutil.copytree(reference, run)
+        shutil.copytree(reference.run, run)
         before = digests(run)
         limit = int((run / artifact[case.name]).stat().st_size * LIMIT_SHARE)
         done = run_cli(case.args(run), preexec=file_size_limit(limit))
@@ -427,15 +440,16 @@ def cache_case(case: StageCase, reference: Path, work: Path) -> dict:
     return record
 
 
-def scenario_corrupt_artifacts(work: Path, seed: int = 0, quick: bool = True) -> ScenarioResult:
+def scenario_corrupt_artifacts(work: Path, seed: int = 0, quick: bool = True,
+                               reference: Reference | None = None) -> ScenarioResult:
     """Damaged artifacts are refused in one line that names them, and nothing is changed; torn caches redone."""
     result = ScenarioResult("corrupt_artifacts")
-    reference, cases, _ = undisturbed_run(work, quick)
+    reference = reference or undisturbed_run(work, quick)
     records = []
     for case in (c for c in corrupt_cases(work / "answers.csv") if c.quick or not quick):
         run = work / f"corrupt-{case.file}-{case.damage}"
         shutil.rmtree(run, ignore_errors=True)
-        shutil.copytree(reference, run)
+        shutil.copytree(reference.run, run)
         DAMAGES[case.damage](run / case.file)
         before = digests(run)
         done = run_cli([case.command[0], "--run", str(run), "--quiet", *case.command[1:]])
@@ -445,9 +459,9 @@ def scenario_corrupt_artifacts(work: Path, seed: int = 0, quick: bool = True) ->
                   "files_unchanged": digests(run) == before}
         result.faults_survived += record["one_line"] and record["files_unchanged"]
         records.append(record)
-    for case in [] if quick else [c for c in cases if c.name in ("train", "embed", "retrain")]:
+    for case in [] if quick else [c for c in reference.cases if c.name in ("train", "embed", "retrain")]:
         result.faults_injected += 1
-        records.append(cache_case(case, reference, work))
+        records.append(cache_case(case, reference.run, work))
         result.faults_survived += records[-1]["survived"]
     result.detail = {"cases": records}
     return result

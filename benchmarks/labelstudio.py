@@ -12,7 +12,10 @@ serving below the work folder, then times, in this order:
 * every task of the uploaded project annotated at once by Label Studio's own "predictions to annotations"
   action: real annotations, with the result the simulated annotator submits (one choice of ``answer`` on
   ``attention``), in seconds instead of ``--tasks`` / 10 s of one-by-one answers;
-* the first ``pull`` of all annotations and a second, no-change ``pull``;
+* the first ``pull`` of all annotations and a second, no-change ``pull`` right after it (it lists again every
+  task updated since the first pull began, less ``pull.UPDATED_SINCE_MARGIN``: all of them); then, once that
+  margin has passed since the annotations, one more pull, and the no-change pull after it, which is the steady
+  state: the cost of a pull after which nothing changed;
 * Label Studio's JSON export of that project (``export_s``): the baseline for pull.
 
 The resident set of this process is sampled during each push and pull: its growth shows whether memory stays
@@ -50,6 +53,7 @@ from pipeline.core.errors import PipelineError
 from pipeline.core.io import atomic_write_json
 from pipeline.core.run import Run
 from pipeline.core.synth import SynthSpec
+from pipeline.labelstudio import pull as pull_module
 from pipeline.labelstudio.client import Settings, Studio
 from pipeline.labelstudio.pull import pull_run
 from pipeline.labelstudio.push import (
@@ -74,6 +78,7 @@ GOALS = {  # ratio name -> (goal, True when the ratio must reach it, False when 
     "push_upload_vs_bulk_import": (0.5, True),
     "pull_vs_export": (0.8, True),
     "pull_noop_vs_export": (0.2, False),
+    "pull_noop_settled_vs_export": (0.2, False),
 }
 
 
@@ -203,13 +208,15 @@ def export_json(studio: Studio, project_id: int) -> tuple[int, float, int]:
     return len(response.json()), seconds, len(response.content)
 
 
-def ratios(bulk_s: float, local: Phase, upload: Phase, pull: Phase, noop: Phase, export_s: float) -> dict[str, float]:
+def ratios(bulk_s: float, local: Phase, upload: Phase, pull: Phase, noop: Phase, settled: Phase,
+           export_s: float) -> dict[str, float]:
     """Throughput ratios against Label Studio's own requests (same work, so a ratio of times), and the no-change
     pull's time as a share of the export's."""
     return {"push_local_files_vs_bulk_import": round(bulk_s / local.seconds, 3),
             "push_upload_vs_bulk_import": round(bulk_s / upload.seconds, 3),
             "pull_vs_export": round(export_s / pull.seconds, 3),
-            "pull_noop_vs_export": round(noop.seconds / export_s, 3)}
+            "pull_noop_vs_export": round(noop.seconds / export_s, 3),
+            "pull_noop_settled_vs_export": round(settled.seconds / export_s, 3)}
 
 
 def goals_met(measured: dict[str, float]) -> dict[str, bool]:
@@ -251,15 +258,20 @@ def main() -> None:
         log.info("push (uploads): %.1f s", upload.seconds)
         with Studio(settings) as studio:
             annotated = measure(lambda: annotate_in_bulk(studio, upload.result["project_id"]))
+        settles_at = time.monotonic() + pull_module.UPDATED_SINCE_MARGIN.total_seconds()
         log.info("%d annotations made in %.1f s", annotated.result, annotated.seconds)
         pull = measure(lambda: pull_run(run, settings))
         log.info("pull: %.1f s", pull.seconds)
         noop = measure(lambda: pull_run(run, settings))
         log.info("no-change pull: %.1f s", noop.seconds)
+        time.sleep(max(0.0, settles_at - time.monotonic()))
+        pull_run(run, settings)  # the first to begin more than the margin after the annotations
+        settled = measure(lambda: pull_run(run, settings))
+        log.info("no-change pull once the last change is older than the margin: %.1f s", settled.seconds)
         with Studio(settings) as studio:
             exported, export_s, export_bytes = export_json(studio, upload.result["project_id"])
         log.info("export: %d tasks in %.1f s", exported, export_s)
-    measured = ratios(bulk_s, local, upload, pull, noop, export_s)
+    measured = ratios(bulk_s, local, upload, pull, noop, settled, export_s)
     result = {
         "tasks": upload.result["created"],
         "bulk_import_s": round(bulk_s, 2), "bulk_import_tasks_per_s": per_s(bulk_tasks, bulk_s),
@@ -270,9 +282,11 @@ def main() -> None:
         "annotations_pulled": pull.result["added"], "pull_s": round(pull.seconds, 2),
         "pull_annotations_per_s": per_s(pull.result["added"], pull.seconds),
         "pull_noop_s": round(noop.seconds, 2), "pull_noop_changed_tasks": noop.result["changed_tasks"],
+        "pull_noop_settled_s": round(settled.seconds, 2),
+        "pull_noop_settled_changed_tasks": settled.result["changed_tasks"],
         "export_tasks": exported, "export_s": round(export_s, 2), "export_mb": round(export_bytes / MB, 1),
         "memory": {"push_local_files": local.memory(), "push": upload.memory(), "pull": pull.memory(),
-                   "pull_noop": noop.memory()},
+                   "pull_noop": noop.memory(), "pull_noop_settled": settled.memory()},
         "ratios": measured,
         "label_studio": "local 1.23.2, SQLite, 127.0.0.1 (pipeline.labelstudio.server)",
         "machine": describe(),

@@ -4,7 +4,6 @@ trained on."""
 from __future__ import annotations
 
 import csv
-import hashlib
 import logging
 import math
 import sqlite3
@@ -12,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from test_labelstudio import digest
 
 from pipeline.cli import main
 from pipeline.core.data import load_dataset, load_mask, load_rgb
@@ -50,11 +50,6 @@ def check_tasks(run: Path) -> dict[str, int]:
         return {t.key: t.task_id for t in store.check_tasks()}
     finally:
         store.close()
-
-
-def digest(path: Path) -> str:
-    with sqlite3.connect(path) as db:
-        return hashlib.sha256("\n".join(db.iterdump()).encode()).hexdigest()
 
 
 def test_push_checks_creates_the_sample_once_with_the_pictures(generated: Path, settings: Settings) -> None:

@@ -12,7 +12,6 @@ import sys
 from pathlib import Path
 
 import numpy as np
-import pytest
 
 from pipeline.cli import main
 from pipeline.core.synth import SynthSpec, generate
@@ -80,8 +79,16 @@ def test_two_process_retrain_writes_the_slim_model(answered_run: Path) -> None:
     assert (answered_run / "slim_model.pt").exists()
 
 
-@pytest.mark.parametrize("command", ["sample", "report"])
-def test_single_process_commands_refuse_torchrun(trained_run: Path, command: str) -> None:
-    done = torchrun(command, "--run-dir", str(trained_run))
+def test_single_process_commands_refuse_torchrun(trained_run: Path, monkeypatch, capsys) -> None:
+    """Under a real torchrun for one command; then every other one, in this process, with the environment
+    torchrun gives its first process (what the refusal reads: starting two processes per command costs ~25 s)."""
+    done = torchrun("sample", "--run-dir", str(trained_run))
     assert done.returncode != 0
-    assert f"`{command}` runs in one process; start it with python -m pipeline, not torchrun" in done.stderr
+    assert "`sample` runs in one process; start it with python -m pipeline, not torchrun" in done.stderr
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    for command in ("propagate", "curate", "report", "push", "pull"):
+        assert main([command, "--run", str(trained_run)]) == 2
+        assert f"`{command}` runs in one process; start it with python -m pipeline, not torchrun" \
+            in capsys.readouterr().err

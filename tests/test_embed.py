@@ -15,6 +15,8 @@ from pipeline.model.attention import (
     AttentionArrays,
     compute_attention,
     mapped_npz,
+    read_rows,
+    representation_of,
     save_streamed,
 )
 from pipeline.model.cam import make_extractor
@@ -65,6 +67,28 @@ def test_attention_file_is_written_by_field_from_parts_and_read_back_memory_mapp
     with np.load(path) as plain:
         assert all(np.array_equal(plain[key], big[key]) for key in big) and plain["class_names"].tolist() == ["a", "b"]
     assert np.array_equal(mapped["f_att"], big["f_att"])
+
+
+def resident_file_kb() -> int:
+    """Pages of mapped files this process holds resident (Linux's RssFile)."""
+    return next(int(line.split()[1]) for line in Path("/proc/self/status").read_text().splitlines()
+                if line.startswith("RssFile:"))
+
+
+def test_rows_read_from_the_mapped_file_leave_none_of_its_pages_resident(tmp_path: Path) -> None:
+    """A stage sweeping a 10 GB attention file class by class holds the rows it copied, not every page it read."""
+    written = np.lib.format.open_memmap(tmp_path / "f.npy", mode="w+", dtype=np.float32, shape=(16384, 1024))
+    written[:] = np.arange(16384, dtype=np.float32)[:, None]  # 64 MB: rows spread over the whole file below
+    del written
+    mapped = np.load(tmp_path / "f.npy", mmap_mode="r")
+    rows = np.arange(1, 16384, 2)
+    before = resident_file_kb()
+    copied = read_rows(mapped, rows)
+    representation = representation_of(mapped, mapped, rows)
+    assert resident_file_kb() - before < 8 * 1024  # without the release: all 64 MB of the file
+    assert np.array_equal(copied[:, 0], rows) and representation.shape == (len(rows), 2048)
+    touched = np.asarray(mapped[rows]).sum()
+    assert touched > 0 and resident_file_kb() - before > 48 * 1024  # the check can fail: plain indexing keeps them
 
 
 def test_2d_embedding_of_many_rows_is_fit_on_a_sample_and_applied_to_every_part(monkeypatch) -> None:

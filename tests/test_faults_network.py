@@ -23,10 +23,9 @@ FAST = RetryPolicy(attempts=3, base_delay_s=0.05, max_delay_s=0.1, budget_s=5.0)
 
 
 @pytest.fixture(scope="module")
-def killable(tmp_path_factory: pytest.TempPathFactory):
+def killable(label_studio_folder):
     """This module's own Label Studio on a fixed port, so that a kill and a restart find it at the same URL."""
-    server = LocalLabelStudio(tmp_path_factory.mktemp("killable-label-studio"),
-                              port=free_port(faults_network.SERVER_PORT))
+    server = LocalLabelStudio(label_studio_folder("killable-label-studio"), port=free_port(faults_network.SERVER_PORT))
     server.start()
     yield server
     server.stop()

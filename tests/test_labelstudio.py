@@ -8,6 +8,7 @@ import json
 import logging
 import sqlite3
 import time
+from datetime import timedelta
 from pathlib import Path
 
 import numpy as np
@@ -20,7 +21,7 @@ from pipeline.core.errors import PipelineError
 from pipeline.core.run import Run
 from pipeline.core.store import AnnotationStore
 from pipeline.core.verdicts import verdict
-from pipeline.labelstudio import client
+from pipeline.labelstudio import client, pull
 from pipeline.labelstudio.annotator import decide, simulate_annotator
 from pipeline.labelstudio.client import Settings, Studio
 from pipeline.labelstudio.pull import pull_run
@@ -50,8 +51,9 @@ def stored(run: Path) -> list[tuple]:
 
 
 def digest(path: Path) -> str:
+    """The store's content, less when the last pull began to list (every pull records that, changed or not)."""
     with sqlite3.connect(path) as db:
-        dump = "\n".join(db.iterdump())
+        dump = "\n".join(line for line in db.iterdump() if f"'{pull.LISTING_KEY_PREFIX}" not in line)
     return hashlib.sha256(dump.encode()).hexdigest()
 
 
@@ -152,6 +154,49 @@ def test_simulated_answers_are_pulled_exactly_and_pull_is_idempotent(sampled_run
     again = pull_run(run, settings)
     assert again["changed_tasks"] == 0 and digest(run.labels_path) == before
     assert simulate_annotator(run, settings, progress=False)["core"] == 0  # nothing left open
+
+
+def test_pull_lists_only_what_moved_and_the_counts_catch_a_deletion(sampled_run: Path, settings: Settings,
+                                                                    monkeypatch) -> None:
+    """With no margin, a pull after which nothing changed lists only what was updated since the previous pull
+    began (no task here); an edit or a deletion lists the task it moved; and when the project's counts differ
+    from the mirror's (an answer deleted without moving its task's ``updated_at``), the recent tasks are not
+    trusted: every task is listed."""
+    run = Run(sampled_run)
+    push_run(run, settings, progress=False)
+    simulate_annotator(run, settings, progress=False)
+    pull_run(run, settings)
+    monkeypatch.setattr(pull, "UPDATED_SINCE_MARGIN", timedelta(0))
+    listed: list[int] = []
+    list_tasks = Studio.list_tasks
+
+    def counting(self, *args, **kwargs):
+        for task in list_tasks(self, *args, **kwargs):
+            listed.append(int(task["id"]))
+            yield task
+
+    monkeypatch.setattr(Studio, "list_tasks", counting)
+    assert pull_run(run, settings)["changed_tasks"] == 0
+    assert len(set(listed)) < 8
+    annotations = {a.task_id: a.annotation_id for a in AnnotationStore(run.labels_path).annotations()}
+    studio = Studio(settings)
+    edited, removed = sorted(annotations)[:2]
+    studio.update_annotation(annotations[edited], choice_result("unsure"))
+    listed.clear()
+    summary = pull_run(run, settings)
+    assert (summary["updated"], summary["changed_tasks"]) == (1, 1) and edited in listed and len(set(listed)) < 8
+    studio.delete_annotation(annotations[removed])
+    assert pull_run(run, settings)["removed"] == 1
+    assert removed not in {a.task_id for a in AnnotationStore(run.labels_path).annotations()}
+    store = AnnotationStore(run.labels_path)
+    synced, counts = {t.task_id: t.synced_at for t in store.tasks()}, store.pulled_counts()
+    with Studio(settings) as studio:
+        project = project_of(sampled_run)
+        totals = studio.project_counts(project)
+        assert pull.recently_updated(studio, project, synced, counts, [], totals, None) is not None
+        # an answer gone from a task that was not updated (how the mirror would differ after such a deletion)
+        one_more = {**counts, next(t for t in synced if t not in (edited, removed)): 2}
+        assert pull.recently_updated(studio, project, synced, one_more, [], totals, None) is None
 
 
 def test_listing_by_ids_asks_in_chunks_and_misses_none(sampled_run: Path, settings: Settings, monkeypatch) -> None:

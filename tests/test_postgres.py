@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 import test_labelstudio
+from conftest import LABEL_STUDIO_START_S
 
 from pipeline.cli import main
 from pipeline.core.errors import PipelineError
@@ -24,8 +25,6 @@ from pipeline.labelstudio import postgres
 from pipeline.labelstudio.postgres import LocalPostgres, PostgresServer, postgres_installed, resolve_server
 from pipeline.labelstudio.server import LocalCredentials, LocalLabelStudio, free_port, server_environment
 
-# the first start runs every migration: ~1 CPU minute, past conftest's 180 s on a loaded 2-core machine
-START_TIMEOUT_S = 360
 needs_postgres = pytest.mark.skipif(not postgres_installed(), reason="PostgreSQL binaries (initdb, pg_ctl) not "
                                     "found: install Debian's postgresql package (.ci/run does)")
 
@@ -50,7 +49,7 @@ def studio_on_postgres() -> Iterator[LocalLabelStudio]:
     with open_folder() as folder:
         server = LocalLabelStudio(folder / "label-studio", port=free_port(0), database="postgres")
         try:
-            server.start(timeout=START_TIMEOUT_S)
+            server.start(timeout=LABEL_STUDIO_START_S)  # every migration runs: no copy
             yield server
         finally:
             server.stop()

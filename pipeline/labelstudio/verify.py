@@ -28,7 +28,13 @@ from pipeline.core.errors import PipelineError
 from pipeline.core.run import Run
 from pipeline.core.store import AnnotationStore, Check, CheckTask
 from pipeline.labelstudio.client import Settings, Studio
-from pipeline.labelstudio.pull import fetch_changes, nothing_pushed, remembered_project
+from pipeline.labelstudio.pull import (
+    fetch_changes,
+    listed_before,
+    nothing_pushed,
+    remember_listing,
+    remembered_project,
+)
 from pipeline.labelstudio.push import TITLE_LENGTH, ProjectKind, project_identity, pushing
 from pipeline.labelstudio.schema import ControlNames, parse_annotation
 from pipeline.slim.counterfactual import manifest
@@ -204,8 +210,9 @@ def pull_checks(run: Run, settings: Settings, warn_above: float = REJECTION_WARN
         studio.connect()
         studio.project(project_id)
         known = {t.task_id: t for t in store.check_tasks(project_id)}
-        gone, _, fetched = fetch_changes(studio, project_id, {t: r.synced_at for t, r in known.items()},
-                                         store.check_counts())
+        found = fetch_changes(studio, project_id, {t: r.synced_at for t, r in known.items()}, store.check_counts(),
+                              listed_before(store, project_id))
+        gone, fetched = found.gone, found.fetched
         users = studio.users() if fetched else {}
         totals = {"added": 0, "updated": 0, "removed": 0}
         with store.transaction() as db:  # all changed tasks or none
@@ -215,6 +222,7 @@ def pull_checks(run: Run, settings: Settings, warn_above: float = REJECTION_WARN
                 checks = [parse_check(a, task_id, known[task_id].key, users) for a in task.get("annotations") or []]
                 for name, value in store.sync_checks(task_id, checks, task["updated_at"], db).items():
                     totals[name] += value
+            remember_listing(store, project_id, found, db)
         summary = {**check_summary(store, project_id, rows), "changed_tasks": len(fetched),
                    "deleted_tasks": len(gone), **totals}
     finally:

@@ -19,7 +19,7 @@ from pipeline.core.config import CURATION_VARIANTS, RunConfig
 from pipeline.core.data import ImageSet, load_dataset
 from pipeline.core.errors import PipelineError
 from pipeline.core.run import Run
-from pipeline.model.attention import AttentionArrays
+from pipeline.model.attention import AttentionArrays, read_rows
 from pipeline.slim.clustering import elbow_clusters, pick_near_centroids
 from pipeline.slim.propagate import propagate_run
 
@@ -94,7 +94,7 @@ def curate(arrays: AttentionArrays, scores: np.ndarray, subset_size: int, seed: 
         order = members[np.argsort(-scores[members], kind="stable")]
         kept = order[: max(1, math.ceil(len(order) * keep))]  # published: above the class median
         budget = subset_size // len(classes) + (i < subset_size % len(classes))
-        for pick in curate_class(first[kept], arrays.f_rev[kept], budget, seed):
+        for pick in curate_class(read_rows(first, kept), read_rows(arrays.f_rev, kept), budget, seed):
             picks.append(Pick(int(kept[pick.row]), pick.cell))
     return picks
 

@@ -22,14 +22,14 @@ from __future__ import annotations
 
 import numpy as np
 
-from pipeline.model.attention import AttentionArrays, unit_rows
+from pipeline.model.attention import AttentionArrays, read_rows, unit_rows
 from pipeline.slim.weights import ATTENDED, spurious_space_cells
 
 
 def shortcut_vectors(arrays: AttentionArrays, rows: np.ndarray, class_spurious: bool) -> np.ndarray:
     """Unit vectors of ``rows`` in the space where the shortcut lives: attended features for a class whose
     attention was judged spurious, ignored features for one judged core."""
-    return unit_rows((arrays.f_att if class_spurious else arrays.f_rev)[rows])
+    return unit_rows(read_rows(arrays.f_att if class_spurious else arrays.f_rev, rows))
 
 
 def spuriosity(train: AttentionArrays, scores: np.ndarray, images: AttentionArrays | None = None,

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from pipeline.core.verdicts import CORE_CUT
-from pipeline.model.attention import AttentionArrays
+from pipeline.model.attention import AttentionArrays, read_rows
 from pipeline.slim.clustering import elbow_clusters
 
 log = logging.getLogger(__name__)
@@ -92,8 +92,8 @@ def spurious_space_cells(arrays: AttentionArrays, scores: np.ndarray, seed: int 
     for y in arrays.classes:
         members = arrays.for_class(y)
         answered = IGNORED if scores[members].mean() >= CORE_CUT else ATTENDED
-        clusters = {ATTENDED: elbow_clusters(arrays.f_att[members], seed)[1],
-                    IGNORED: elbow_clusters(arrays.f_rev[members], seed)[1]}
+        clusters = {ATTENDED: elbow_clusters(read_rows(arrays.f_att, members), seed)[1],
+                    IGNORED: elbow_clusters(read_rows(arrays.f_rev, members), seed)[1]}
         lift = {space: error_lift(found, errors[members]) for space, found in clusters.items()}
         space = ShortcutSpace(answered, choose_space(answered, lift, int(errors[members].sum())), lift,
                               int(errors[members].sum()))
