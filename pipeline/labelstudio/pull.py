@@ -3,9 +3,8 @@
 Incremental: the project's counts and a listing of the tasks updated since the last pull tell which tasks
 changed since they were last mirrored (a light listing of every task when the counts say something else moved);
 only those are fetched with their annotations (a first pull, which needs them all, asks once for everything).
-Idempotent: a
-task is mirrored to exactly Label Studio's state (new, edited, deleted and skipped annotations alike), so
-pulling twice leaves the same database. A task that vanished from Label Studio stops the pull with a clear
+Idempotent: a task is mirrored to exactly Label Studio's state (new, edited, deleted and skipped annotations
+alike), so pulling twice leaves the same answers (a pull also records when it listed, for the next one). A task that vanished from Label Studio stops the pull with a clear
 message unless ``--accept-deleted`` says to record that; its stored annotations are kept either way.
 
 What a pull reports is counted against what the run's pulls have reported before, not against the stored rows:
