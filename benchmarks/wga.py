@@ -78,6 +78,7 @@ from pipeline.model.loaders import make_loader, seed_everything
 from pipeline.model.networks import load_checkpoint
 from pipeline.slim.clustering import elbow_clusters
 from pipeline.slim.counterfactual import (
+    OBJECT_CUT,
     CompositeEditor,
     Counterfactuals,
     plan,
@@ -224,17 +225,19 @@ def corm_row(run: Run, arrays: AttentionArrays, scores: np.ndarray, boxes: dict[
 
 
 def simulated_counterfactuals(run: Run, arrays: AttentionArrays, scores: np.ndarray, boxes: dict[int, list[dict]],
-                              noise: float, seed: int, share: float) -> Counterfactuals:
+                              noise: float, seed: int, share: float, object_cut: bool = True) -> Counterfactuals:
     """``retrain --augment counterfactual``'s images (composite editor) from the simulated answers' regions,
-    kept beside the run per noise level and share; none rejected (no verification in the benchmark)."""
+    kept beside the run per noise level, share and cut; none rejected (no verification in the benchmark).
+    ``object_cut=False`` keeps each donor's whole located region: the comparison the cut was measured by."""
     config = run.load_config()
     image_set = load_dataset(config.data.root)
     size = load_checkpoint(run.checkpoint_path)[1]["image_size"]
-    folder = run.root / f"counterfactuals-noise{noise:g}-share{share:g}-boxes{len(boxes)}"
+    cut = OBJECT_CUT if object_cut else "uncut"
+    folder = run.root / f"counterfactuals-noise{noise:g}-share{share:g}-boxes{len(boxes)}-{cut}"
     if not (folder / "metadata.csv").exists():
         regions = SpuriousRegions(arrays.index, arrays.cam, scores, boxes)
         write_counterfactuals(folder, plan(arrays, regions, share, size, seed), image_set, regions,
-                              CompositeEditor(), size)
+                              CompositeEditor(), size, object_cut)
     return read_counterfactuals(folder)
 
 
@@ -285,7 +288,8 @@ def summarise(results: dict) -> dict:
 
 
 def fresh_seed(run: Run, seed: int, noise: float, upweight: float, no_answer_results: dict,
-               only: set[str] | None = None, remedy: RetrainConfig | None = None, box_share: float = 0.0) -> dict:
+               only: set[str] | None = None, remedy: RetrainConfig | None = None, box_share: float = 0.0,
+               object_cut: bool = True) -> dict:
     """``--mode fresh``: each method trains a new model with the reference recipe under its own weights.
 
     ``slim`` balances the cells of the space the answers point at; ``slim-no-answers`` the label-free cells
@@ -315,7 +319,7 @@ def fresh_seed(run: Run, seed: int, noise: float, upweight: float, no_answer_res
     remedy = remedy or RetrainConfig()
     wanted = set(ANSWER_ROWS) if only is None else only
     counterfactuals = (simulated_counterfactuals(run, arrays, scores, simulated.boxes, noise, seed,
-                                                 remedy.counterfactual_share)
+                                                 remedy.counterfactual_share, object_cut)
                        if wanted & {"slim+counterfactual", "corm+counterfactual"} else None)
     results = {}
     if "slim" in wanted:
@@ -490,6 +494,9 @@ def main() -> None:
     parser.add_argument("--box-share", type=float, default=1.0,
                         help="fresh mode: share of answered images the simulated annotator also boxes (corm and "
                              "counterfactual rows use the boxes; the others ignore them)")
+    parser.add_argument("--no-object-cut", action="store_true",
+                        help="+counterfactual rows: keep each donor's whole located region (box or high-CAM region) "
+                             "instead of GrabCut's object: the comparison the cut was measured by")
     parser.add_argument("--only", nargs="+", choices=(*ANSWER_ROWS, *NO_ANSWER_ROWS), default=None,
                         help="fresh mode: train only these rows (and ERM), e.g. to add the remedies to a table")
     parser.add_argument("--synth", nargs="+", default=["default"], choices=list(VARIANTS),
@@ -501,7 +508,8 @@ def main() -> None:
                            counterfactual_share=args.counterfactual_share)
     result = {"mode": args.mode, "seeds": args.seeds, "box_share": args.box_share, "corm": {"corruption": remedy.corruption,
               "corrupt_probability": remedy.corrupt_probability},
-              "counterfactual_share": remedy.counterfactual_share, "by_variant": {}}
+              "counterfactual_share": remedy.counterfactual_share, "object_cut": not args.no_object_cut,
+              "by_variant": {}}
     per_seed: dict[str, dict[str, list]] = {v: {str(n): [] for n in args.noise} for v in args.synth}
     for seed in args.seeds:  # seeds outermost: an interrupted run has whole seeds of every variant
         for variant in args.synth:
@@ -509,7 +517,8 @@ def main() -> None:
             for noise in args.noise:
                 per_seed[variant][str(noise)].append(
                     fresh_seed(run, seed, noise, args.jtt_upweight, no_answer_results,
-                               set(args.only) if args.only else None, remedy, args.box_share) if args.mode == "fresh"
+                               set(args.only) if args.only else None, remedy, args.box_share,
+                               not args.no_object_cut) if args.mode == "fresh"
                     else one_seed(run, seed, args.mode, noise, args.jtt_upweight, args.subset_size, args.variants))
                 result["by_variant"][variant] = {"by_noise": {n: {**aggregate(rows), "per_seed": rows}
                                                               for n, rows in per_seed[variant].items() if rows}}

@@ -25,6 +25,7 @@ from pipeline.slim.counterfactual import (
     CompositeEditor,
     generate_run,
     load_editor,
+    object_pixels,
     read_counterfactuals,
 )
 from pipeline.slim.propagate import Propagation
@@ -53,6 +54,36 @@ def test_composite_fills_the_region_from_the_first_background_that_has_backgroun
     assert rgb.max() == 0.0  # the input is not modified
 
 
+def striped_picture_with_a_disc(seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """A 64 px picture like the synthetic sets': a noisy striped texture, a flat-coloured disc; and the disc."""
+    rng = np.random.default_rng(seed)
+    rows = np.arange(64)[:, None] * np.ones((1, 64))
+    texture = 0.45 + 0.1 * np.sin(rows / 2.0)[..., None] * np.array([1.0, 0.6, 1.0])
+    rgb = np.clip(texture + rng.normal(0, 0.03, (64, 64, 3)), 0, 1)
+    yy, xx = np.mgrid[:64, :64]
+    disc = (yy - 30) ** 2 + (xx - 34) ** 2 <= 10 ** 2
+    rgb[disc] = (0.2, 0.8, 0.4)
+    return rgb, disc
+
+
+def test_the_kept_region_is_cut_to_the_object_inside_its_box() -> None:
+    rgb, disc = striped_picture_with_a_disc(seed=0)
+    box = np.zeros_like(disc)
+    box[18:43, 22:47] = True  # the disc's bounding box, a pixel wider: 1 - pi/4 of it is background
+    kept = object_pixels(rgb, box)
+    assert not (kept & ~box).any()  # only ever cut down
+    assert (kept & disc).sum() >= 0.98 * disc.sum()  # the whole object stays
+    assert (kept & ~disc).sum() <= 0.05 * (box & ~disc).sum()  # the box's corners go
+    assert np.array_equal(kept, object_pixels(rgb, box))  # seeded: the same picture gives the same bytes
+
+
+def test_a_cut_with_nothing_to_learn_the_background_from_keeps_the_region() -> None:
+    rgb, disc = striped_picture_with_a_disc(seed=1)
+    everything = np.ones_like(disc)
+    assert object_pixels(rgb, everything).all()
+    assert not object_pixels(rgb, np.zeros_like(disc)).any()
+
+
 def test_an_editor_is_loaded_from_module_and_class_and_a_bad_one_is_one_line() -> None:
     assert load_editor(None).name == "composite"
     assert load_editor("pipeline.slim.counterfactual:CompositeEditor").name == "composite"
@@ -76,8 +107,10 @@ def test_each_class_s_core_on_other_classes_backgrounds(run: Path) -> None:
         assert all(image_set.samples[b].y != int(row["y"]) for b in backgrounds)
         made = load_rgb(folder / row["img_filename"], size)
         original = load_rgb(image_set.root / image_set.samples[donor].filename, size)
-        replaced = regions(donor, size)
-        assert np.allclose(made[~replaced], original[~replaced], atol=1 / 255)  # the core region kept
+        kept = object_pixels(original, ~regions(donor, size))
+        assert kept.any() and not (kept & regions(donor, size)).any()  # the object, cut from the located region
+        assert np.allclose(made[kept], original[kept], atol=1 / 255)
+        replaced = ~kept
         candidates = [load_rgb(image_set.root / image_set.samples[b].filename, size) for b in backgrounds]
         candidates += [c[:, ::-1] for c in candidates]
         from_background = np.zeros(replaced.shape, bool)

@@ -1,8 +1,8 @@
 """Counterfactual training images (ASPIRE, Ghosh et al.): each class shown *without* the cue it is confounded with.
 
 ASPIRE edits images with a language-guided editor and a personalised text-to-image model. The default editor
-here needs no weights: it keeps the core region of an image whose object is located (an annotator's box, or
-the high-CAM region of attention judged core) and replaces the rest (:mod:`pipeline.slim.regions`) with the
+here needs no weights: it keeps the object of an image whose object is located (an annotator's box, or the
+high-CAM region of attention judged core, cut to the object's outline by colour with GrabCut) and replaces the rest (:mod:`pipeline.slim.regions`) with the
 background of images of the *other* classes, taken a margin away from *their* estimated object (located
 images first; a class with none lends its attended regions, which may hold part of its object: what the
 verification check catches). The class no longer agrees with the background: exactly the images the
@@ -34,6 +34,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
+import cv2
 import numpy as np
 from PIL import Image
 from scipy import ndimage
@@ -59,6 +60,14 @@ BACKGROUND_MARGIN = 1 / 16
 MIN_FILLED = 0.5  # share of an image's region its backgrounds must fill: below it, the image is mostly itself
 ATTEMPTS = 4  # candidates tried per image wanted before a class settles for fewer
 MIN_REGION = 0.02  # share of the image a region must cover to be worth replacing (flat maps localise nothing)
+# GrabCut's rounds of colour-model fitting when the kept region is cut down to the object; OpenCV's own example
+# uses 5, and more change nothing measurable at these sizes
+GRABCUT_ITERATIONS = 5
+# a cut that keeps less than this share of the region is not trusted (object and background alike in colour):
+# the region is kept whole, as before the cut existed
+MIN_OBJECT_SHARE = 0.05
+# what the kept region's cut is: part of the images' stamp, so a changed cut remakes them
+OBJECT_CUT = f"grabcut-{GRABCUT_ITERATIONS}"
 COLUMNS = ("img_filename", "y", "split", "key", "donor", "backgrounds", "filled", "source")
 
 
@@ -207,10 +216,35 @@ def background_pixels(regions: SpuriousRegions, image_id: int, size: int) -> np.
                                   border_value=1)
 
 
-def make(plan_: Plan, image_set: ImageSet, regions: SpuriousRegions, editor: Editor, size: int) -> Made:
-    """Render one plan with ``editor``."""
+def object_pixels(rgb: np.ndarray, region: np.ndarray) -> np.ndarray:
+    """The part of ``region`` (where the donor's object is: a box, or the high-CAM region of attention judged
+    core) that shows the object, cut by colour with GrabCut (OpenCV).
+
+    Why: a box or an attended region is not the object's outline. Around a disc a box is a third background,
+    around a stroke glyph two thirds (synthetic family, masks used for this measurement only); pasted along, that
+    background carries the donor's own cue into the image meant to lack it. The pixels outside ``region`` are
+    the background GrabCut learns from; inside, it keeps what looks like the object. Measured on 300 boxed
+    images per set: background in the kept region 37 -> 1 % (default), 61 -> 6 % (glyphs), the whole object
+    kept. Seeded, so the same image gives the same bytes (its key).
+    """
+    if region.all() or not region.any():
+        return region
+    labels = np.where(region, cv2.GC_PR_FGD, cv2.GC_BGD).astype(np.uint8)
+    image = np.ascontiguousarray((np.clip(rgb, 0, 1) * 255).round().astype(np.uint8))
+    cv2.setRNGSeed(0)
+    cv2.grabCut(image, labels, None, np.zeros((1, 65)), np.zeros((1, 65)), GRABCUT_ITERATIONS,
+                cv2.GC_INIT_WITH_MASK)
+    kept = region & np.isin(labels, (cv2.GC_FGD, cv2.GC_PR_FGD))
+    return kept if kept.sum() >= MIN_OBJECT_SHARE * region.sum() else region
+
+
+def make(plan_: Plan, image_set: ImageSet, regions: SpuriousRegions, editor: Editor, size: int,
+         cut: bool = True) -> Made:
+    """Render one plan with ``editor``: everything but the donor's object (:func:`object_pixels`) replaced;
+    ``cut=False`` keeps the whole located region (what the benchmarks compare the cut against)."""
     rgb = load_rgb(image_set.root / image_set.samples[plan_.donor].filename, size)
-    replace = regions(plan_.donor, size)
+    located = ~regions(plan_.donor, size)
+    replace = ~(object_pixels(rgb, located) if cut else located)
     backgrounds = []
     for image_id, flip in zip(plan_.backgrounds, plan_.flips):
         other = load_rgb(image_set.root / image_set.samples[image_id].filename, size)
@@ -250,11 +284,11 @@ def counterfactual_stamp(run: Run, regions: SpuriousRegions, config: RunConfig, 
     """What the images depend on: the regions (maps, verdicts, boxes), the settings and the editor."""
     settings = config.retrain
     return fingerprint(STAGE, regions.digest(), settings.counterfactual_share, settings.editor or "composite",
-                       settings.seed, size, run.stage_fingerprint("embed"))
+                       settings.seed, size, run.stage_fingerprint("embed"), OBJECT_CUT)
 
 
 def write_counterfactuals(out: Path, plans: Sequence[ClassPlan], image_set: ImageSet, regions: SpuriousRegions,
-                          editor: Editor, size: int) -> int:
+                          editor: Editor, size: int, cut: bool = True) -> int:
     """Render each class's ``target`` images into the dataset folder ``out`` (replaced whole: written beside it,
     then swapped in, so a kill leaves either set complete); returns how many images it holds.
 
@@ -267,7 +301,7 @@ def write_counterfactuals(out: Path, plans: Sequence[ClassPlan], image_set: Imag
     for class_plan in plans:
         made_here = 0
         for plan_ in itertools.islice(class_plan.candidates, ATTEMPTS * class_plan.target):
-            made = make(plan_, image_set, regions, editor, size)
+            made = make(plan_, image_set, regions, editor, size, cut)
             if made.filled < MIN_FILLED:
                 continue
             key = hashlib.sha256(made.png).hexdigest()[:20]
