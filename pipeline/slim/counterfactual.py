@@ -2,8 +2,8 @@
 
 ASPIRE edits images with a language-guided editor and a personalised text-to-image model. The default editor
 here needs no weights: it keeps the object of an image whose object is located (an annotator's box, or the
-high-CAM region of attention judged core, cut to the object's outline by colour with GrabCut) and replaces the rest (:mod:`pipeline.slim.regions`) with the
-background of images of the *other* classes, taken a margin away from *their* estimated object (located
+high-CAM region of attention judged core, cut to the object's outline by colour with GrabCut) and replaces the
+rest (:mod:`pipeline.slim.regions`) with the background of images of the *other* classes, taken a margin away from *their* estimated object (located
 images first; a class with none lends its attended regions, which may hold part of its object: what the
 verification check catches). The class no longer agrees with the background: exactly the images the
 minority groups are short of. A class whose object is located nowhere gets none (draw boxes to give it some).
