@@ -61,10 +61,11 @@ from machine import describe
 from PIL import Image
 from pytorch_grad_cam.utils.image import show_cam_on_image
 
+from pipeline.core.attention_arrays import AttentionArrays
 from pipeline.core.data import IMAGENET_MEAN, IMAGENET_STD, TRAIN, load_dataset
 from pipeline.core.errors import PipelineError
 from pipeline.core.synth import SynthSpec, generate
-from pipeline.model.attention import AttentionArrays, compute_attention
+from pipeline.model.attention import compute_attention
 from pipeline.model.cam import LibraryCAM, make_extractor
 from pipeline.model.loaders import make_loader
 from pipeline.model.networks import Classifier, build_model, inference_backbone, native_bf16, resolve_device

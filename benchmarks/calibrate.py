@@ -27,13 +27,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from pipeline.core.attention_arrays import AttentionArrays
 from pipeline.core.config import RunConfig, resolve_path
 from pipeline.core.data import TRAIN, load_dataset
 from pipeline.core.io import atomic_write_json
 from pipeline.core.run import Run
 from pipeline.core.synth import VARIANTS, SynthSpec, generate, object_style
-from pipeline.labelstudio.annotator import AIOU_CORE
-from pipeline.model.attention import AttentionArrays
+from pipeline.core.verdicts import AIOU_CORE
 from pipeline.model.embed import embed_run
 from pipeline.model.train import train_reference
 

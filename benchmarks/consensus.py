@@ -37,11 +37,11 @@ from wga import (
     stage_accuracy,
 )
 
+from pipeline.core.attention_arrays import AttentionArrays
 from pipeline.core.config import CONSENSUS_METHODS, RunConfig
 from pipeline.core.data import load_dataset
 from pipeline.core.io import atomic_write_json
 from pipeline.core.synth import VARIANTS
-from pipeline.model.attention import AttentionArrays
 from pipeline.model.loaders import seed_everything
 from pipeline.model.networks import load_checkpoint
 from pipeline.slim.consensus import Vote, aggregate

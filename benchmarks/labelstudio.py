@@ -49,6 +49,7 @@ from machine import describe
 from runs import attention_run
 
 import label_config
+from pipeline.core.attention_arrays import AttentionArrays
 from pipeline.core.errors import PipelineError
 from pipeline.core.io import atomic_write_json
 from pipeline.core.run import Run
@@ -65,7 +66,6 @@ from pipeline.labelstudio.push import (
     task_views,
 )
 from pipeline.labelstudio.server import LocalLabelStudio
-from pipeline.model.attention import AttentionArrays
 from pipeline.slim.sample import sample_run
 
 log = logging.getLogger("benchmarks.labelstudio")

@@ -53,14 +53,12 @@ import numpy as np
 from PIL import Image
 
 from pipeline.core import data as data_module
+from pipeline.core.attention_arrays import AttentionArrays, save_streamed
 from pipeline.core.config import SampleConfig
 from pipeline.core.data import load_dataset
 from pipeline.core.io import atomic_write_json
 from pipeline.core.synth import VARIANTS
-from pipeline.core.verdicts import CORE_CUT
-from pipeline.labelstudio.annotator import AIOU_CORE
-from pipeline.model.attention import SHARD_IMAGES, AttentionArrays, AttentionShards, save_streamed
-from pipeline.model.embed import embed_2d, embed_2d_streamed
+from pipeline.core.verdicts import AIOU_CORE, CORE_CUT
 from pipeline.slim import clustering
 from pipeline.slim import propagate as propagation_module
 from pipeline.slim.curate import curate, default_subset_size
@@ -183,6 +181,10 @@ def child(stage: str, size: int, dims: int, dense: bool, folder: str) -> dict:
 
 def write_attention(rows: int, scratch: Path, before: bool) -> float:
     """Seconds to turn ``rows`` images' shards into ``attention.npz``, now (streamed) or before (stacked)."""
+    # the attention pass's modules load torch: imported here only, so the stage children's memory is their own
+    from pipeline.model.attention import SHARD_IMAGES, AttentionShards
+    from pipeline.model.embed import embed_2d, embed_2d_streamed
+
     rng = np.random.default_rng(0)
     shards = AttentionShards(scratch / f"shards-{rows}", "k", SHARD_IMAGES)
     shards.folder.mkdir(parents=True, exist_ok=True)

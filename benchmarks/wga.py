@@ -64,14 +64,15 @@ import torch
 from runs import attention_run
 from sklearn.metrics.cluster import contingency_matrix
 
+from pipeline.core.attention_arrays import AttentionArrays
 from pipeline.core.config import CORRUPTIONS, RetrainConfig, RunConfig, SampleConfig
 from pipeline.core.data import TEST, load_dataset, load_mask
 from pipeline.core.io import atomic_write_json
 from pipeline.core.run import Run
 from pipeline.core.synth import VARIANTS, SynthSpec
-from pipeline.core.verdicts import CORE, CORE_CUT, SPURIOUS
-from pipeline.labelstudio.annotator import AIOU_CORE, decide, mask_box
-from pipeline.model.attention import AttentionArrays, compute_attention
+from pipeline.core.verdicts import AIOU_CORE, CORE, CORE_CUT, SPURIOUS
+from pipeline.labelstudio.annotator import decide, mask_box
+from pipeline.model.attention import compute_attention
 from pipeline.model.cam import make_extractor
 from pipeline.model.evaluate import evaluate_splits, group_metrics
 from pipeline.model.loaders import make_loader, seed_everything

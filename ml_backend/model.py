@@ -39,15 +39,17 @@ from PIL import Image, UnidentifiedImageError
 from sklearn.decomposition import PCA
 from sklearn.neighbors import KNeighborsRegressor
 
+from pipeline.core.attention_arrays import AttentionArrays, representation_of
 from pipeline.core.config import RunConfig, fingerprint
-from pipeline.core.data import normalize, rgb_array
+from pipeline.core.data import rgb_array
 from pipeline.core.errors import PipelineError
 from pipeline.core.run import Run
 from pipeline.core.store import AnnotationStore
 from pipeline.labelstudio.client import TASK_STATE, Settings, Studio
 from pipeline.labelstudio.schema import ConfigError, ControlNames, control_names, parse_annotation, prediction
-from pipeline.model.attention import AttentionArrays, attention_vectors, representation_of
+from pipeline.model.attention import attention_vectors
 from pipeline.model.cam import AttentionExtractor, make_extractor
+from pipeline.model.loaders import normalize
 from pipeline.model.networks import Classifier, load_checkpoint
 from pipeline.slim.prelabel import attention_prior
 from pipeline.slim.propagate import Propagation, consolidate, save_propagation

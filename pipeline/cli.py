@@ -26,13 +26,13 @@ from pipeline.core.errors import PipelineError
 from pipeline.core.run import Run
 from pipeline.core.synth import SynthSpec
 from pipeline.core.termination import Terminated, graceful_termination
+from pipeline.core.world import DISTRIBUTED_STAGES, World, launched
 from pipeline.demo import DemoOptions, ServerOptions
 from pipeline.labelstudio.annotator import AnnotatorOptions
 from pipeline.labelstudio.client import ConnectionOptions, Settings
 from pipeline.labelstudio.pull import PullOptions
 from pipeline.labelstudio.push import PushOptions
 from pipeline.labelstudio.verify import CheckOptions, PullCheckOptions
-from pipeline.model import distributed
 
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 SECTION_SEPARATOR = "__"  # argparse dest of a run-config flag: "<section>__<field>"
@@ -259,7 +259,12 @@ def _run_stage(stage: Stage, args: argparse.Namespace) -> None:
         config = RunConfig()
     for section in stage.sections:
         apply_options(getattr(config, section) if section else config, args, f"{section}{SECTION_SEPARATOR}")
-    distributed.setup(config.device)  # under torchrun: join the other processes of this stage
+    if not launched().distributed:
+        stage.run(run, config, args)
+        return
+    from pipeline.model import distributed  # torch: loaded for torchrun's processes, which all feed a network
+
+    distributed.setup(config.device)  # join the other processes of this stage
     try:
         stage.run(run, config, args)
     finally:
@@ -420,7 +425,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def configure_logging(level: str, world: distributed.World | None = None) -> None:
+def configure_logging(level: str, world: World | None = None) -> None:
     """The stages' log on the terminal: ``stage: message`` on stdout, warnings and errors on stderr.
 
     Only the ``pipeline`` loggers are shown; libraries (httpx logs every request at INFO) stay at WARNING.
@@ -429,7 +434,7 @@ def configure_logging(level: str, world: distributed.World | None = None) -> Non
     def below_warning(record: logging.LogRecord) -> bool:
         return record.levelno < logging.WARNING
 
-    world = world or distributed.World()
+    world = world or World()
     formatter = logging.Formatter(("" if world.is_main else f"[rank {world.rank}] ") + "%(stage)s: %(message)s")
     out, err = logging.StreamHandler(sys.stdout), logging.StreamHandler(sys.stderr)
     out.addFilter(below_warning)
@@ -450,12 +455,12 @@ def _stage_name(record: logging.LogRecord) -> bool:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    world = distributed.launched()
+    world = launched()
     configure_logging(args.log_level, world)
     try:
-        if world.distributed and args.command not in distributed.DISTRIBUTED_STAGES:
+        if world.distributed and args.command not in DISTRIBUTED_STAGES:
             raise PipelineError(f"`{args.command}` runs in one process; start it with python -m pipeline, not "
-                                f"torchrun (torchrun runs {', '.join(distributed.DISTRIBUTED_STAGES)})")
+                                f"torchrun (torchrun runs {', '.join(DISTRIBUTED_STAGES)})")
         with graceful_termination():  # SIGTERM / SIGHUP clean up like Ctrl-C (a local Label Studio is stopped)
             args.handler(args)
     except PipelineError as exc:

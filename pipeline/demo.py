@@ -26,11 +26,7 @@ from pipeline.labelstudio.postgres import resolve_server
 from pipeline.labelstudio.pull import pull_run
 from pipeline.labelstudio.push import push_run
 from pipeline.labelstudio.server import DATABASES, LocalCredentials, LocalLabelStudio
-from pipeline.model.embed import embed_run
-from pipeline.model.train import train_reference
 from pipeline.slim.curate import curate_run
-from pipeline.slim.report import report_run
-from pipeline.slim.retrain import retrain_run
 from pipeline.slim.sample import sample_run
 
 log = logging.getLogger(__name__)
@@ -81,6 +77,12 @@ def run_demo(data_dir: str | Path, run_dir: str | Path, device: str = "auto", no
     by default: the fewest that can disagree, so the consensus and the annotators' agreement have something
     to weigh).
     """
+    # the stages that run a network load torch: imported here, so that `serve` and the command line start without it
+    from pipeline.model.embed import embed_run
+    from pipeline.model.train import train_reference
+    from pipeline.slim.report import report_run
+    from pipeline.slim.retrain import retrain_run
+
     noise_per_annotator(noise, annotators)  # a wrong count is reported before an hour of training, not after
     if annotations_per_task is None:
         annotations_per_task = min(annotators, 2)

@@ -11,10 +11,10 @@ from sklearn.metrics.pairwise import rbf_kernel
 from sklearn.semi_supervised import LabelSpreading
 
 from pipeline.cli import main
+from pipeline.core.attention_arrays import AttentionArrays
 from pipeline.core.data import load_dataset
 from pipeline.core.errors import PipelineError
 from pipeline.core.verdicts import CORE, SPURIOUS
-from pipeline.model.attention import AttentionArrays
 from pipeline.slim.consensus import MOST_CONTESTED, Vote, aggregate
 from pipeline.slim.propagate import (
     SPREAD_ALPHA,

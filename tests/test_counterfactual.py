@@ -13,10 +13,10 @@ import pytest
 import torch
 
 from pipeline.cli import main
+from pipeline.core.attention_arrays import AttentionArrays
 from pipeline.core.data import load_dataset, load_rgb
 from pipeline.core.errors import PipelineError
 from pipeline.core.run import Run
-from pipeline.model.attention import AttentionArrays
 from pipeline.model.loaders import make_loader
 from pipeline.model.networks import load_checkpoint
 from pipeline.slim import retrain as retrain_module

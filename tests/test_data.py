@@ -169,7 +169,7 @@ def test_empty_folder_is_neither_layout(tmp_path: Path) -> None:
 
 
 def test_images_are_normalised_and_masks_aligned(tiny_data: Path) -> None:
-    from pipeline.core.data import ImageDataset
+    from pipeline.model.loaders import ImageDataset
 
     image_set = load_dataset(tiny_data)
     dataset = ImageDataset(image_set, image_set.split(TRAIN)[:3], size=48, with_masks=True)

@@ -15,7 +15,8 @@ import numpy as np
 
 from pipeline.cli import main
 from pipeline.core.synth import SynthSpec, generate
-from pipeline.model.distributed import RankShare, World, block_of, share_of_batch
+from pipeline.core.world import World
+from pipeline.model.distributed import RankShare, block_of, share_of_batch
 
 # No correlation between class and place: a model learns the shapes in a few epochs, so the two trainings'
 # accuracies say something about quality (on the spurious tiny set both sit at 0 % worst-group).

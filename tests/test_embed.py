@@ -2,23 +2,25 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from pipeline.cli import main
-from pipeline.core.data import TRAIN, load_dataset
-from pipeline.model import embed as embed_module
-from pipeline.model.attention import (
+from pipeline.core.attention_arrays import (
     MAP_MIN_BYTES,
     AttentionArrays,
-    compute_attention,
     mapped_npz,
     read_rows,
     representation_of,
     save_streamed,
 )
+from pipeline.core.data import TRAIN, load_dataset
+from pipeline.model import embed as embed_module
+from pipeline.model.attention import compute_attention
 from pipeline.model.cam import make_extractor
 from pipeline.model.embed import embed_2d, embed_2d_streamed
 from pipeline.model.evaluate import predict
@@ -89,6 +91,47 @@ def test_rows_read_from_the_mapped_file_leave_none_of_its_pages_resident(tmp_pat
     assert np.array_equal(copied[:, 0], rows) and representation.shape == (len(rows), 2048)
     touched = np.asarray(mapped[rows]).sum()
     assert touched > 0 and resident_file_kb() - before > 48 * 1024  # the check can fail: plain indexing keeps them
+
+
+def test_a_class_read_on_demand_projects_and_clusters_exactly_as_when_built_whole(monkeypatch) -> None:
+    """Large classes are projected from rows built as they are read (never the whole 2.3 GB representation of
+    CelebA's large class): the rows, the projection and the picks are those of the whole array, bit for bit."""
+    from pipeline.slim import clustering
+    from pipeline.slim import propagate as propagate_module
+
+    rng = np.random.default_rng(3)
+    n = 900
+    arrays = AttentionArrays(index=np.arange(n), y=np.arange(n) % 2, pred=np.zeros(n, int), confidence=np.ones(n),
+                             entropy=np.zeros(n), features=np.zeros((n, 1)), f_att=rng.normal(size=(n, 24)).astype(np.float32),
+                             f_rev=rng.normal(size=(n, 16)).astype(np.float32), cam=np.zeros((n, 2, 2), np.float16),
+                             emb_att=rng.normal(size=(n, 2)), emb_rev=rng.normal(size=(n, 2)))
+    members = arrays.for_class(1)
+    for space in ("vectors", "embedding"):
+        lazy, whole = arrays.representation_rows(space, members), arrays.representation(space, members)
+        assert lazy.shape == whole.shape and np.array_equal(np.asarray(lazy), whole)
+        assert np.array_equal(lazy[10:20], whole[10:20]) and np.array_equal(lazy[np.array([3, 7])], whole[[3, 7]])
+    monkeypatch.setattr(propagate_module, "EXACT_PCA_LIMIT", 0)
+    monkeypatch.setattr(clustering, "EXACT_KMEANS_LIMIT", 0)
+    monkeypatch.setattr(clustering, "PROJECTION_FIT_ROWS", 200)
+    monkeypatch.setattr(clustering, "PROJECTION_CHUNK", 130)  # several chunks, the last one short
+    lazy, whole = arrays.representation_rows("vectors", members), arrays.representation("vectors", members)
+    assert np.array_equal(propagate_module.kernel_space(lazy), propagate_module.kernel_space(whole))
+    assert clustering.pick_near_centroids(lazy, 9, seed=0) == clustering.pick_near_centroids(whole, 9, seed=0)
+
+
+WITHOUT_A_NETWORK = ("pipeline.cli", "pipeline.slim.sample", "pipeline.slim.propagate", "pipeline.slim.curate",
+                     "pipeline.slim.weights", "pipeline.labelstudio.push", "pipeline.labelstudio.pull")
+
+
+def test_commands_that_run_no_network_do_not_load_torch() -> None:
+    """torch and pytorch-grad-cam hold ~0.7 GB resident and take seconds to import: at CelebA's size that decides
+    whether selection, propagation and curation fit 4 GB, and every command paid it at start-up. Only the stages
+    that run a network, and the moment an overlay is drawn, may load them."""
+    check = f"import sys, {', '.join(WITHOUT_A_NETWORK)}; print(sorted({{'torch', 'pytorch_grad_cam'}} & set(sys.modules)))"
+    loaded = subprocess.run([sys.executable, "-c", check], capture_output=True, text=True, check=True).stdout.strip()
+    assert loaded == "[]"
+    with_pass = "import sys, pipeline.model.attention; print('torch' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", with_pass], capture_output=True, text=True, check=True).stdout.strip() == "True"
 
 
 def test_2d_embedding_of_many_rows_is_fit_on_a_sample_and_applied_to_every_part(monkeypatch) -> None:

@@ -14,13 +14,13 @@ import numpy as np
 from PIL import Image
 
 from pipeline.cli import main
+from pipeline.core.attention_arrays import AttentionArrays
 from pipeline.core.run import Run
 from pipeline.core.store import AnnotationStore
 from pipeline.labelstudio import guidance
 from pipeline.labelstudio.client import Settings, Studio
 from pipeline.labelstudio.guidance import EXAMPLE_WIDTH, asked_images, choose_examples
 from pipeline.labelstudio.push import former_media_identity, media_identity, push_run
-from pipeline.model.attention import AttentionArrays
 from pipeline.slim.prelabel import attention_prior
 from pipeline.slim.propagate import Propagation
 

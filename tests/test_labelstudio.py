@@ -16,6 +16,7 @@ import pytest
 
 import label_config
 from pipeline.cli import main
+from pipeline.core.attention_arrays import AttentionArrays
 from pipeline.core.data import load_dataset, load_mask
 from pipeline.core.errors import PipelineError
 from pipeline.core.run import Run
@@ -28,7 +29,6 @@ from pipeline.labelstudio.pull import pull_run
 from pipeline.labelstudio.push import push_run
 from pipeline.labelstudio.schema import ANSWER, choice_result
 from pipeline.labelstudio.server import free_port
-from pipeline.model.attention import AttentionArrays
 from pipeline.slim.prelabel import attention_prior
 
 

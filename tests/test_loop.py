@@ -14,14 +14,14 @@ import pytest
 import torch
 
 from pipeline.cli import main
-from pipeline.core.data import TEST, TRAIN, ImageDataset, load_dataset, load_mask
+from pipeline.core.attention_arrays import AttentionArrays
+from pipeline.core.data import TEST, TRAIN, load_dataset, load_mask
 from pipeline.core.errors import PipelineError
 from pipeline.core.run import Run
 from pipeline.core.store import Annotation, AnnotationStore
 from pipeline.core.verdicts import CORE, SPURIOUS
 from pipeline.labelstudio.annotator import decide
-from pipeline.model.attention import AttentionArrays
-from pipeline.model.loaders import make_loader
+from pipeline.model.loaders import ImageDataset, make_loader
 from pipeline.model.networks import load_checkpoint
 from pipeline.slim import propagate as propagate_module
 from pipeline.slim.clustering import elbow_k

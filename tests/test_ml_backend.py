@@ -23,10 +23,10 @@ import label_config
 from ml_backend import model as backend_model
 from ml_backend._wsgi import create_app
 from ml_backend.model import NEIGHBOURS, SlimAttentionBackend
+from pipeline.core.attention_arrays import AttentionArrays
 from pipeline.core.data import load_dataset
 from pipeline.core.run import Run
 from pipeline.core.store import AnnotationStore
-from pipeline.model.attention import AttentionArrays
 from pipeline.slim.propagate import Propagation
 
 PAYLOADS = Path(__file__).resolve().parent / "fixtures" / "labelstudio-payloads"  # see its README

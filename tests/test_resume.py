@@ -17,9 +17,9 @@ import pytest
 import torch
 
 from pipeline.cli import main
-from pipeline.core.data import TRAIN, ImageDataset, load_dataset
+from pipeline.core.data import TRAIN, load_dataset
 from pipeline.model import train as train_module
-from pipeline.model.loaders import make_loader, seed_everything
+from pipeline.model.loaders import ImageDataset, make_loader, seed_everything
 from pipeline.model.networks import build_model
 from pipeline.model.train import Resume, fit
 

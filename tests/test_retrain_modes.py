@@ -13,13 +13,13 @@ import pytest
 import torch
 
 from pipeline.cli import main
+from pipeline.core.attention_arrays import AttentionArrays
 from pipeline.core.config import RETRAIN_MODES
-from pipeline.core.data import TRAIN, Corruption, ImageDataset, load_dataset
+from pipeline.core.data import TRAIN, load_dataset
 from pipeline.core.errors import PipelineError
 from pipeline.core.run import Run
 from pipeline.core.store import Annotation, AnnotationStore
-from pipeline.model.attention import AttentionArrays
-from pipeline.model.loaders import make_loader
+from pipeline.model.loaders import Corruption, ImageDataset, make_loader
 from pipeline.model.networks import load_checkpoint
 from pipeline.slim import retrain as retrain_module
 from pipeline.slim.propagate import Propagation

@@ -3,6 +3,8 @@
 Both become an :class:`ImageSet`: a list of :class:`Sample` rows plus what the dataset knows about itself
 (class names, whether it has the spurious attribute ``place`` and foreground masks). ``place`` and masks are
 carried for *evaluation only*; nothing that chooses images or trains a model may read them.
+
+Plain numpy and PIL: the torch dataset that feeds a network is :class:`pipeline.model.loaders.ImageDataset`.
 """
 
 from __future__ import annotations
@@ -12,17 +14,13 @@ import hashlib
 import json
 import logging
 import os
-from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import torch
-from PIL import Image, ImageFilter, UnidentifiedImageError
-from torch.utils.data import Dataset
+from PIL import Image, UnidentifiedImageError
 
-from pipeline.core.config import CORRUPTIONS
 from pipeline.core.errors import PipelineError
 from pipeline.core.io import atomic_write_json, read_json
 
@@ -35,9 +33,6 @@ REQUIRED_COLUMNS = ("img_filename", "y", "split")
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 DEFAULT_IMAGE_SIZE = 224
-# blur sigma as a share of the image side (4 px at 64 px, 14 px at 224 px): wide enough to wash out texture and
-# stripes (a 12 px period keeps ~10 % of its contrast at 64 px), while colour, which blur keeps, survives
-BLUR_SIGMA = 1 / 16
 MANIFEST_VERSION = 1  # bump when the manifest's entries change meaning: older manifests are then re-verified
 # threads opening image headers side by side: the check waits on the disk (network file systems above all), and
 # PIL's decoders release the GIL
@@ -294,90 +289,3 @@ def load_rgb(path: Path, size: int) -> np.ndarray:
 def load_mask(path: Path, size: int) -> np.ndarray:
     with Image.open(path) as image:
         return np.asarray(image.convert("L").resize((size, size), Image.NEAREST)) > 127
-
-
-def normalize(rgb: np.ndarray) -> torch.Tensor:
-    """HWC [0, 1] array to the CHW tensor the models expect (ImageNet statistics)."""
-    tensor = torch.from_numpy(rgb).permute(2, 0, 1)
-    mean = torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
-    std = torch.tensor(IMAGENET_STD).view(3, 1, 1)
-    return (tensor - mean) / std
-
-
-@dataclass(frozen=True)
-class Corruption:
-    """Training-time corruption of each image's likely-spurious region (Core Risk Minimization).
-
-    ``region(image_id, size)`` is the ``size x size`` boolean map of the pixels to corrupt; it comes from what
-    the run knows about the image (boxes, attention, verdicts), never from the dataset's masks. Each draw of an
-    image is corrupted with ``probability`` (fresh noise every draw), so clean draws keep natural images in the
-    training distribution. ``noise`` replaces the region by Gaussian noise in the normalised space, the same
-    noise the core-accuracy probe uses; ``blur`` blurs it (``BLUR_SIGMA``), removing texture but not colour.
-    """
-
-    region: Callable[[int, int], np.ndarray]
-    kind: str = "noise"
-    probability: float = 1.0
-
-    def __post_init__(self) -> None:
-        if self.kind not in CORRUPTIONS:
-            raise PipelineError(f"unknown --corruption {self.kind!r}; choose {' or '.join(CORRUPTIONS)}")
-        if not 0.0 <= self.probability <= 1.0:
-            raise PipelineError(f"--corrupt-probability must be in [0, 1], got {self.probability}")
-
-    def apply(self, rgb: np.ndarray, image_id: int) -> torch.Tensor:
-        """The normalised image, its region corrupted when this draw (torch's RNG, so seeded and resumable) says so."""
-        if torch.rand(()) >= self.probability:
-            return normalize(rgb)
-        region = self.region(image_id, rgb.shape[0])
-        if self.kind == "blur":
-            side = rgb.shape[0]
-            blurred = Image.fromarray((rgb * 255).round().astype(np.uint8)).filter(
-                ImageFilter.GaussianBlur(side * BLUR_SIGMA))
-            return normalize(np.where(region[..., None], np.asarray(blurred, np.float32) / 255.0, rgb))
-        image = normalize(rgb)
-        return torch.where(torch.from_numpy(region), torch.randn(image.shape), image)
-
-
-class ImageDataset(Dataset):
-    """Yields ``(image, y, index, mask)``; ``mask`` is an empty tensor when the dataset has none.
-
-    ``core_only`` (evaluation) replaces everything outside the object's mask by Gaussian noise (fixed per
-    image), the probe of Salient ImageNet / Core Risk Minimization: a model that needs the background fails on
-    it. ``corruption`` (training) corrupts each image's estimated spurious region instead; see
-    :class:`Corruption`. ``skip_unreadable`` (training): an image that cannot be decoded (damaged after the
-    dataset was checked, or broken past its header) yields ``None`` and a warning instead of ending the run;
-    :func:`pipeline.model.loaders.make_loader` drops it from the batch and training counts the skips.
-    """
-
-    def __init__(self, image_set: ImageSet, samples: Sequence[Sample], size: int, with_masks: bool = False,
-                 core_only: bool = False, corruption: Corruption | None = None, skip_unreadable: bool = False):
-        self.root = image_set.root
-        self.samples = list(samples)
-        self.size = size
-        self.with_masks = (with_masks or core_only) and image_set.has_masks
-        self.core_only = core_only and image_set.has_masks
-        self.corruption = corruption
-        self.skip_unreadable = skip_unreadable
-
-    def __len__(self) -> int:
-        return len(self.samples)
-
-    def __getitem__(self, i: int):
-        sample = self.samples[i]
-        try:
-            rgb = load_rgb(self.root / sample.filename, self.size)
-        except PipelineError as error:
-            if not self.skip_unreadable:
-                raise
-            log.warning("skipped image %d: %s", sample.index, error)
-            return None
-        image = self.corruption.apply(rgb, sample.index) if self.corruption else normalize(rgb)
-        if self.with_masks:
-            mask = torch.from_numpy(load_mask(self.root / sample.mask_filename, self.size))
-        else:
-            mask = torch.zeros(0, dtype=torch.bool)
-        if self.core_only:
-            noise = torch.randn(image.shape, generator=torch.Generator().manual_seed(sample.index))
-            image = torch.where(mask, image, noise)
-        return image, sample.y, sample.index, mask

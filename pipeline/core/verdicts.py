@@ -11,6 +11,8 @@ CHOICES = ("core", "spurious", "unsure")
 CORE, SPURIOUS = 1, 0  # a verdict as a label for label spreading
 UNDECIDED = 0.5  # P(core) of an image nothing speaks for or against
 CORE_CUT = 0.5  # P(core) at or above which the verdict is core: the two verdicts are symmetric, no prior favours one
+AIOU_CORE = 0.5  # at least half of the strongest attention on the object: what a person would call "on it" (the
+# simulated annotator's rule, and the true verdict wherever masks give AIoU)
 
 
 def verdict(p_core: float) -> str:

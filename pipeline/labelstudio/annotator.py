@@ -37,25 +37,24 @@ from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
-import torch
 from tqdm import tqdm
 
+from pipeline.core.attention_arrays import AttentionArrays
 from pipeline.core.config import option
 from pipeline.core.data import ImageSet, load_dataset, load_mask, load_rgb, resolve_image_size
 from pipeline.core.errors import PipelineError
 from pipeline.core.io import atomic_write
 from pipeline.core.run import Run
 from pipeline.core.store import AnnotationStore
+from pipeline.core.verdicts import AIOU_CORE
 from pipeline.labelstudio.client import Settings, Studio, UserLogin
 from pipeline.labelstudio.pull import nothing_pushed
 from pipeline.labelstudio.schema import BOXES, IMAGE_VIEW, choice_result
 from pipeline.labelstudio.verify import CHECK_NAMES, META_KEY, NO, YES
-from pipeline.model.attention import AttentionArrays, aiou
 from pipeline.slim.counterfactual import manifest
 from pipeline.slim.overlays import full_cam
 
 log = logging.getLogger(__name__)
-AIOU_CORE = 0.5  # at least half of the strongest attention on the object: what a person would call "on it"
 OBJECT_KEPT = 0.5  # at least half of the object still there: a person would still recognise the class
 SAME_PIXEL = 1 / 255  # a pixel kept from the donor differs from it by PNG rounding at most
 LEAD_TIME_S = (2.0, 8.0)  # seconds a simulated answer takes, uniform: what a quick annotator spends per task
@@ -123,6 +122,10 @@ class Member:
 
 def decide(low_res_cam: np.ndarray, mask: np.ndarray, threshold: float) -> tuple[str, float]:
     """(choice, AIoU) for one image from the map the annotator sees and the object's mask."""
+    import torch  # the attention pass's own AIoU; imported here so Label Studio commands start without torch
+
+    from pipeline.model.attention import aiou
+
     cam = torch.from_numpy(full_cam(low_res_cam, mask.shape[0]))[None]
     value = float(aiou(cam, torch.from_numpy(mask)[None].float(), threshold)[0])
     return ("core" if value >= AIOU_CORE else "spurious"), value

@@ -43,13 +43,13 @@ import numpy as np
 from PIL import Image
 
 import label_config
+from pipeline.core.attention_arrays import AttentionArrays
 from pipeline.core.config import fingerprint
 from pipeline.core.data import load_dataset
 from pipeline.core.errors import PipelineError
 from pipeline.core.io import atomic_write
 from pipeline.core.run import Run
 from pipeline.labelstudio.client import Studio
-from pipeline.model.attention import AttentionArrays
 from pipeline.slim.overlays import VIEWS, write_overlays
 from pipeline.slim.prelabel import attention_prior
 from pipeline.slim.propagate import Propagation

@@ -25,6 +25,7 @@ from typing import Protocol
 from tqdm import tqdm
 
 import label_config
+from pipeline.core.attention_arrays import AttentionArrays
 from pipeline.core.config import option
 from pipeline.core.errors import PipelineError
 from pipeline.core.run import Run
@@ -33,7 +34,6 @@ from pipeline.core.verdicts import CHOICES
 from pipeline.labelstudio.client import IMPORT_BATCH, MEDIA_CONFIG, UPLOAD_BATCH, Settings, Studio
 from pipeline.labelstudio.guidance import example_pictures, instructions, show_instructions
 from pipeline.labelstudio.schema import ANSWER, prediction
-from pipeline.model.attention import AttentionArrays
 from pipeline.slim.prelabel import attention_prior
 
 log = logging.getLogger(__name__)

@@ -26,7 +26,6 @@ import math
 import os
 from collections.abc import Callable, Iterator, Sized
 from contextlib import contextmanager
-from dataclasses import dataclass
 from datetime import timedelta
 from typing import TypeVar
 
@@ -34,37 +33,14 @@ import torch
 import torch.distributed as dist
 from torch.utils.data import Sampler
 
+from pipeline.core.world import World, launched
+
 log = logging.getLogger(__name__)
 # How long a rank waits for the others at a barrier: rank 0 alone evaluates a model or merges an attention
 # file of a million images while the rest wait, which can take far longer than torch's 10-minute default.
 GROUP_TIMEOUT = timedelta(hours=2)
-DISTRIBUTED_STAGES = ("train", "embed", "retrain")  # the stages that feed images through a network
 
 T = TypeVar("T")
-
-
-@dataclass(frozen=True)
-class World:
-    """This process's place among the stage's processes: ``rank`` of ``size``, ``local_rank`` on its node."""
-
-    rank: int = 0
-    size: int = 1
-    local_rank: int = 0
-
-    @property
-    def distributed(self) -> bool:
-        return self.size > 1
-
-    @property
-    def is_main(self) -> bool:
-        """Rank 0: the one process that writes the run."""
-        return self.rank == 0
-
-
-def launched() -> World:
-    """What torchrun's environment says this process is (rank 0 of 1 when it was not started by torchrun)."""
-    return World(rank=int(os.environ.get("RANK", "0")), size=int(os.environ.get("WORLD_SIZE", "1")),
-                 local_rank=int(os.environ.get("LOCAL_RANK", "0")))
 
 
 def current() -> World:

@@ -23,20 +23,14 @@ from contextlib import contextmanager
 import numpy as np
 import torch
 
+from pipeline.core.attention_arrays import AttentionArrays, save_streamed, unit_rows
 from pipeline.core.config import PRECISIONS, RunConfig, fingerprint
 from pipeline.core.data import TRAIN, ImageSet, load_dataset
 from pipeline.core.errors import PipelineError
 from pipeline.core.io import file_digest
 from pipeline.core.run import Run
 from pipeline.model import distributed
-from pipeline.model.attention import (
-    AttentionArrays,
-    AttentionShards,
-    attention_batches,
-    save_streamed,
-    shard_rows,
-    unit_rows,
-)
+from pipeline.model.attention import AttentionShards, attention_batches, shard_rows
 from pipeline.model.cam import AttentionExtractor, make_extractor
 from pipeline.model.loaders import make_loader
 from pipeline.model.networks import load_checkpoint, native_bf16, resolve_device

@@ -13,6 +13,8 @@ from sklearn.decomposition import PCA
 from sklearn.neighbors import NearestNeighbors
 from sklearn.preprocessing import StandardScaler
 
+from pipeline.core.attention_arrays import RepresentationRows
+
 K_RANGE = range(2, 6)  # clusters per class for curation: at least two values of a feature, at most five
 PICK_INITS = 4  # k-means restarts when picking: enough for stable picks at a few percent of a class
 ELBOW_INITS = 3  # restarts per k on the inertia curve: only its shape matters
@@ -34,7 +36,7 @@ PROJECTION_CHUNK = 16_384  # rows standardised and projected at a time: 128 MB o
 ELBOW_EXACT_LIMIT = 1_000_000
 
 
-def pick_near_centroids(points: np.ndarray, k: int, seed: int) -> list[tuple[int, int, float]]:
+def pick_near_centroids(points: np.ndarray | RepresentationRows, k: int, seed: int) -> list[tuple[int, int, float]]:
     """k-means on ``points``; for each centroid the nearest unchosen point: (row, cluster, distance). Above
     ``EXACT_KMEANS_LIMIT`` both run on the points' principal axes (:func:`principal_axes`), distances included."""
     k = min(k, len(points))
@@ -43,6 +45,7 @@ def pick_near_centroids(points: np.ndarray, k: int, seed: int) -> list[tuple[int
         kmeans = MiniBatchKMeans(n_clusters=k, n_init=PICK_INITS, random_state=seed,
                                  batch_size=max(MINIBATCH_SIZE, 3 * k)).fit(projected)
         return nearest_unchosen(projected, kmeans.cluster_centers_)
+    points = np.asarray(points)  # built whole: the exact path's size is bounded by the limit
     kmeans = KMeans(n_clusters=k, n_init=PICK_INITS, random_state=seed).fit(points)
     distances = kmeans.transform(points)  # (n, k)
     chosen: list[tuple[int, int, float]] = []
@@ -56,7 +59,7 @@ def pick_near_centroids(points: np.ndarray, k: int, seed: int) -> list[tuple[int
     return chosen
 
 
-def principal_axes(points: np.ndarray, seed: int, scaler: StandardScaler | None = None) -> np.ndarray:
+def principal_axes(points: np.ndarray | RepresentationRows, seed: int, scaler: StandardScaler | None = None) -> np.ndarray:
     """``points`` (standardised by ``scaler`` first, if given) on their first ``PROJECTED_DIMS`` principal axes,
     fitted on at most ``PROJECTION_FIT_ROWS`` rows: the directions along which the class varies most, where its
     clusters lie, at a width k-means can afford. Transformed ``PROJECTION_CHUNK`` rows at a time, so no

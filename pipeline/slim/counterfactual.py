@@ -39,13 +39,13 @@ import numpy as np
 from PIL import Image
 from scipy import ndimage
 
+from pipeline.core.attention_arrays import AttentionArrays
 from pipeline.core.config import RunConfig, fingerprint
 from pipeline.core.data import TRAIN, ImageSet, Sample, load_dataset, load_rgb, resolve_image_size
 from pipeline.core.errors import PipelineError
 from pipeline.core.io import atomic_write_bytes, atomic_write_csv, atomic_write_json
 from pipeline.core.run import Run
 from pipeline.core.store import AnnotationStore
-from pipeline.model.attention import AttentionArrays
 from pipeline.slim.propagate import propagate_run
 from pipeline.slim.regions import SpuriousRegions, run_regions
 

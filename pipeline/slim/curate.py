@@ -15,11 +15,11 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from pipeline.core.attention_arrays import AttentionArrays, read_rows
 from pipeline.core.config import CURATION_VARIANTS, RunConfig
 from pipeline.core.data import ImageSet, load_dataset
 from pipeline.core.errors import PipelineError
 from pipeline.core.run import Run
-from pipeline.model.attention import AttentionArrays, read_rows
 from pipeline.slim.clustering import elbow_clusters, pick_near_centroids
 from pipeline.slim.propagate import propagate_run
 

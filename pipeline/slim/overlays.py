@@ -2,6 +2,10 @@
 
 One PNG per image with three panels side by side. Small images are enlarged so the panels stay legible in a
 browser (Label Studio shows them at their own size).
+
+The map is scaled by the attention stage's own torch code and coloured by pytorch-grad-cam; both are imported
+when a picture is made, not with this module, so that the Label Studio commands and the stages that only read
+the attention file start in a second and without torch's ~0.7 GB of libraries.
 """
 
 from __future__ import annotations
@@ -9,13 +13,10 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
-import torch
 from PIL import Image, ImageDraw
-from pytorch_grad_cam.utils.image import show_cam_on_image
 
 from pipeline.core.data import load_rgb
 from pipeline.core.io import atomic_write
-from pipeline.model.cam import upsample_cams
 
 MIN_DISPLAY_SIDE = 224
 GAP = 6
@@ -24,11 +25,17 @@ VIEWS = ("overview", "image", "attention")
 
 def full_cam(low_res_cam: np.ndarray, size: int) -> np.ndarray:
     """A stored low-resolution map at ``size x size``, scaled exactly as the attention stage scales it."""
+    import torch  # see the module's docstring
+
+    from pipeline.model.cam import upsample_cams
+
     return upsample_cams(torch.from_numpy(low_res_cam.astype(np.float32))[None], size)[0].numpy()
 
 
 def panels(rgb: np.ndarray, cam: np.ndarray, threshold: float) -> list[np.ndarray]:
     """Original, GradCAM overlay (pytorch-grad-cam's colouring), and the thresholded view (rest dimmed)."""
+    from pytorch_grad_cam.utils.image import show_cam_on_image  # see the module's docstring
+
     overlay = show_cam_on_image(rgb, cam, use_rgb=True, image_weight=0.5)
     hot = (cam >= threshold)[..., None]
     dimmed = rgb.mean(axis=2, keepdims=True) * 0.25

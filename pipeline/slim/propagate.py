@@ -29,13 +29,13 @@ from sklearn.decomposition import PCA
 from sklearn.metrics.pairwise import euclidean_distances, rbf_kernel
 from sklearn.neighbors import NearestNeighbors
 
+from pipeline.core.attention_arrays import AttentionArrays, RepresentationRows
 from pipeline.core.config import RunConfig, fingerprint
 from pipeline.core.errors import PipelineError
 from pipeline.core.io import atomic_write
 from pipeline.core.run import Run, reading
 from pipeline.core.store import Annotation, AnnotationStore
 from pipeline.core.verdicts import CHOICES, CORE, SPURIOUS, UNDECIDED
-from pipeline.model.attention import AttentionArrays
 from pipeline.slim.clustering import PROJECTED_DIMS, principal_axes
 from pipeline.slim.consensus import DEFAULT_CONSENSUS, Consensus, aggregate, agreement_report, votes_of
 
@@ -178,13 +178,13 @@ def spread_labels(affinity: np.ndarray | sparse.spmatrix, targets: np.ndarray, a
     return distributions / np.where(totals == 0, 1.0, totals)
 
 
-def kernel_space(representation: np.ndarray) -> np.ndarray:
+def kernel_space(representation: np.ndarray | RepresentationRows) -> np.ndarray:
     """A class's images on its first :data:`MAX_DIMS` principal axes, where the RBF kernel compares them: exact up
     to :data:`EXACT_PCA_LIMIT` coordinates, above it fitted on a sample and projected in chunks (no second copy)."""
     if representation.size > EXACT_PCA_LIMIT:
         return principal_axes(representation, seed=0)
     dims = min(MAX_DIMS, *representation.shape)
-    return PCA(n_components=dims, random_state=0).fit_transform(representation)
+    return PCA(n_components=dims, random_state=0).fit_transform(np.asarray(representation))
 
 
 def propagate(arrays: AttentionArrays, answers: Answers,
@@ -195,8 +195,7 @@ def propagate(arrays: AttentionArrays, answers: Answers,
     certainty = np.zeros(len(arrays))
     for y in arrays.classes:
         members = arrays.for_class(y)
-        representation = arrays.representation("vectors", members)  # one class in memory at a time
-        points = kernel_space(representation)
+        points = kernel_space(arrays.representation_rows("vectors", members))  # one class at a time, built as read
         position = {row: k for k, row in enumerate(members)}
         answered = {position[arrays.row_of(i)]: i for i in answers.labels
                     if arrays.has_image(i) and arrays.row_of(i) in position}

@@ -23,10 +23,10 @@ from functools import cached_property
 
 import numpy as np
 
+from pipeline.core.attention_arrays import AttentionArrays
 from pipeline.core.run import Run
 from pipeline.core.store import AnnotationStore
 from pipeline.core.verdicts import verdict
-from pipeline.model.attention import AttentionArrays
 from pipeline.slim.overlays import full_cam
 
 # CAM level (of the per-image min-max map) splitting "where the model looked" from the rest: half the peak, the
@@ -79,7 +79,7 @@ def spurious_region(cam: np.ndarray, p_core: float, boxes: Sequence[dict], size:
 @dataclass(frozen=True, eq=False)
 class SpuriousRegions:
     """Every training image's region, computed on demand (``region(image_id, size)``, what
-    :class:`pipeline.core.data.Corruption` calls) from the low-resolution maps: memory holds no full-size masks.
+    :class:`pipeline.model.loaders.Corruption` calls) from the low-resolution maps: memory holds no full-size masks.
     """
 
     index: np.ndarray  # (N,) image ids, rows of the attention data

@@ -19,12 +19,13 @@ import torch
 from matplotlib.figure import Figure
 from PIL import Image
 
+from pipeline.core.attention_arrays import AttentionArrays
 from pipeline.core.config import RunConfig
 from pipeline.core.data import TEST, VAL, ImageSet, Sample, load_dataset, load_rgb
 from pipeline.core.io import atomic_write_bytes, atomic_write_json
 from pipeline.core.run import Run
 from pipeline.core.store import AnnotationStore
-from pipeline.model.attention import AttentionArrays, compute_attention
+from pipeline.model.attention import compute_attention
 from pipeline.model.cam import make_extractor
 from pipeline.model.evaluate import group_metrics, predict
 from pipeline.model.loaders import make_loader

@@ -36,16 +36,17 @@ from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 from torch.utils.data import WeightedRandomSampler
 
+from pipeline.core.attention_arrays import AttentionArrays
 from pipeline.core.config import AUGMENTATIONS, RETRAIN_MODES, RunConfig, fingerprint
-from pipeline.core.data import TEST, VAL, Corruption, ImageSet, Sample, load_dataset
+from pipeline.core.data import TEST, VAL, ImageSet, Sample, load_dataset
 from pipeline.core.errors import PipelineError
 from pipeline.core.io import file_digest
 from pipeline.core.run import Run
 from pipeline.model import distributed
-from pipeline.model.attention import AttentionArrays, compute_attention
+from pipeline.model.attention import compute_attention
 from pipeline.model.cam import make_extractor
 from pipeline.model.evaluate import evaluate_splits, format_metrics
-from pipeline.model.loaders import make_loader, seed_everything
+from pipeline.model.loaders import Corruption, make_loader, seed_everything
 from pipeline.model.networks import (
     Classifier,
     build_model,

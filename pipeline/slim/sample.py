@@ -20,12 +20,12 @@ from dataclasses import dataclass
 import numpy as np
 from tqdm import tqdm
 
+from pipeline.core.attention_arrays import AttentionArrays
 from pipeline.core.config import RunConfig, SampleConfig, fingerprint
 from pipeline.core.data import load_dataset
 from pipeline.core.errors import PipelineError
 from pipeline.core.run import Run
 from pipeline.core.store import AnnotationStore
-from pipeline.model.attention import AttentionArrays
 from pipeline.slim.clustering import pick_near_centroids
 from pipeline.slim.consensus import TIE, VERDICTS
 from pipeline.slim.overlays import VIEWS, write_overlays
@@ -130,7 +130,7 @@ def select(arrays: AttentionArrays, config: SampleConfig, exclude: set[int],
             continue
         if certainty is not None:
             rows = rows[np.argsort(certainty[rows], kind="stable")[: UNCERTAIN_POOL * budget]]
-        points = arrays.representation(config.space, rows)  # one class in memory at a time
+        points = arrays.representation_rows(config.space, rows)  # built as the clustering reads it
         for row, cluster, distance in pick_near_centroids(points, budget, config.seed):
             picks.append((int(rows[row]), cluster, distance))
     return picks

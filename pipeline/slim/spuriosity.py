@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from pipeline.model.attention import AttentionArrays, read_rows, unit_rows
+from pipeline.core.attention_arrays import AttentionArrays, read_rows, unit_rows
 from pipeline.slim.weights import ATTENDED, spurious_space_cells
 
 

@@ -12,8 +12,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from pipeline.core.attention_arrays import AttentionArrays, read_rows
 from pipeline.core.verdicts import CORE_CUT
-from pipeline.model.attention import AttentionArrays, read_rows
 from pipeline.slim.clustering import elbow_clusters
 
 log = logging.getLogger(__name__)
