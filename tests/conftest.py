@@ -5,6 +5,7 @@ from __future__ import annotations
 import shutil
 import sqlite3
 from collections.abc import Callable
+from contextlib import closing
 from pathlib import Path
 
 import numpy as np
@@ -56,8 +57,8 @@ def labelstudio(tmp_path_factory: pytest.TempPathFactory):
     server = LocalLabelStudio(tmp_path_factory.mktemp("label-studio"), port=free_port(0),
                               files_root=tmp_path_factory.getbasetemp())
     credentials = server.start(timeout=LABEL_STUDIO_START_S)
-    with sqlite3.connect(server.data_dir / SQLITE_DATABASE) as live, \
-            sqlite3.connect(tmp_path_factory.getbasetemp() / MIGRATED) as snapshot:
+    with closing(sqlite3.connect(server.data_dir / SQLITE_DATABASE)) as live, \
+            closing(sqlite3.connect(tmp_path_factory.getbasetemp() / MIGRATED)) as snapshot:
         live.backup(snapshot)  # consistent while the server runs; before any test wrote to it
     yield credentials
     server.stop()

@@ -7,6 +7,7 @@ import csv
 import logging
 import math
 import sqlite3
+from contextlib import closing
 from pathlib import Path
 
 import numpy as np
@@ -74,7 +75,7 @@ def test_push_checks_creates_the_sample_once_with_the_pictures(generated: Path, 
     again = push_checks(Run(generated), settings, progress=False)
     assert (again["created"], again["already_present"]) == (0, first["sampled"])
     assert AnnotationStore(generated / "labels.sqlite").uploads(first["project_id"]) == uploads
-    with sqlite3.connect(generated / "labels.sqlite") as db:  # as if killed right after the import
+    with closing(sqlite3.connect(generated / "labels.sqlite")) as db, db:  # as if killed right after the import
         db.execute("DELETE FROM check_tasks")
     recovered = push_checks(Run(generated), settings, progress=False)
     assert (recovered["created"], recovered["adopted"]) == (0, first["sampled"])

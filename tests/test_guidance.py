@@ -8,6 +8,7 @@ import html
 import io
 import re
 import sqlite3
+from contextlib import closing
 from pathlib import Path
 
 import numpy as np
@@ -124,7 +125,7 @@ def test_local_files_examples_are_served_and_no_companion_project(sampled_run: P
     shown = examples_shown(studio, summary["project_id"])
     assert set(shown) == {"core", "spurious"}
     assert all(url.startswith("/data/local-files/?d=") for _, url in shown.values())
-    with sqlite3.connect(run.labels_path) as db:
+    with closing(sqlite3.connect(run.labels_path)) as db, db:
         assert db.execute("SELECT COUNT(*) FROM meta WHERE key LIKE 'media_project_for_%'").fetchone() == (0,)
     title = studio.project(summary["project_id"]).title
     assert not studio.projects_named(*media_identity(title, summary["project_id"]))

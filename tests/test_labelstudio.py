@@ -8,6 +8,7 @@ import json
 import logging
 import sqlite3
 import time
+from contextlib import closing
 from datetime import timedelta
 from pathlib import Path
 
@@ -46,13 +47,13 @@ def project_of(run: Path) -> int:
 
 
 def stored(run: Path) -> list[tuple]:
-    with sqlite3.connect(run / "labels.sqlite") as db:
+    with closing(sqlite3.connect(run / "labels.sqlite")) as db, db:
         return db.execute("SELECT * FROM annotations ORDER BY annotation_id").fetchall()
 
 
 def digest(path: Path) -> str:
     """The store's content, less when the last pull began to list (every pull records that, changed or not)."""
-    with sqlite3.connect(path) as db:
+    with closing(sqlite3.connect(path)) as db, db:
         dump = "\n".join(line for line in db.iterdump() if f"'{pull.LISTING_KEY_PREFIX}" not in line)
     return hashlib.sha256(dump.encode()).hexdigest()
 
@@ -132,7 +133,7 @@ def test_push_asks_several_annotators_on_a_share_of_the_tasks(sampled_run: Path,
 
 def test_push_recovers_tasks_it_imported_but_never_recorded(sampled_run: Path, settings: Settings) -> None:
     first = push_run(Run(sampled_run), settings, progress=False)
-    with sqlite3.connect(sampled_run / "labels.sqlite") as db:  # as if killed right after the import
+    with closing(sqlite3.connect(sampled_run / "labels.sqlite")) as db, db:  # as if killed right after the import
         db.execute("DELETE FROM tasks")
     again = push_run(Run(sampled_run), settings, progress=False)
     assert again["created"] == 0 and again["adopted"] == 8

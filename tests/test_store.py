@@ -5,6 +5,7 @@ from __future__ import annotations
 import multiprocessing
 import sqlite3
 import threading
+from contextlib import closing
 from pathlib import Path
 
 import pytest
@@ -149,7 +150,7 @@ def test_a_damaged_database_is_refused_in_one_line_and_left_untouched(tmp_path: 
 def test_a_database_from_before_the_check_tables_opens_with_its_data(tmp_path: Path) -> None:
     path = tmp_path / "labels.sqlite"
     filled(path)
-    with sqlite3.connect(path) as db:  # what an older version made: no check tables
+    with closing(sqlite3.connect(path)) as db, db:  # what an older version made: no check tables
         db.executescript("DROP TABLE check_tasks; DROP TABLE checks;")
     store = AnnotationStore(path)
     assert len(store.annotations()) == 300 and len(store.tasks()) == 200
@@ -239,7 +240,7 @@ def test_a_database_from_before_the_pull_account_counts_its_answers_as_reported(
     neither new nor updated."""
     path = tmp_path / "labels.sqlite"
     filled(path)
-    with sqlite3.connect(path) as db:
+    with closing(sqlite3.connect(path)) as db, db:
         db.executescript("DROP TABLE pulled;")
     store = AnnotationStore(path)
     assert store.pulled_counts() == store.annotation_counts() and len(store.annotations()) == 300
