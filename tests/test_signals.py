@@ -24,6 +24,20 @@ STOP_TIMEOUT_S = 40  # the tool's own grace time for Label Studio (20 s) plus ma
 SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 
 
+@pytest.fixture(autouse=True)
+def signals_not_ignored():
+    """A runner started with ``nohup``, or as a background job of a script, ignores SIGHUP or SIGINT; ignored signals
+    stay ignored across exec, so the tool would inherit that and rightly keep running. While these tests run, the
+    runner catches such a signal instead (and does nothing with it): a caught signal is at its default in a child."""
+    previous = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGHUP)}
+    for sig, handler in previous.items():
+        if handler == signal.SIG_IGN:
+            signal.signal(sig, lambda *_: None)
+    yield
+    for sig, handler in previous.items():
+        signal.signal(sig, handler)
+
+
 def processes_mentioning(text: str) -> list[int]:
     """Pids whose command line contains ``text`` (a port or data folder only our servers use)."""
     found = []
