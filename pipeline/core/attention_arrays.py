@@ -197,7 +197,9 @@ class RepresentationRows:
 
     @property
     def shape(self) -> tuple[int, int]:
-        width = 4 if self.space == "embedding" else self.arrays.f_att.shape[1] + self.arrays.f_rev.shape[1]
+        arrays = self.arrays
+        halves = (arrays.emb_att, arrays.emb_rev) if self.space == "embedding" else (arrays.f_att, arrays.f_rev)
+        width = sum(half.shape[1] for half in halves)
         return len(self.rows), width
 
     @property
