@@ -165,6 +165,7 @@ class AttentionArrays:
 
     def representation_rows(self, space: str, rows: np.ndarray) -> RepresentationRows:
         """:meth:`representation` of ``rows``, built when indexed rather than now (see :class:`RepresentationRows`)."""
+        self.representation(space, rows[:1])  # an unknown space or a missing embedding fails here, as it does there
         return RepresentationRows(self, space, rows)
 
     # --- files ------------------------------------------------------------------------------------------
