@@ -48,6 +48,14 @@ def answered_run(trained_run: Path, tmp_path: Path) -> Path:
     return run
 
 
+@pytest.fixture()
+def generated(answered_run: Path, capsys) -> Path:
+    """The answered run with its counterfactuals made by the CLI stage."""
+    assert main(["counterfactuals", "--run", str(answered_run), "--quiet"]) == 0
+    assert "counterfactuals: " in capsys.readouterr().out
+    return answered_run
+
+
 @pytest.fixture(scope="session")
 def labelstudio(tmp_path_factory: pytest.TempPathFactory):
     """A real Label Studio (SQLite, 127.0.0.1) for the whole session; local files served below the temp root."""

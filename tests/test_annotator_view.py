@@ -20,6 +20,8 @@ from pipeline.labelstudio.browser import SETTLE_MS, browser_page, find_chromium,
 from pipeline.labelstudio.client import Settings, Studio
 from pipeline.labelstudio.pull import pull_run
 from pipeline.labelstudio.push import push_run
+from pipeline.labelstudio.verify import pull_checks, push_checks
+from pipeline.slim.counterfactual import load_counterfactuals, read_counterfactuals
 
 MISSING = "no chromium or no playwright package (CI installs both; see .ci/run)"
 if find_chromium() is None or importlib.util.find_spec("playwright") is None:
@@ -101,3 +103,43 @@ def test_the_label_stream_hides_the_guess_and_the_hotkeys_submit_also_from_the_n
     assert (by_task[first].choice, by_task[first].note) == ("spurious", "the stripes are water")
     assert (by_task[second].choice, by_task[second].note) == ("core", None)
     assert by_task[first].annotator == by_task[second].annotator == labelstudio.username
+
+
+def test_a_counterfactual_check_shows_its_question_and_picture_and_a_no_keeps_the_image_out_of_training(
+        generated: Path, settings: Settings, labelstudio) -> None:
+    """A check task as the annotator meets it: the question names the class the generated image would be trained
+    as, the generated picture itself is on screen (loaded, not a broken link), "2" answers no and Ctrl+Enter
+    submits; the next ``pull-checks`` then leaves that image out of training and keeps every other one."""
+    run = Run(generated)
+    pushed = push_checks(run, settings, progress=False)
+    project_id = pushed["project_id"]
+    studio = Studio(settings)
+    (task,) = studio.list_tasks(project_id, task_ids=[min(t.task_id for t in check_tasks(generated))])
+    picture = task["data"]["image"].rsplit("/", 1)[-1]
+    with browser_page() as page:
+        log_in(page, labelstudio)
+        open_task(page, labelstudio.url, project_id, task["id"], ready_text="yes")
+        expect(page.get_by_text(task["data"]["question"], exact=True)).to_be_visible()
+        assert re.fullmatch(r"Does this still show a (disc|triangle)\?", task["data"]["question"])
+        page.wait_for_function("name => [...document.images].some(i => i.src.endsWith(name) && i.complete "
+                               "&& i.naturalWidth > 0)", arg=picture)
+        expect(choice(page, "no")).not_to_be_checked()
+        page.keyboard.press("2")
+        expect(choice(page, "no")).to_be_checked()
+        page.keyboard.press("Control+Enter")
+        assert answer_count(studio, project_id, task["id"]) == 1
+
+    summary = pull_checks(run, settings)
+    assert (summary["checked"], summary["rejected"]) == (1, 1)
+    training = load_counterfactuals(run, run.load_config())
+    assert task["data"]["key"] not in training.keys
+    assert (len(training), training.rejected) == (len(read_counterfactuals(run.counterfactual_dir)) - 1, 1)
+
+
+def check_tasks(run: Path) -> list:
+    """The run's recorded check tasks."""
+    store = AnnotationStore(run / "labels.sqlite")
+    try:
+        return store.check_tasks()
+    finally:
+        store.close()

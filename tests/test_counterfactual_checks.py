@@ -11,7 +11,6 @@ from contextlib import closing
 from pathlib import Path
 
 import numpy as np
-import pytest
 from test_labelstudio import digest
 
 from pipeline.cli import main
@@ -22,14 +21,6 @@ from pipeline.labelstudio.client import Settings, Studio
 from pipeline.labelstudio.schema import choice_result
 from pipeline.labelstudio.verify import CHECK_NAMES, pull_checks, push_checks, sample_rows
 from pipeline.slim.counterfactual import load_counterfactuals
-
-
-@pytest.fixture()
-def generated(answered_run: Path, capsys) -> Path:
-    """The answered run with its counterfactuals made by the CLI stage."""
-    assert main(["counterfactuals", "--run", str(answered_run), "--quiet"]) == 0
-    assert "counterfactuals: " in capsys.readouterr().out
-    return answered_run
 
 
 def manifest(run: Path) -> list[dict[str, str]]:
