@@ -16,6 +16,7 @@ Settings, each varied alone from the default (2 % per class, width 1 x the media
 * ``k``: 2, 3, 4, 5 clusters per class instead of the elbow's choice.
 
     python benchmarks/sweep.py --synth default mixed glyphs minority --seeds 0 1 2 --out bench-out/sweep.json
+    python benchmarks/sweep.py --train --settings k=4 k=5 --out bench-out/sweep-k45.json   # WGA of a fixed k
 """
 
 from __future__ import annotations
@@ -64,7 +65,8 @@ class Setting:
     k: int | None = None  # None: the elbow's choice
 
 
-SETTINGS = (Setting("default"), *(Setting(f"budget {b:.0%}", fraction=b) for b in BUDGETS),
+DEFAULT = "default"
+SETTINGS = (Setting(DEFAULT), *(Setting(f"budget {b:.0%}", fraction=b) for b in BUDGETS),
             *(Setting(f"width {w:g}x", width=w) for w in WIDTHS), *(Setting(f"k={k}", k=k) for k in FIXED_K))
 
 
@@ -79,7 +81,10 @@ def cells_with_fixed_k(arrays: AttentionArrays, spaces: dict, k: int, seed: int)
     return cells
 
 
-def one_seed(work: Path, variant: str, seed: int, train: bool) -> dict:
+def one_seed(work: Path, variant: str, seed: int, train: bool, wanted: set[str]) -> dict:
+    """The ``wanted`` settings' rows for one set and seed. The default's answers and cells are always worked out
+    (a fixed k clusters the default's chosen spaces, and every row says whether its cells are the default's), but
+    trained only where a wanted row needs them."""
     run = build(work, seed, variant)
     config: RunConfig = run.load_config()
     arrays = AttentionArrays.load(run.attention_path)
@@ -88,6 +93,8 @@ def one_seed(work: Path, variant: str, seed: int, train: bool) -> dict:
     model_meta = load_checkpoint(run.checkpoint_path)[1]
     results, default_cells, default_spaces, trained_default = {}, None, None, None
     for setting in SETTINGS:
+        if setting.name != DEFAULT and setting.name not in wanted:
+            continue
         answers = simulated_answers(run, arrays, 0.0, seed, sample=replace(config.sample, fraction=setting.fraction,
                                                                            per_class=None)).answers
         scores, _ = propagate(arrays, answers, width=setting.width)
@@ -103,7 +110,11 @@ def one_seed(work: Path, variant: str, seed: int, train: bool) -> dict:
         row = {"annotated": len(answers.labels), "propagation_accuracy": stages["propagation_accuracy"],
                "spaces": {name: space.as_dict() for name, space in shortcut.spaces.items()},
                "minority_isolated": minority_isolation(arrays, cells, groups), "same_cells_as_default": same}
-        if train and (not same or trained_default is None):
+        if setting.name not in wanted:
+            continue
+        if train and same and trained_default is not None:  # the same cells and seed: the default's model
+            row.update({key: trained_default[key] for key in ("worst_group_acc", "mean_acc", "core_acc")})
+        elif train:
             seed_everything(seed)
             fresh, _ = fresh_model(config, image_set, len(arrays.class_names), [int(i) for i in arrays.index],
                                    cell_balanced_weights(arrays.y, cells), torch.device("cpu"),
@@ -111,9 +122,7 @@ def one_seed(work: Path, variant: str, seed: int, train: bool) -> dict:
             measured = evaluate_on_test(fresh, run, None, "fresh")
             row.update(worst_group_acc=measured["worst_group_acc"], mean_acc=measured["mean_acc"],
                        core_acc=core_accuracy_on_test(fresh, run))
-            trained_default = trained_default or row
-        elif train:
-            row.update({key: trained_default[key] for key in ("worst_group_acc", "mean_acc", "core_acc")})
+            trained_default = row if same else trained_default
         results[setting.name] = row
     return results
 
@@ -121,7 +130,8 @@ def one_seed(work: Path, variant: str, seed: int, train: bool) -> dict:
 def table(result: dict) -> str:
     """Per setting, the family mean over seeds: propagation accuracy, minority isolation, WGA where trained."""
     lines = ["| setting | " + " | ".join(result) + " | family mean |", "| --- |" + " ---: |" * (len(result) + 1)]
-    for setting in SETTINGS:
+    for setting in (s for s in SETTINGS if all(s.name in seed for per_seed in result.values()
+                                               for seed in per_seed.values())):
         cells = []
         for per_seed in result.values():
             rows = [seed[setting.name] for seed in per_seed.values()]
@@ -142,6 +152,9 @@ def main() -> None:
     parser.add_argument("--synth", nargs="+", default=list(VARIANTS), choices=VARIANTS)
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     parser.add_argument("--train", action="store_true", help="train every setting whose cells differ")
+    parser.add_argument("--settings", nargs="+", default=[s.name for s in SETTINGS],
+                        choices=[s.name for s in SETTINGS], metavar="SETTING",
+                        help="only these settings (default: all), e.g. 'k=4' 'k=5' to train just those")
     parser.add_argument("--work", type=Path, default=Path("bench-out/wga"))
     parser.add_argument("--out", type=Path, default=Path("bench-out/sweep.json"))
     args = parser.parse_args()
@@ -149,8 +162,8 @@ def main() -> None:
     for variant in args.synth:
         result[variant] = {}
         for seed in args.seeds:
-            result[variant][str(seed)] = one_seed(args.work, variant, seed, args.train)
-            atomic_write_json(args.out, {"train": args.train, "by_variant": result})
+            result[variant][str(seed)] = one_seed(args.work, variant, seed, args.train, set(args.settings))
+            atomic_write_json(args.out, {"train": args.train, "settings": args.settings, "by_variant": result})
     print(json.dumps({"out": str(args.out)}))
     print(table(result))
 
