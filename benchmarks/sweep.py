@@ -134,8 +134,9 @@ def one_seed(work: Path, variant: str, seed: int, train: bool, wanted: set[str])
 def table(result: dict) -> str:
     """Per setting, the family mean over seeds: propagation accuracy, minority isolation, WGA where trained."""
     lines = ["| setting | " + " | ".join(result) + " | family mean |", "| --- |" + " ---: |" * (len(result) + 1)]
-    for setting in (s for s in SETTINGS if all(s.name in seed for per_seed in result.values()
-                                               for seed in per_seed.values())):
+    measured = [setting for setting in SETTINGS
+                if all(setting.name in rows for per_seed in result.values() for rows in per_seed.values())]
+    for setting in measured:
         cells = []
         for per_seed in result.values():
             rows = [seed[setting.name] for seed in per_seed.values()]

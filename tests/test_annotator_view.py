@@ -30,6 +30,7 @@ if find_chromium() is None or importlib.util.find_spec("playwright") is None:
     pytest.skip(MISSING, allow_module_level=True)
 
 from playwright.sync_api import Locator, Page, expect
+from test_counterfactual_checks import check_tasks
 
 ANSWER_WAIT_S = 20  # the editor posts the annotation a moment after the key press
 
@@ -114,7 +115,7 @@ def test_a_counterfactual_check_shows_its_question_and_picture_and_a_no_keeps_th
     pushed = push_checks(run, settings, progress=False)
     project_id = pushed["project_id"]
     studio = Studio(settings)
-    (task,) = studio.list_tasks(project_id, task_ids=[min(t.task_id for t in check_tasks(generated))])
+    (task,) = studio.list_tasks(project_id, task_ids=[min(check_tasks(generated).values())])
     picture = task["data"]["image"].rsplit("/", 1)[-1]
     with browser_page() as page:
         log_in(page, labelstudio)
@@ -134,12 +135,3 @@ def test_a_counterfactual_check_shows_its_question_and_picture_and_a_no_keeps_th
     training = load_counterfactuals(run, run.load_config())
     assert task["data"]["key"] not in training.keys
     assert (len(training), training.rejected) == (len(read_counterfactuals(run.counterfactual_dir)) - 1, 1)
-
-
-def check_tasks(run: Path) -> list:
-    """The run's recorded check tasks."""
-    store = AnnotationStore(run / "labels.sqlite")
-    try:
-        return store.check_tasks()
-    finally:
-        store.close()
