@@ -26,7 +26,9 @@ from pipeline.slim.counterfactual import (
     generate_run,
     load_editor,
     object_pixels,
+    plan,
     read_counterfactuals,
+    write_counterfactuals,
 )
 from pipeline.slim.propagate import Propagation
 from pipeline.slim.regions import run_regions
@@ -142,6 +144,20 @@ def test_rejected_counterfactuals_are_left_out(run: Path) -> None:
     keys = [r["key"] for r in manifest(run)]
     kept = read_counterfactuals(folder, {keys[0], keys[3]})
     assert len(kept) == len(keys) - 2 and kept.rejected == 2 and keys[0] not in kept.keys
+
+
+def test_a_class_whose_object_is_located_nowhere_is_left_out_and_the_others_are_read(run: Path) -> None:
+    """``plan`` skips such a class (no box, no attention judged core); the set still loads for training."""
+    config = Run(run).load_config()
+    arrays = AttentionArrays.load(run / "attention.npz")
+    regions = run_regions(Run(run), arrays, Propagation.load(run / "propagation.npz").score)
+    image_set = load_dataset(config.data.root)
+    first, *_ = plan(arrays, regions, SHARE, image_set.native_size, seed=0)
+    made = write_counterfactuals(run / "counterfactuals", [first], image_set, regions, load_editor(None),
+                                 image_set.native_size)
+    cf = read_counterfactuals(run / "counterfactuals")
+    assert len(cf) == made > 0 and set(cf.labels.tolist()) == {first.y}
+    assert cf.image_set.class_names == image_set.class_names  # labels keep the dataset's class numbering
 
 
 def test_head_refit_modes_learn_from_the_counterfactuals_features(run: Path) -> None:

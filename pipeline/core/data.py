@@ -94,8 +94,11 @@ class ImageSet:
         return digest.hexdigest()[:16]
 
 
-def load_dataset(root: str | Path, manifest: Path | None = None) -> ImageSet:
+def load_dataset(root: str | Path, manifest: Path | None = None, every_class_trained: bool = True) -> ImageSet:
     """Load ``root`` as a metadata.csv folder if it has one, else as a class-per-folder tree.
+
+    A dataset to train on must hold training images of every class it names; an addition to one (the
+    counterfactual set, ``every_class_trained=False``) may lack a class whose object was never located.
 
     Every image and mask is checked (exists, readable header). With ``manifest`` (the run's), files whose size
     and modification time match what it recorded are trusted, and only new or changed ones are opened: a run's
@@ -111,7 +114,7 @@ def load_dataset(root: str | Path, manifest: Path | None = None) -> ImageSet:
     else:
         samples, names = _read_class_tree(root)
     image_set = ImageSet(root=root, samples=samples, class_names=list(names), native_size=info.get("image_size"))
-    _check_classes(image_set)
+    _check_classes(image_set, every_class_trained)
     sides = _check_images(image_set, manifest)
     if image_set.native_size is None:
         image_set.native_size = native_side(sides)
@@ -193,10 +196,10 @@ def _hash_split(name: str) -> int:
     return TRAIN if bucket < 7 else VAL if bucket < 8 else TEST
 
 
-def _check_classes(image_set: ImageSet) -> None:
+def _check_classes(image_set: ImageSet, every_class_trained: bool) -> None:
     train_classes = {s.y for s in image_set.split(TRAIN)}
     for y in range(image_set.num_classes):
-        if y not in train_classes:
+        if every_class_trained and y not in train_classes:
             raise PipelineError(
                 f"class {y} ({image_set.class_names[y]}) has no training images (split 0); "
                 "add some or remove the class"

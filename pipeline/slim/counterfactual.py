@@ -363,8 +363,8 @@ def rejected_keys(run: Run) -> set[str]:
 
 
 def read_counterfactuals(folder: Path, rejected: set[str] = frozenset()) -> Counterfactuals:
-    """The counterfactual dataset in ``folder``, without the ``rejected`` keys."""
-    image_set = load_dataset(folder)
+    """The counterfactual dataset in ``folder``, without the ``rejected`` keys (a class may have none)."""
+    image_set = load_dataset(folder, every_class_trained=False)
     with (folder / "metadata.csv").open(newline="") as handle:
         keys = [row["key"] for row in csv.DictReader(handle)]
     kept = [(sample, key) for sample, key in zip(image_set.samples, keys) if key not in rejected]
