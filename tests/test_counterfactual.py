@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from scipy import ndimage
 
 from pipeline.cli import main
 from pipeline.core.attention_arrays import AttentionArrays
@@ -23,6 +24,7 @@ from pipeline.slim import retrain as retrain_module
 from pipeline.slim.counterfactual import (
     Background,
     CompositeEditor,
+    background_pixels,
     generate_run,
     load_editor,
     object_pixels,
@@ -31,7 +33,7 @@ from pipeline.slim.counterfactual import (
     write_counterfactuals,
 )
 from pipeline.slim.propagate import Propagation
-from pipeline.slim.regions import run_regions
+from pipeline.slim.regions import SpuriousRegions, run_regions
 
 SHARE = 0.25  # the default share of each class generated
 
@@ -54,6 +56,21 @@ def test_composite_fills_the_region_from_the_first_background_that_has_backgroun
     out = CompositeEditor().edit(rgb, replace, [first, second], "disc")
     assert out[..., 0].tolist() == [[0.5, 1.0], [1.0, 0.0]]  # kept pixel untouched; first background wins
     assert rgb.max() == 0.0  # the input is not modified
+
+
+def test_a_background_s_object_hole_is_widened_to_a_box_and_a_region_at_the_edge_keeps_its_shape() -> None:
+    """A hole shaped like the other class's object would draw that shape into the counterfactual."""
+    cam = np.zeros((2, 8, 8), np.float32)
+    cam[0, 3:5, 2:6] = cam[0, 2:6, 3:5] = 1.0  # attention judged core: a plus-shaped object in the middle
+    cam[1, 0:3, 0:3] = cam[1, 3, 0] = 1.0  # the same kind of region against the corner
+    regions = SpuriousRegions(np.array([7, 9]), cam, np.array([1.0, 1.0]), {})
+    middle, corner = background_pixels(regions, 7, 64), background_pixels(regions, 9, 64)
+    hole = ~middle
+    rows, columns = np.flatnonzero(hole.any(axis=1)), np.flatnonzero(hole.any(axis=0))
+    assert hole[rows[0]:rows[-1] + 1, columns[0]:columns[-1] + 1].all()  # the hole is its bounding box
+    assert hole.sum() == len(rows) * len(columns) and 0 < hole.mean() < 0.5
+    eroded = ndimage.binary_erosion(regions(9, 64), iterations=4, border_value=1)  # BACKGROUND_MARGIN at 64 px
+    assert np.array_equal(corner, eroded)  # not boxed: its box would be most of the picture's side
 
 
 def striped_picture_with_a_disc(seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -114,7 +131,7 @@ def test_each_class_s_core_on_other_classes_backgrounds(run: Path) -> None:
         assert np.allclose(made[kept], original[kept], atol=1 / 255)
         replaced = ~kept
         candidates = [load_rgb(image_set.root / image_set.samples[b].filename, size) for b in backgrounds]
-        candidates += [c[:, ::-1] for c in candidates]
+        candidates = [c[::rows, ::columns] for c in candidates for rows in (1, -1) for columns in (1, -1)]
         from_background = np.zeros(replaced.shape, bool)
         for candidate in candidates:
             from_background |= np.abs(made - candidate).max(axis=2) <= 1 / 255

@@ -68,6 +68,7 @@ GRABCUT_ITERATIONS = 5
 MIN_OBJECT_SHARE = 0.05
 # what the kept region's cut is: part of the images' stamp, so a changed cut remakes them
 OBJECT_CUT = f"grabcut-{GRABCUT_ITERATIONS}"
+FILL = "mirrors"  # how a background's own object hole is filled (:func:`mirrors`): in the stamp likewise
 COLUMNS = ("img_filename", "y", "split", "key", "donor", "backgrounds", "filled", "source")
 
 
@@ -97,8 +98,8 @@ class Editor(Protocol):
 
 
 class CompositeEditor:
-    """The default editor: each replaced pixel from the first background that has background there (horizontal
-    flips double the choice); pixels no background covers keep their own value."""
+    """The default editor: each replaced pixel from the first background that has background there (each image
+    comes with its mirror images, :func:`mirrors`); pixels no background covers keep their own value."""
 
     name = "composite"
 
@@ -211,9 +212,20 @@ class Made:
 
 
 def background_pixels(regions: SpuriousRegions, image_id: int, size: int) -> np.ndarray:
-    """Where ``image_id`` surely shows background: its likely-spurious region, ``BACKGROUND_MARGIN`` inside."""
-    return ndimage.binary_erosion(regions(image_id, size), iterations=max(1, round(size * BACKGROUND_MARGIN)),
-                                  border_value=1)
+    """Where ``image_id`` surely shows background: its likely-spurious region, ``BACKGROUND_MARGIN`` inside,
+    each hole in it (its object, away from the edges) widened to the hole's bounding box.
+
+    Why the box: the hole is filled from another picture, and a hole in the object's own outline drew that
+    outline, the other class's shape, into the counterfactual (disc-shaped patches in triangle images). A box is
+    the same shape for every class.
+    """
+    usable = ndimage.binary_erosion(regions(image_id, size), iterations=max(1, round(size * BACKGROUND_MARGIN)),
+                                    border_value=1)
+    holes, _ = ndimage.label(~usable)
+    for rows, columns in ndimage.find_objects(holes):
+        if rows.start > 0 and columns.start > 0 and rows.stop < size and columns.stop < size:
+            usable[rows, columns] = False
+    return usable
 
 
 def object_pixels(rgb: np.ndarray, region: np.ndarray) -> np.ndarray:
@@ -238,6 +250,18 @@ def object_pixels(rgb: np.ndarray, region: np.ndarray) -> np.ndarray:
     return kept if kept.sum() >= MIN_OBJECT_SHARE * region.sum() else region
 
 
+def mirrors(background: Background) -> list[Background]:
+    """``background`` and its left-right, up-down and half-turn mirror images, in that fill order.
+
+    Why: a background image's own object is a hole in what it can fill. Filled from the next image, the hole
+    came out as the other class's object outline in a second texture (disc-shaped patches in triangle
+    counterfactuals): a shape cue of the wrong class. A mirror image of the same picture covers the hole with the
+    same texture wherever the object is off-centre.
+    """
+    return [Background(background.rgb[::rows, ::columns], background.usable[::rows, ::columns])
+            for rows, columns in ((1, 1), (1, -1), (-1, 1), (-1, -1))]
+
+
 def make(plan_: Plan, image_set: ImageSet, regions: SpuriousRegions, editor: Editor, size: int,
          cut: bool = True) -> Made:
     """Render one plan with ``editor``: everything but the donor's object (:func:`object_pixels`) replaced;
@@ -249,7 +273,7 @@ def make(plan_: Plan, image_set: ImageSet, regions: SpuriousRegions, editor: Edi
     for image_id, flip in zip(plan_.backgrounds, plan_.flips):
         other = load_rgb(image_set.root / image_set.samples[image_id].filename, size)
         usable = background_pixels(regions, image_id, size)
-        backgrounds.append(Background(other[:, ::-1] if flip else other, usable[:, ::-1] if flip else usable))
+        backgrounds += mirrors(Background(other[:, ::-1] if flip else other, usable[:, ::-1] if flip else usable))
     edited = editor.edit(rgb, replace, backgrounds, image_set.class_names[plan_.y])
     covered = np.zeros_like(replace)
     for background in backgrounds:
@@ -284,7 +308,7 @@ def counterfactual_stamp(run: Run, regions: SpuriousRegions, config: RunConfig, 
     """What the images depend on: the regions (maps, verdicts, boxes), the settings and the editor."""
     settings = config.retrain
     return fingerprint(STAGE, regions.digest(), settings.counterfactual_share, settings.editor or "composite",
-                       settings.seed, size, run.stage_fingerprint("embed"), OBJECT_CUT)
+                       settings.seed, size, run.stage_fingerprint("embed"), OBJECT_CUT, FILL)
 
 
 def write_counterfactuals(out: Path, plans: Sequence[ClassPlan], image_set: ImageSet, regions: SpuriousRegions,
