@@ -18,6 +18,7 @@ from pipeline.core.attention_arrays import AttentionArrays
 from pipeline.core.data import load_dataset, load_rgb
 from pipeline.core.errors import PipelineError
 from pipeline.core.run import Run
+from pipeline.core.store import Annotation, AnnotationStore
 from pipeline.model.loaders import make_loader
 from pipeline.model.networks import load_checkpoint
 from pipeline.slim import retrain as retrain_module
@@ -30,6 +31,7 @@ from pipeline.slim.counterfactual import (
     object_pixels,
     plan,
     read_counterfactuals,
+    resolve_augmentation,
     write_counterfactuals,
 )
 from pipeline.slim.propagate import Propagation
@@ -175,6 +177,36 @@ def test_a_class_whose_object_is_located_nowhere_is_left_out_and_the_others_are_
     cf = read_counterfactuals(run / "counterfactuals")
     assert len(cf) == made > 0 and set(cf.labels.tolist()) == {first.y}
     assert cf.image_set.class_names == image_set.class_names  # labels keep the dataset's class numbering
+
+
+BOX = {"x": 25.0, "y": 25.0, "width": 50.0, "height": 50.0}  # the middle of the image, in percent
+
+
+def answer(run: Path, boxed_per_class: dict[int, int], answered_per_class: int = 4) -> None:
+    """``answered_per_class`` answers per class in the run's database, the first ``boxed_per_class[y]`` boxed."""
+    arrays = AttentionArrays.load(run / "attention.npz")
+    store = AnnotationStore(run / "labels.sqlite")
+    number = 0
+    for y in arrays.classes:
+        for k, row in enumerate(arrays.for_class(y)[:answered_per_class]):
+            number += 1
+            store.upsert_annotation(Annotation(number, number, int(arrays.index[row]), "a@example.org", "core",
+                                               boxes=[BOX] if k < boxed_per_class[y] else []))
+    store.close()
+
+
+def test_auto_adds_counterfactuals_only_where_every_class_is_boxed_on_half_its_answers(run: Path) -> None:
+    arrays = AttentionArrays.load(run / "attention.npz")
+    assert resolve_augmentation(Run(run), arrays, "auto") == "none"  # answers from a CSV: no boxes at all
+    answer(run, {0: 4, 1: 1})
+    assert resolve_augmentation(Run(run), arrays, "auto") == "none"  # one class a quarter boxed
+    assert resolve_augmentation(Run(run), arrays, "counterfactual") == "counterfactual"  # asked for: as asked
+    answer(run, {0: 4, 1: 2})
+    assert resolve_augmentation(Run(run), arrays, "auto") == "counterfactual"
+    assert resolve_augmentation(Run(run), arrays, "none") == "none"
+    assert main(["retrain", "--run", str(run), "--mode", "low-spuriosity", "--quiet"]) == 0  # auto: the default
+    _, meta = load_checkpoint(run / "slim_model.pt")
+    assert meta["augment"] == "counterfactual" and meta["counterfactuals"]["images"] > 0
 
 
 def test_head_refit_modes_learn_from_the_counterfactuals_features(run: Path) -> None:

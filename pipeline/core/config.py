@@ -22,7 +22,7 @@ SAMPLE_SPACES = ("vectors", "embedding")
 PRECISIONS = ("auto", "fp32", "bf16")
 RETRAIN_MODES = ("last-layer", "full", "fresh", "corm", "low-spuriosity")
 CORRUPTIONS = ("noise", "blur")
-AUGMENTATIONS = ("none", "counterfactual")
+AUGMENTATIONS = ("auto", "none", "counterfactual")
 CURATION_VARIANTS = ("attention", "published")
 CONSENSUS_METHODS = ("dawid-skene", "mace", "glad", "majority")  # pipeline.slim.consensus says what each does
 DEVICES = ("auto", "cpu", "cuda")
@@ -134,9 +134,10 @@ class RetrainConfig:
                                       "it", choices=CORRUPTIONS)
     corrupt_probability: float = option(0.5, "corm mode: share of training draws that are corrupted (the others "
                                              "stay natural images)", metavar="P")
-    augment: str = option("none", "counterfactual: add generated images of each class on the other classes' "
-                                  "backgrounds (every mode; `counterfactuals --run RUN` makes and lists them)",
-                          choices=AUGMENTATIONS)
+    augment: str = option("auto", "counterfactual: add generated images of each class on the other classes' "
+                                  "backgrounds (every mode; `counterfactuals --run RUN` makes and lists them); "
+                                  "auto: counterfactual when annotators boxed at least half of every class's "
+                                  "answered images, else none (measured: BENCHMARKS.md)", choices=AUGMENTATIONS)
     counterfactual_share: float = option(0.25, "counterfactual images generated per class, as a share of the "
                                                "class's training images", metavar="F")
     editor: str | None = option(None, "generative editor for counterfactuals as module:Class (e.g. a diffusers "

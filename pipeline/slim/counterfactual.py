@@ -69,6 +69,11 @@ MIN_OBJECT_SHARE = 0.05
 # what the kept region's cut is: part of the images' stamp, so a changed cut remakes them
 OBJECT_CUT = f"grabcut-{GRABCUT_ITERATIONS}"
 FILL = "mirrors"  # how a background's own object hole is filled (:func:`mirrors`): in the stamp likewise
+# `--augment auto` adds counterfactuals when annotators boxed at least this share of every class's answered images.
+# Measured over the synthetic family (BENCHMARKS.md, "Counterfactuals from boxes, from attention alone"): with a
+# box on every answered image they lead SLIM on every set; with none, a class's donors are its core-judged
+# attention regions, a quarter to two thirds background on thin glyphs, and one set-seed fell 20 points below SLIM
+AUTO_MIN_BOXED_SHARE = 0.5
 COLUMNS = ("img_filename", "y", "split", "key", "donor", "backgrounds", "filled", "source")
 
 
@@ -351,6 +356,38 @@ def write_counterfactuals(out: Path, plans: Sequence[ClassPlan], image_set: Imag
              ", ".join(f"{name} {sum(r[1] == y for r in rows)}" for y, name in enumerate(image_set.class_names)),
              out, 100 * np.mean([float(r[6]) for r in rows]))
     return len(rows)
+
+
+def boxed_shares(run: Run, arrays: AttentionArrays) -> dict[int, float]:
+    """Per class, the share of its answered (not skipped) training images that carry an annotator's box."""
+    if not run.labels_path.exists():
+        return {int(y): 0.0 for y in arrays.classes}
+    store = AnnotationStore(run.labels_path)
+    try:
+        annotations = [a for a in store.annotations() if not a.skipped]
+    finally:
+        store.close()
+    rows = {int(image_id): row for row, image_id in enumerate(arrays.index)}
+    answered = {a.image_id for a in annotations if a.image_id in rows}
+    boxed = {a.image_id for a in annotations if a.boxes and a.image_id in rows}
+    shares = {}
+    for y in arrays.classes:
+        members = {image_id for image_id in answered if arrays.y[rows[image_id]] == y}
+        shares[int(y)] = len(members & boxed) / len(members) if members else 0.0
+    return shares
+
+
+def resolve_augmentation(run: Run, arrays: AttentionArrays, requested: str) -> str:
+    """``auto``: ``counterfactual`` where every class has boxes on ``AUTO_MIN_BOXED_SHARE`` of its answered
+    images, else ``none`` (the measured best choice either way); ``none``/``counterfactual`` as given."""
+    if requested != "auto":
+        return requested
+    shares = boxed_shares(run, arrays)
+    chosen = "counterfactual" if min(shares.values()) >= AUTO_MIN_BOXED_SHARE else "none"
+    log.info("--augment auto: %s (answered images boxed per class: %s; counterfactuals from %.0f%%)", chosen,
+             ", ".join(f"{arrays.class_names[y]} {100 * share:.0f}%" for y, share in shares.items()),
+             100 * AUTO_MIN_BOXED_SHARE)
+    return chosen
 
 
 def generate_run(run: Run, config: RunConfig, force: bool = False) -> Path:

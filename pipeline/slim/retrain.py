@@ -56,7 +56,7 @@ from pipeline.model.networks import (
     save_checkpoint,
 )
 from pipeline.model.train import Resume, fit
-from pipeline.slim.counterfactual import Counterfactuals, load_counterfactuals
+from pipeline.slim.counterfactual import Counterfactuals, load_counterfactuals, resolve_augmentation
 from pipeline.slim.propagate import propagate_run
 from pipeline.slim.regions import SpuriousRegions, run_regions
 from pipeline.slim.report import core_accuracy
@@ -403,16 +403,17 @@ def retrain_run(run: Run, config: RunConfig, progress: bool = True) -> dict:
         raise PipelineError(f"unknown --mode {mode!r}; choose {', '.join(RETRAIN_MODES)}")
     arrays = AttentionArrays.load(run.require(run.attention_path, "embed --run RUN"))
     if config.retrain.augment not in AUGMENTATIONS:
-        raise PipelineError(f"unknown --augment {config.retrain.augment!r}; choose {' or '.join(AUGMENTATIONS)}")
+        raise PipelineError(f"unknown --augment {config.retrain.augment!r}; choose {', '.join(AUGMENTATIONS)}")
     model, meta = load_checkpoint(run.require(run.checkpoint_path, "train --data DIR --run RUN"))
     device = resolve_device(config.device)
+    augment = resolve_augmentation(run, arrays, config.retrain.augment)
     with distributed.main_first():  # what rank 0 (re)makes, the other ranks then read: manifest, counterfactuals
-        counterfactuals = load_counterfactuals(run, config) if config.retrain.augment == "counterfactual" else None
+        counterfactuals = load_counterfactuals(run, config) if augment == "counterfactual" else None
         image_set = load_dataset(config.data.root, run.manifest_path)
     inputs = RetrainInputs(run, config, image_set, arrays, model, meta, device, retrain_resume(run, config, device),
                            progress, counterfactuals)
     retrained, details = MODES[mode](inputs)
-    details["augment"] = config.retrain.augment
+    details["augment"] = augment
     if counterfactuals:
         details["counterfactuals"] = {"images": len(counterfactuals), "rejected": counterfactuals.rejected}
     distributed.on_main(lambda: _save_retrained(inputs, retrained, details))
