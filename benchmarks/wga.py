@@ -79,6 +79,7 @@ from pipeline.model.loaders import make_loader, seed_everything
 from pipeline.model.networks import load_checkpoint
 from pipeline.slim.clustering import elbow_clusters
 from pipeline.slim.counterfactual import (
+    DONORS,
     FILL,
     OBJECT_CUT,
     CompositeEditor,
@@ -235,7 +236,7 @@ def simulated_counterfactuals(run: Run, arrays: AttentionArrays, scores: np.ndar
     image_set = load_dataset(config.data.root)
     size = load_checkpoint(run.checkpoint_path)[1]["image_size"]
     cut = OBJECT_CUT if object_cut else "uncut"
-    folder = run.root / f"counterfactuals-noise{noise:g}-share{share:g}-boxes{len(boxes)}-{cut}-{FILL}"
+    folder = run.root / f"counterfactuals-noise{noise:g}-share{share:g}-boxes{len(boxes)}-{cut}-{FILL}-{DONORS}"
     if not (folder / "metadata.csv").exists():
         regions = SpuriousRegions(arrays.index, arrays.cam, scores, boxes)
         write_counterfactuals(folder, plan(arrays, regions, share, size, seed), image_set, regions,

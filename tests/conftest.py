@@ -48,9 +48,30 @@ def answered_run(trained_run: Path, tmp_path: Path) -> Path:
     return run
 
 
+def box_answered_objects(run: Path) -> None:
+    """A box around the object (its mask's bounding box) on every image answered in ``answers.csv``, as an
+    annotator draws it: the tiny model's attention rarely covers enough of an object to cut it out."""
+    from pipeline.core.data import load_dataset, load_mask
+    from pipeline.core.run import Run
+    from pipeline.core.store import Annotation, AnnotationStore
+    from pipeline.labelstudio.annotator import mask_box
+
+    image_set = load_dataset(Run(run).load_config().data.root)
+    store = AnnotationStore(run / "labels.sqlite")
+    try:
+        for number, line in enumerate((run / "answers.csv").read_text().splitlines()[1:], start=1):
+            image_id, label = line.split(",")
+            sample = image_set.samples[int(image_id)]
+            box = mask_box(load_mask(image_set.root / sample.mask_filename, image_set.native_size))
+            store.upsert_annotation(Annotation(number, number, int(image_id), "a@example.org", label, boxes=[box]))
+    finally:
+        store.close()
+
+
 @pytest.fixture()
 def generated(answered_run: Path, capsys) -> Path:
-    """The answered run with its counterfactuals made by the CLI stage."""
+    """The answered run, its answered objects boxed, with its counterfactuals made by the CLI stage."""
+    box_answered_objects(answered_run)
     assert main(["counterfactuals", "--run", str(answered_run), "--quiet"]) == 0
     assert "counterfactuals: " in capsys.readouterr().out
     return answered_run

@@ -15,17 +15,22 @@ from scipy import ndimage
 
 from pipeline.cli import main
 from pipeline.core.attention_arrays import AttentionArrays
-from pipeline.core.data import load_dataset, load_rgb
+from pipeline.core.data import load_dataset, load_mask, load_rgb
 from pipeline.core.errors import PipelineError
 from pipeline.core.run import Run
 from pipeline.core.store import Annotation, AnnotationStore
+from pipeline.labelstudio.annotator import mask_box
 from pipeline.model.loaders import make_loader
 from pipeline.model.networks import load_checkpoint
 from pipeline.slim import retrain as retrain_module
 from pipeline.slim.counterfactual import (
+    BACKGROUND_MIN_CONFIDENCE,
+    BACKGROUNDS_PER_IMAGE,
     Background,
     CompositeEditor,
     background_pixels,
+    background_rows,
+    donor_rows,
     generate_run,
     load_editor,
     object_pixels,
@@ -98,11 +103,27 @@ def test_the_kept_region_is_cut_to_the_object_inside_its_box() -> None:
     assert np.array_equal(kept, object_pixels(rgb, box))  # seeded: the same picture gives the same bytes
 
 
-def test_a_cut_with_nothing_to_learn_the_background_from_keeps_the_region() -> None:
+def test_a_cut_that_finds_no_object_gives_none_rather_than_the_region() -> None:
+    """Kept whole, a region the cut fails on is mostly the donor's own background: its cue."""
     rgb, disc = striped_picture_with_a_disc(seed=1)
-    everything = np.ones_like(disc)
-    assert object_pixels(rgb, everything).all()
-    assert not object_pixels(rgb, np.zeros_like(disc)).any()
+    assert object_pixels(rgb, np.ones_like(disc)) is None  # no background to learn from
+    assert object_pixels(rgb, np.zeros_like(disc)) is None
+
+
+def test_backgrounds_come_from_images_whose_own_cue_the_reference_model_reads_surely(run: Path) -> None:
+    """Minority images (the other class's object on this class's background) are what the reference model gets
+    wrong or is unsure of; as backgrounds they would paste a class back onto its own cue."""
+    arrays = AttentionArrays.load(run / "attention.npz")
+    regions = run_regions(Run(run), arrays, Propagation.load(run / "propagation.npz").score)
+    others = arrays.for_class(0)
+    arrays.pred[others] = arrays.y[others]
+    arrays.confidence[others] = 0.99
+    arrays.pred[others[:3]] = 1  # wrong
+    arrays.confidence[others[3:6]] = BACKGROUND_MIN_CONFIDENCE / 2  # right, unsure
+    pool = background_rows(arrays, regions, 1)
+    assert len(pool) >= BACKGROUNDS_PER_IMAGE and set(pool) <= set(others[6:])
+    arrays.confidence[others] = 0.5  # nobody sure: every other-class image rather than none
+    assert set(background_rows(arrays, regions, 1)) <= set(others) and len(background_rows(arrays, regions, 1))
 
 
 def test_an_editor_is_loaded_from_module_and_class_and_a_bad_one_is_one_line() -> None:
@@ -116,20 +137,25 @@ def test_each_class_s_core_on_other_classes_backgrounds(run: Path) -> None:
     folder = generate_run(Run(run), Run(run).load_config())
     rows = manifest(run)
     arrays = AttentionArrays.load(run / "attention.npz")
-    for y in arrays.classes:  # the share of every class, labelled as its donor
-        assert sum(int(r["y"]) == y for r in rows) == math.ceil(SHARE * len(arrays.for_class(y)))
     config = Run(run).load_config()
     image_set = load_dataset(config.data.root)
     regions = run_regions(Run(run), arrays, Propagation.load(run / "propagation.npz").score)
     size = image_set.native_size
+    for y in arrays.classes:  # the share of every class that has an object to cut, labelled as its donor
+        cuttable = [object_pixels(load_rgb(image_set.root / image_set.samples[int(arrays.index[r])].filename, size),
+                                  ~regions(int(arrays.index[r]), size)) is not None
+                     for r in donor_rows(arrays, regions, y, size)]
+        made = sum(int(r["y"]) == y for r in rows)
+        assert made == (math.ceil(SHARE * len(arrays.for_class(y))) if any(cuttable) else 0)
+    assert rows
     for row in rows[:: max(1, len(rows) // 6)]:  # a few: every pixel is the donor's or a background's
         donor, backgrounds = int(row["donor"]), [int(b) for b in row["backgrounds"].split()]
         assert image_set.samples[donor].y == int(row["y"])
         assert all(image_set.samples[b].y != int(row["y"]) for b in backgrounds)
         made = load_rgb(folder / row["img_filename"], size)
-        original = load_rgb(image_set.root / image_set.samples[donor].filename, size)
-        kept = object_pixels(original, ~regions(donor, size))
-        assert kept.any() and not (kept & regions(donor, size)).any()  # the object, cut from the located region
+        cut = object_pixels(load_rgb(image_set.root / image_set.samples[donor].filename, size), ~regions(donor, size))
+        assert cut is not None and not (cut & regions(donor, size)).any()  # the object, cut from its region
+        original, kept = load_rgb(image_set.root / image_set.samples[donor].filename, size), cut
         assert np.allclose(made[kept], original[kept], atol=1 / 255)
         replaced = ~kept
         candidates = [load_rgb(image_set.root / image_set.samples[b].filename, size) for b in backgrounds]
@@ -171,27 +197,28 @@ def test_a_class_whose_object_is_located_nowhere_is_left_out_and_the_others_are_
     arrays = AttentionArrays.load(run / "attention.npz")
     regions = run_regions(Run(run), arrays, Propagation.load(run / "propagation.npz").score)
     image_set = load_dataset(config.data.root)
-    first, *_ = plan(arrays, regions, SHARE, image_set.native_size, seed=0)
-    made = write_counterfactuals(run / "counterfactuals", [first], image_set, regions, load_editor(None),
+    *_, last = plan(arrays, regions, SHARE, image_set.native_size, seed=0)  # the fixture's triangles: cut well
+    made = write_counterfactuals(run / "counterfactuals", [last], image_set, regions, load_editor(None),
                                  image_set.native_size)
     cf = read_counterfactuals(run / "counterfactuals")
-    assert len(cf) == made > 0 and set(cf.labels.tolist()) == {first.y}
+    assert len(cf) == made > 0 and set(cf.labels.tolist()) == {last.y}
     assert cf.image_set.class_names == image_set.class_names  # labels keep the dataset's class numbering
 
 
-BOX = {"x": 25.0, "y": 25.0, "width": 50.0, "height": 50.0}  # the middle of the image, in percent
-
-
 def answer(run: Path, boxed_per_class: dict[int, int], answered_per_class: int = 4) -> None:
-    """``answered_per_class`` answers per class in the run's database, the first ``boxed_per_class[y]`` boxed."""
+    """``answered_per_class`` answers per class in the run's database, the first ``boxed_per_class[y]`` with a
+    box around the object, as an annotator draws it."""
     arrays = AttentionArrays.load(run / "attention.npz")
+    image_set = load_dataset(Run(run).load_config().data.root)
     store = AnnotationStore(run / "labels.sqlite")
     number = 0
     for y in arrays.classes:
         for k, row in enumerate(arrays.for_class(y)[:answered_per_class]):
             number += 1
+            sample = image_set.samples[int(arrays.index[row])]
+            box = mask_box(load_mask(image_set.root / sample.mask_filename, image_set.native_size))
             store.upsert_annotation(Annotation(number, number, int(arrays.index[row]), "a@example.org", "core",
-                                               boxes=[BOX] if k < boxed_per_class[y] else []))
+                                               boxes=[box] if k < boxed_per_class[y] else []))
     store.close()
 
 

@@ -11,6 +11,7 @@ from contextlib import closing
 from pathlib import Path
 
 import numpy as np
+from PIL import Image
 from test_labelstudio import digest
 
 from pipeline.cli import main
@@ -126,11 +127,16 @@ def test_after_a_regeneration_only_new_keys_are_pushed(generated: Path, settings
 def test_simulated_annotator_answers_the_checks_by_the_masks(generated: Path, settings: Settings) -> None:
     run_ = Run(generated)
     pushed = push_checks(run_, settings, progress=False)
+    attention_answers = AnnotationStore(run_.labels_path).annotations()  # the fixture's boxed answers
+    rows = {r["key"]: r for r in manifest(generated)}
+    broken = generated / "counterfactuals" / rows[next(iter(check_tasks(generated)))]["img_filename"]
+    picture = np.asarray(Image.open(broken)).copy()
+    picture[:, :] = picture[0, 0]  # an edit that lost the object: one flat colour
+    Image.fromarray(picture).save(broken)
     flags = ["--run", str(generated), "--url", settings.url, "--api-key", settings.api_key, "--quiet"]
     assert main(["simulate-annotator", "--checks", *flags]) == 0
     assert main(["pull-checks", *flags]) == 0
     image_set = load_dataset(run_.load_config().data.root)
-    rows = {r["key"]: r for r in manifest(generated)}
     expected = {}
     for key in check_tasks(generated):  # recomputed here: the share of the donor's object left untouched
         donor = image_set.samples[int(rows[key]["donor"])]
@@ -141,5 +147,5 @@ def test_simulated_annotator_answers_the_checks_by_the_masks(generated: Path, se
         expected[key] = bool(kept >= 0.5)
     store = AnnotationStore(run_.labels_path)
     assert store.counterfactual_checks() == expected and len(expected) == pushed["sampled"]
-    assert set(expected.values()) == {True, False}  # the fixture's images hold both: the rule is tested both ways
-    assert store.annotations() == []  # never mixed with the attention answers
+    assert set(expected.values()) == {True, False}  # intact edits and the broken one: the rule tested both ways
+    assert store.annotations() == attention_answers  # never mixed with the attention answers

@@ -3,9 +3,10 @@
 ASPIRE edits images with a language-guided editor and a personalised text-to-image model. The default editor
 here needs no weights: it keeps the object of an image whose object is located (an annotator's box, or the
 high-CAM region of attention judged core, cut to the object's outline by colour with GrabCut) and replaces the
-rest (:mod:`pipeline.slim.regions`) with the background of images of the *other* classes, taken a margin away from *their* estimated object (located
-images first; a class with none lends its attended regions, which may hold part of its object: what the
-verification check catches). The class no longer agrees with the background: exactly the images the
+rest (:mod:`pipeline.slim.regions`) with the background of images of the *other* classes that the reference
+model surely reads as their class, taken a margin away from *their* estimated object
+(located images first; a class with none lends its attended regions, which may hold part of its object: what
+the verification check catches). The class no longer agrees with the background: exactly the images the
 minority groups are short of. A class whose object is located nowhere gets none (draw boxes to give it some).
 
 ``retrain --augment counterfactual`` adds them to the training images of every mode. Annotators can check a
@@ -57,18 +58,23 @@ BACKGROUNDS_PER_IMAGE = 8
 # a background image's usable pixels stop this share of the side short of its estimated object (4 px at 64 px):
 # the CAM region's edge is blurry, and without the margin rims of the other class's object were pasted in
 BACKGROUND_MARGIN = 1 / 16
+# a background image's class must be what the reference model predicts for it with at least this probability
+# (:func:`background_rows`): its own class's cue, not a minority image's borrowed one
+BACKGROUND_MIN_CONFIDENCE = 0.9
 MIN_FILLED = 0.5  # share of an image's region its backgrounds must fill: below it, the image is mostly itself
 ATTEMPTS = 4  # candidates tried per image wanted before a class settles for fewer
 MIN_REGION = 0.02  # share of the image a region must cover to be worth replacing (flat maps localise nothing)
 # GrabCut's rounds of colour-model fitting when the kept region is cut down to the object; OpenCV's own example
 # uses 5, and more change nothing measurable at these sizes
 GRABCUT_ITERATIONS = 5
-# a cut that keeps less than this share of the region is not trusted (object and background alike in colour):
-# the region is kept whole, as before the cut existed
+# a cut that keeps less than this share of the region has not found the object (object and background alike in
+# colour, or an attended region that misses it): that donor lends nothing (:func:`object_pixels`)
 MIN_OBJECT_SHARE = 0.05
 # what the kept region's cut is: part of the images' stamp, so a changed cut remakes them
 OBJECT_CUT = f"grabcut-{GRABCUT_ITERATIONS}"
 FILL = "mirrors"  # how a background's own object hole is filled (:func:`mirrors`): in the stamp likewise
+# which images lend their object and their background (:func:`object_pixels`, :func:`background_rows`): likewise
+DONORS = "cut-sure-backgrounds"
 # `--augment auto` adds counterfactuals when annotators boxed at least this share of every class's answered images.
 # Measured over the synthetic family (BENCHMARKS.md, "Counterfactuals from boxes, from attention alone"): boxes on
 # every answered image, +6.8 +- 2.1 points of worst-group accuracy over SLIM; on half, +5.6 +- 2.9 (every seed up);
@@ -165,6 +171,23 @@ def donor_rows(arrays: AttentionArrays, regions: SpuriousRegions, y: int, size: 
     return np.array([r for r in located if regions(int(arrays.index[r]), size).mean() >= MIN_REGION], dtype=int)
 
 
+def background_rows(arrays: AttentionArrays, regions: SpuriousRegions, y: int) -> np.ndarray:
+    """Images of the other classes to take ``y``'s backgrounds from: those whose cue the reference model reads
+    as their own class (right, with ``BACKGROUND_MIN_CONFIDENCE``), located ones first where there are enough.
+
+    Why the confidence: located images are the answered and core-judged ones, and both over-represent the
+    minority groups (sampling isolates them; attention finds the object where the background disagrees): on the
+    synthetic family 29-66 % of a class's located images showed the *other* class's background, so up to 39 % of
+    the counterfactuals were pasted back onto their own class's cue. The reference model is wrong or unsure on
+    most minority images; right and sure, 0-6 % of them are.
+    """
+    others = np.flatnonzero(arrays.y != y)
+    sure = others[(arrays.pred[others] == arrays.y[others]) & (arrays.confidence[others] >= BACKGROUND_MIN_CONFIDENCE)]
+    pool = sure if len(sure) >= BACKGROUNDS_PER_IMAGE else others
+    located = located_rows(arrays, regions, pool)
+    return located if len(located) >= BACKGROUNDS_PER_IMAGE else pool
+
+
 @dataclass(frozen=True)
 class ClassPlan:
     """How many counterfactuals class ``y`` gets, and an endless seeded stream of candidates to make them from."""
@@ -176,12 +199,9 @@ class ClassPlan:
 
 def candidates(arrays: AttentionArrays, regions: SpuriousRegions, y: int, donors: np.ndarray,
                rng: np.random.Generator) -> Iterator[Plan]:
-    """Donors cycled in a seeded random order, each with ``BACKGROUNDS_PER_IMAGE`` random other-class images:
-    located ones (a box, or attention judged core: the object is the high-CAM region, the rest is background)
-    where there are any, since a spurious-judged image's attended region may hold its object too."""
-    others = np.flatnonzero(arrays.y != y)
-    located = located_rows(arrays, regions, others)
-    others = located if len(located) else others
+    """Donors cycled in a seeded random order, each with ``BACKGROUNDS_PER_IMAGE`` random images of
+    :func:`background_rows`."""
+    others = background_rows(arrays, regions, y)
     order = rng.permutation(donors)
     for i in itertools.count():
         donor = int(arrays.index[order[i % len(order)]])
@@ -234,9 +254,9 @@ def background_pixels(regions: SpuriousRegions, image_id: int, size: int) -> np.
     return usable
 
 
-def object_pixels(rgb: np.ndarray, region: np.ndarray) -> np.ndarray:
+def object_pixels(rgb: np.ndarray, region: np.ndarray) -> np.ndarray | None:
     """The part of ``region`` (where the donor's object is: a box, or the high-CAM region of attention judged
-    core) that shows the object, cut by colour with GrabCut (OpenCV).
+    core) that shows the object, cut by colour with GrabCut (OpenCV); ``None`` where the cut finds no object.
 
     Why: a box or an attended region is not the object's outline. Around a disc a box is a third background,
     around a stroke glyph two thirds (synthetic family, masks used for this measurement only); pasted along, that
@@ -244,16 +264,20 @@ def object_pixels(rgb: np.ndarray, region: np.ndarray) -> np.ndarray:
     the background GrabCut learns from; inside, it keeps what looks like the object. Measured on 300 boxed
     images per set: background in the kept region 37 -> 1 % (default), 61 -> 6 % (glyphs), the whole object
     kept. Seeded, so the same image gives the same bytes (its key).
+
+    Why ``None`` rather than the whole region: where the cut fails it keeps nothing at all, and the region kept
+    whole was measured at 54-71 % background on `glyphs` and `mixed` (attended regions holding a quarter to half
+    of the object): the donor's own cue, pasted along.
     """
     if region.all() or not region.any():
-        return region
+        return None
     labels = np.where(region, cv2.GC_PR_FGD, cv2.GC_BGD).astype(np.uint8)
     image = np.ascontiguousarray((np.clip(rgb, 0, 1) * 255).round().astype(np.uint8))
     cv2.setRNGSeed(0)
     cv2.grabCut(image, labels, None, np.zeros((1, 65)), np.zeros((1, 65)), GRABCUT_ITERATIONS,
                 cv2.GC_INIT_WITH_MASK)
     kept = region & np.isin(labels, (cv2.GC_FGD, cv2.GC_PR_FGD))
-    return kept if kept.sum() >= MIN_OBJECT_SHARE * region.sum() else region
+    return kept if kept.sum() >= MIN_OBJECT_SHARE * region.sum() else None
 
 
 def mirrors(background: Background) -> list[Background]:
@@ -269,12 +293,16 @@ def mirrors(background: Background) -> list[Background]:
 
 
 def make(plan_: Plan, image_set: ImageSet, regions: SpuriousRegions, editor: Editor, size: int,
-         cut: bool = True) -> Made:
+         cut: bool = True) -> Made | None:
     """Render one plan with ``editor``: everything but the donor's object (:func:`object_pixels`) replaced;
-    ``cut=False`` keeps the whole located region (what the benchmarks compare the cut against)."""
+    ``None`` where no object can be cut from the donor. ``cut=False`` keeps the whole located region (what the
+    benchmarks compare the cut against)."""
     rgb = load_rgb(image_set.root / image_set.samples[plan_.donor].filename, size)
     located = ~regions(plan_.donor, size)
-    replace = ~(object_pixels(rgb, located) if cut else located)
+    kept = object_pixels(rgb, located) if cut else located
+    if kept is None:
+        return None
+    replace = ~kept
     backgrounds = []
     for image_id, flip in zip(plan_.backgrounds, plan_.flips):
         other = load_rgb(image_set.root / image_set.samples[image_id].filename, size)
@@ -314,7 +342,7 @@ def counterfactual_stamp(run: Run, regions: SpuriousRegions, config: RunConfig, 
     """What the images depend on: the regions (maps, verdicts, boxes), the settings and the editor."""
     settings = config.retrain
     return fingerprint(STAGE, regions.digest(), settings.counterfactual_share, settings.editor or "composite",
-                       settings.seed, size, run.stage_fingerprint("embed"), OBJECT_CUT, FILL)
+                       settings.seed, size, run.stage_fingerprint("embed"), OBJECT_CUT, FILL, DONORS)
 
 
 def write_counterfactuals(out: Path, plans: Sequence[ClassPlan], image_set: ImageSet, regions: SpuriousRegions,
@@ -322,8 +350,9 @@ def write_counterfactuals(out: Path, plans: Sequence[ClassPlan], image_set: Imag
     """Render each class's ``target`` images into the dataset folder ``out`` (replaced whole: written beside it,
     then swapped in, so a kill leaves either set complete); returns how many images it holds.
 
-    A candidate whose backgrounds fill less than ``MIN_FILLED`` of its region is skipped (it would mostly be the
-    original image); a class gives up after ``ATTEMPTS`` candidates per image wanted.
+    A candidate whose donor has no object to cut, or whose backgrounds fill less than ``MIN_FILLED`` of its
+    region, is skipped (it would mostly be the original image); a class gives up after ``ATTEMPTS`` candidates
+    per image wanted.
     """
     staging = out.with_name(out.name + ".new")
     shutil.rmtree(staging, ignore_errors=True)
@@ -332,7 +361,7 @@ def write_counterfactuals(out: Path, plans: Sequence[ClassPlan], image_set: Imag
         made_here = 0
         for plan_ in itertools.islice(class_plan.candidates, ATTEMPTS * class_plan.target):
             made = make(plan_, image_set, regions, editor, size, cut)
-            if made.filled < MIN_FILLED:
+            if made is None or made.filled < MIN_FILLED:
                 continue
             key = hashlib.sha256(made.png).hexdigest()[:20]
             filename = f"images/{key}.png"
@@ -343,11 +372,12 @@ def write_counterfactuals(out: Path, plans: Sequence[ClassPlan], image_set: Imag
             if made_here == class_plan.target:
                 break
         if made_here < class_plan.target:
-            log.warning("class %s: %d of %d counterfactuals (the other classes' backgrounds rarely cover its "
-                        "regions)", image_set.class_names[class_plan.y], made_here, class_plan.target)
+            log.warning("class %s: %d of %d counterfactuals (its located regions rarely show an object to cut, "
+                        "or the other classes' backgrounds rarely cover them; boxes on a few of its images help)",
+                        image_set.class_names[class_plan.y], made_here, class_plan.target)
     if not rows:
-        raise PipelineError("no counterfactual could be made: no class has an image whose region is known; "
-                            "annotate (or draw boxes on) some images first")
+        raise PipelineError("no counterfactual could be made: no class has an image whose object is located and "
+                            "can be cut out; draw boxes around the object on some images in Label Studio")
     atomic_write_csv(staging / "metadata.csv", COLUMNS, rows)
     atomic_write_json(staging / "dataset.json", {"class_names": list(image_set.class_names), "image_size": size,
                                                  "editor": editor.name, "counterfactual_of": str(image_set.root)})
