@@ -48,9 +48,9 @@ def answered_run(trained_run: Path, tmp_path: Path) -> Path:
     return run
 
 
-def box_answered_objects(run: Path) -> None:
-    """A box around the object (its mask's bounding box) on every image answered in ``answers.csv``, as an
-    annotator draws it: the tiny model's attention rarely covers enough of an object to cut it out."""
+def record_answers(run: Path, answers: list[tuple[int, str, bool]]) -> None:
+    """``(image id, verdict, boxed)`` answers in the run's database, one annotator; a boxed one carries a box
+    around the object (its mask's bounding box), as an annotator draws it."""
     from pipeline.core.data import load_dataset, load_mask
     from pipeline.core.run import Run
     from pipeline.core.store import Annotation, AnnotationStore
@@ -59,13 +59,20 @@ def box_answered_objects(run: Path) -> None:
     image_set = load_dataset(Run(run).load_config().data.root)
     store = AnnotationStore(run / "labels.sqlite")
     try:
-        for number, line in enumerate((run / "answers.csv").read_text().splitlines()[1:], start=1):
-            image_id, label = line.split(",")
-            sample = image_set.samples[int(image_id)]
-            box = mask_box(load_mask(image_set.root / sample.mask_filename, image_set.native_size))
-            store.upsert_annotation(Annotation(number, number, int(image_id), "a@example.org", label, boxes=[box]))
+        for number, (image_id, verdict, boxed) in enumerate(answers, start=1):
+            sample = image_set.samples[image_id]
+            mask = load_mask(image_set.root / sample.mask_filename, image_set.native_size)
+            store.upsert_annotation(Annotation(number, number, image_id, "a@example.org", verdict,
+                                               boxes=[mask_box(mask)] if boxed else []))
     finally:
         store.close()
+
+
+def box_answered_objects(run: Path) -> None:
+    """The answers of ``answers.csv`` recorded with a box around each object: the tiny model's attention
+    rarely covers enough of an object to cut it out."""
+    rows = (line.split(",") for line in (run / "answers.csv").read_text().splitlines()[1:])
+    record_answers(run, [(int(image_id), verdict, True) for image_id, verdict in rows])
 
 
 @pytest.fixture()

@@ -11,15 +11,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import record_answers
 from scipy import ndimage
 
 from pipeline.cli import main
 from pipeline.core.attention_arrays import AttentionArrays
-from pipeline.core.data import load_dataset, load_mask, load_rgb
+from pipeline.core.data import load_dataset, load_rgb
 from pipeline.core.errors import PipelineError
 from pipeline.core.run import Run
-from pipeline.core.store import Annotation, AnnotationStore
-from pipeline.labelstudio.annotator import mask_box
 from pipeline.model.loaders import make_loader
 from pipeline.model.networks import load_checkpoint
 from pipeline.slim import retrain as retrain_module
@@ -153,9 +152,9 @@ def test_each_class_s_core_on_other_classes_backgrounds(run: Path) -> None:
         assert image_set.samples[donor].y == int(row["y"])
         assert all(image_set.samples[b].y != int(row["y"]) for b in backgrounds)
         made = load_rgb(folder / row["img_filename"], size)
-        cut = object_pixels(load_rgb(image_set.root / image_set.samples[donor].filename, size), ~regions(donor, size))
-        assert cut is not None and not (cut & regions(donor, size)).any()  # the object, cut from its region
-        original, kept = load_rgb(image_set.root / image_set.samples[donor].filename, size), cut
+        original = load_rgb(image_set.root / image_set.samples[donor].filename, size)
+        kept = object_pixels(original, ~regions(donor, size))
+        assert kept is not None and not (kept & regions(donor, size)).any()  # the object, cut from its region
         assert np.allclose(made[kept], original[kept], atol=1 / 255)
         replaced = ~kept
         candidates = [load_rgb(image_set.root / image_set.samples[b].filename, size) for b in backgrounds]
@@ -206,20 +205,11 @@ def test_a_class_whose_object_is_located_nowhere_is_left_out_and_the_others_are_
 
 
 def answer(run: Path, boxed_per_class: dict[int, int], answered_per_class: int = 4) -> None:
-    """``answered_per_class`` answers per class in the run's database, the first ``boxed_per_class[y]`` with a
-    box around the object, as an annotator draws it."""
+    """``answered_per_class`` answers per class in the run's database, the first ``boxed_per_class[y]``
+    boxed."""
     arrays = AttentionArrays.load(run / "attention.npz")
-    image_set = load_dataset(Run(run).load_config().data.root)
-    store = AnnotationStore(run / "labels.sqlite")
-    number = 0
-    for y in arrays.classes:
-        for k, row in enumerate(arrays.for_class(y)[:answered_per_class]):
-            number += 1
-            sample = image_set.samples[int(arrays.index[row])]
-            box = mask_box(load_mask(image_set.root / sample.mask_filename, image_set.native_size))
-            store.upsert_annotation(Annotation(number, number, int(arrays.index[row]), "a@example.org", "core",
-                                               boxes=[box] if k < boxed_per_class[y] else []))
-    store.close()
+    record_answers(run, [(int(arrays.index[row]), "core", k < boxed_per_class[y]) for y in arrays.classes
+                         for k, row in enumerate(arrays.for_class(y)[:answered_per_class])])
 
 
 def test_auto_adds_counterfactuals_only_where_every_class_is_boxed_on_half_its_answers(run: Path) -> None:

@@ -73,13 +73,14 @@ MIN_OBJECT_SHARE = 0.05
 # what the kept region's cut is: part of the images' stamp, so a changed cut remakes them
 OBJECT_CUT = f"grabcut-{GRABCUT_ITERATIONS}"
 FILL = "mirrors"  # how a background's own object hole is filled (:func:`mirrors`): in the stamp likewise
-# which images lend their object and their background (:func:`object_pixels`, :func:`background_rows`): likewise
+# which images lend their object and their background (:func:`object_pixels`, :func:`background_rows`):
+# in the stamp likewise
 DONORS = "cut-sure-backgrounds"
-# `--augment auto` adds counterfactuals when annotators boxed at least this share of every class's answered images.
-# Measured over the synthetic family (BENCHMARKS.md, "Counterfactuals from boxes, from attention alone"): boxes on
-# every answered image, +6.8 +- 2.1 points of worst-group accuracy over SLIM; on half, +5.6 +- 2.9 (every seed up);
-# on none, +0.4 +- 1.9: a class's donors are then its core-judged attention regions, a quarter to two thirds
-# background on thin glyphs, and one set-seed fell 20 points below SLIM
+# `--augment auto` adds counterfactuals when annotators boxed at least this share of every class's answered
+# images. Measured over the synthetic family (BENCHMARKS.md, "Counterfactuals from boxes, from attention
+# alone"): boxes on every answered image, +6.8 +- 2.1 points of worst-group accuracy over SLIM; on half,
+# +5.6 +- 2.9 (every seed up); on none, +0.4 +- 1.9: a class's donors are then its core-judged attention
+# regions, a quarter to two thirds background on thin glyphs, and one set-seed fell 20 points below SLIM
 AUTO_MIN_BOXED_SHARE = 0.5
 COLUMNS = ("img_filename", "y", "split", "key", "donor", "backgrounds", "filled", "source")
 
@@ -182,7 +183,8 @@ def background_rows(arrays: AttentionArrays, regions: SpuriousRegions, y: int) -
     most minority images; right and sure, 0-6 % of them are.
     """
     others = np.flatnonzero(arrays.y != y)
-    sure = others[(arrays.pred[others] == arrays.y[others]) & (arrays.confidence[others] >= BACKGROUND_MIN_CONFIDENCE)]
+    right = arrays.pred[others] == arrays.y[others]
+    sure = others[right & (arrays.confidence[others] >= BACKGROUND_MIN_CONFIDENCE)]
     pool = sure if len(sure) >= BACKGROUNDS_PER_IMAGE else others
     located = located_rows(arrays, regions, pool)
     return located if len(located) >= BACKGROUNDS_PER_IMAGE else pool
