@@ -228,10 +228,13 @@ def corm_row(run: Run, arrays: AttentionArrays, scores: np.ndarray, boxes: dict[
 
 
 def simulated_counterfactuals(run: Run, arrays: AttentionArrays, scores: np.ndarray, boxes: dict[int, list[dict]],
-                              noise: float, seed: int, share: float, object_cut: bool = True) -> Counterfactuals:
+                              noise: float, seed: int, share: float,
+                              object_cut: bool = True) -> Counterfactuals | None:
     """``retrain --augment counterfactual``'s images (composite editor) from the simulated answers' regions,
     kept beside the run per noise level, share and cut; none rejected (no verification in the benchmark).
-    ``object_cut=False`` keeps each donor's whole located region: the comparison the cut was measured by."""
+    ``object_cut=False`` keeps each donor's whole located region: the comparison the cut was measured by.
+    ``None`` where no class can have any (nothing located): the +counterfactual rows then train without, as
+    ``--augment auto`` would."""
     config = run.load_config()
     image_set = load_dataset(config.data.root)
     size = load_checkpoint(run.checkpoint_path)[1]["image_size"]
@@ -239,8 +242,10 @@ def simulated_counterfactuals(run: Run, arrays: AttentionArrays, scores: np.ndar
     folder = run.root / f"counterfactuals-noise{noise:g}-share{share:g}-boxes{len(boxes)}-{cut}-{FILL}-{DONORS}"
     if not (folder / "metadata.csv").exists():
         regions = SpuriousRegions(arrays.index, arrays.cam, scores, boxes)
-        write_counterfactuals(folder, plan(arrays, regions, share, size, seed), image_set, regions,
-                              CompositeEditor(), size, object_cut)
+        plans = plan(arrays, regions, share, size, seed)
+        if not plans:
+            return None
+        write_counterfactuals(folder, plans, image_set, regions, CompositeEditor(), size, object_cut)
     return read_counterfactuals(folder)
 
 
@@ -328,9 +333,10 @@ def fresh_seed(run: Run, seed: int, noise: float, upweight: float, no_answer_res
     if "slim" in wanted:
         results["slim"] = trained(cell_balanced_weights(labels, cells))
     if "slim+counterfactual" in wanted:  # counterfactuals: one more cell per class, as retrain_fresh does
-        cf_cells = np.concatenate([cells, cells.max() + 1 + counterfactuals.labels])
-        results["slim+counterfactual"] = trained(
-            cell_balanced_weights(np.concatenate([labels, counterfactuals.labels]), cf_cells), counterfactuals)
+        results["slim+counterfactual"] = (
+            trained(cell_balanced_weights(np.concatenate([labels, counterfactuals.labels]),
+                                          np.concatenate([cells, cells.max() + 1 + counterfactuals.labels])),
+                    counterfactuals) if counterfactuals else trained(cell_balanced_weights(labels, cells)))
     if "corm" in wanted:
         results["corm"] = corm_row(run, arrays, scores, simulated.boxes, seed, remedy)
     if "corm+counterfactual" in wanted:
@@ -347,6 +353,7 @@ def fresh_seed(run: Run, seed: int, noise: float, upweight: float, no_answer_res
     summary["cell_purity"] = {"slim": cell_purity(cells, groups)}
     summary["stages"] = {**stage_accuracy(arrays, answers, scores),
                          "minority_isolated": minority_isolation(arrays, cells, groups)}
+    summary["counterfactuals"] = len(counterfactuals) if counterfactuals else 0
     summary["annotated"] = len(answers.labels)
     summary["annotated_fraction"] = len(answers.labels) / len(labels)
     summary["subset_size"] = len(labels)

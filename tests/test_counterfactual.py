@@ -24,7 +24,6 @@ from pipeline.model.networks import load_checkpoint
 from pipeline.slim import retrain as retrain_module
 from pipeline.slim.counterfactual import (
     BACKGROUND_MIN_CONFIDENCE,
-    BACKGROUNDS_PER_IMAGE,
     Background,
     CompositeEditor,
     background_pixels,
@@ -32,6 +31,7 @@ from pipeline.slim.counterfactual import (
     donor_rows,
     generate_run,
     load_editor,
+    located_rows,
     object_pixels,
     plan,
     read_counterfactuals,
@@ -109,20 +109,30 @@ def test_a_cut_that_finds_no_object_gives_none_rather_than_the_region() -> None:
     assert object_pixels(rgb, np.zeros_like(disc)) is None
 
 
-def test_backgrounds_come_from_images_whose_own_cue_the_reference_model_reads_surely(run: Path) -> None:
-    """Minority images (the other class's object on this class's background) are what the reference model gets
-    wrong or is unsure of; as backgrounds they would paste a class back onto its own cue."""
+def test_backgrounds_are_located_images_whose_own_cue_the_reference_model_reads_surely(run: Path, caplog) -> None:
+    """An image whose object is not located would lend its object along with its background; a minority image
+    (the other class's object on this class's background), what the reference model gets wrong or is unsure of,
+    would paste a class back onto its own cue. Without any clean background a class gets no counterfactuals."""
     arrays = AttentionArrays.load(run / "attention.npz")
     regions = run_regions(Run(run), arrays, Propagation.load(run / "propagation.npz").score)
     others = arrays.for_class(0)
     arrays.pred[others] = arrays.y[others]
     arrays.confidence[others] = 0.99
-    arrays.pred[others[:3]] = 1  # wrong
-    arrays.confidence[others[3:6]] = BACKGROUND_MIN_CONFIDENCE / 2  # right, unsure
-    pool = background_rows(arrays, regions, 1)
-    assert len(pool) >= BACKGROUNDS_PER_IMAGE and set(pool) <= set(others[6:])
-    arrays.confidence[others] = 0.5  # nobody sure: every other-class image rather than none
-    assert set(background_rows(arrays, regions, 1)) <= set(others) and len(background_rows(arrays, regions, 1))
+    located = located_rows(arrays, regions, others)
+    assert 6 < len(located) < len(others)  # the fixture has both kinds
+    assert np.array_equal(background_rows(arrays, regions, 1), located)
+    arrays.pred[located[:3]] = 1  # wrong
+    arrays.confidence[located[3:6]] = BACKGROUND_MIN_CONFIDENCE / 2  # right, unsure
+    assert np.array_equal(background_rows(arrays, regions, 1), located[6:])
+    arrays.confidence[others] = 0.5  # nobody sure (a weak reference model): every located image
+    assert np.array_equal(background_rows(arrays, regions, 1), located)
+    score = regions.score.copy()
+    score[others] = 0.0  # every class-0 verdict spurious, no box: class 1's donors stay, its backgrounds go
+    unlocated = SpuriousRegions(arrays.index, arrays.cam, score, {})
+    assert len(donor_rows(arrays, unlocated, 1, 64)) and not len(background_rows(arrays, unlocated, 1))
+    with caplog.at_level("WARNING", logger="pipeline.slim.counterfactual"):
+        assert not plan(arrays, unlocated, SHARE, load_dataset(Run(run).load_config().data.root).native_size, seed=0)
+    assert "none can lend a background without its object" in caplog.text
 
 
 def test_an_editor_is_loaded_from_module_and_class_and_a_bad_one_is_one_line() -> None:
