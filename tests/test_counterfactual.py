@@ -11,7 +11,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import record_answers
 from scipy import ndimage
 
 from pipeline.cli import main
@@ -26,6 +25,7 @@ from pipeline.slim.counterfactual import (
     BACKGROUND_MIN_CONFIDENCE,
     Background,
     CompositeEditor,
+    auto_augmentation,
     background_pixels,
     background_rows,
     donor_rows,
@@ -35,7 +35,6 @@ from pipeline.slim.counterfactual import (
     object_pixels,
     plan,
     read_counterfactuals,
-    resolve_augmentation,
     write_counterfactuals,
 )
 from pipeline.slim.propagate import Propagation
@@ -214,26 +213,21 @@ def test_a_class_whose_object_is_located_nowhere_is_left_out_and_the_others_are_
     assert cf.image_set.class_names == image_set.class_names  # labels keep the dataset's class numbering
 
 
-def answer(run: Path, boxed_per_class: dict[int, int], answered_per_class: int = 4) -> None:
-    """``answered_per_class`` answers per class in the run's database, the first ``boxed_per_class[y]``
-    boxed."""
+def test_auto_adds_counterfactuals_wherever_a_class_can_have_them(run: Path) -> None:
+    """Some class with a located object and another class's located backgrounds: counterfactuals; none
+    anywhere (every verdict spurious, no box): none, rather than an error."""
     arrays = AttentionArrays.load(run / "attention.npz")
-    record_answers(run, [(int(arrays.index[row]), "core", k < boxed_per_class[y]) for y in arrays.classes
-                         for k, row in enumerate(arrays.for_class(y)[:answered_per_class])])
-
-
-def test_auto_adds_counterfactuals_only_where_every_class_is_boxed_on_half_its_answers(run: Path) -> None:
-    arrays = AttentionArrays.load(run / "attention.npz")
-    assert resolve_augmentation(Run(run), arrays, "auto") == "none"  # answers from a CSV: no boxes at all
-    answer(run, {0: 4, 1: 1})
-    assert resolve_augmentation(Run(run), arrays, "auto") == "none"  # one class a quarter boxed
-    assert resolve_augmentation(Run(run), arrays, "counterfactual") == "counterfactual"  # asked for: as asked
-    answer(run, {0: 4, 1: 2})
-    assert resolve_augmentation(Run(run), arrays, "auto") == "counterfactual"
-    assert resolve_augmentation(Run(run), arrays, "none") == "none"
+    regions = run_regions(Run(run), arrays, Propagation.load(run / "propagation.npz").score)
+    size = load_dataset(Run(run).load_config().data.root).native_size
+    assert auto_augmentation(arrays, regions, size) == "counterfactual"  # answers from a CSV, no boxes
+    unlocated = SpuriousRegions(arrays.index, arrays.cam, np.zeros(len(arrays)), {})
+    assert auto_augmentation(arrays, unlocated, size) == "none"
     assert main(["retrain", "--run", str(run), "--mode", "low-spuriosity", "--quiet"]) == 0  # auto: the default
     _, meta = load_checkpoint(run / "slim_model.pt")
     assert meta["augment"] == "counterfactual" and meta["counterfactuals"]["images"] > 0
+    assert main(["retrain", "--run", str(run), "--mode", "low-spuriosity", "--augment", "none", "--quiet"]) == 0
+    _, meta = load_checkpoint(run / "slim_model.pt")
+    assert meta["augment"] == "none" and "counterfactuals" not in meta
 
 
 def test_head_refit_modes_learn_from_the_counterfactuals_features(run: Path) -> None:

@@ -406,7 +406,7 @@ def retrain_run(run: Run, config: RunConfig, progress: bool = True) -> dict:
         raise PipelineError(f"unknown --augment {config.retrain.augment!r}; choose {', '.join(AUGMENTATIONS)}")
     model, meta = load_checkpoint(run.require(run.checkpoint_path, "train --data DIR --run RUN"))
     device = resolve_device(config.device)
-    augment = resolve_augmentation(run, arrays, config.retrain.augment)
+    augment = resolve_augmentation(run, config, arrays)
     with distributed.main_first():  # what rank 0 (re)makes, the other ranks then read: manifest, counterfactuals
         counterfactuals = load_counterfactuals(run, config) if augment == "counterfactual" else None
         image_set = load_dataset(config.data.root, run.manifest_path)
