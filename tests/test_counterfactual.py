@@ -20,6 +20,7 @@ from pipeline.core.errors import PipelineError
 from pipeline.core.run import Run
 from pipeline.model.loaders import make_loader
 from pipeline.model.networks import load_checkpoint
+from pipeline.slim import counterfactual as counterfactual_module
 from pipeline.slim import retrain as retrain_module
 from pipeline.slim.counterfactual import (
     BACKGROUND_MIN_CONFIDENCE,
@@ -228,6 +229,20 @@ def test_auto_adds_counterfactuals_wherever_a_class_can_have_them(run: Path) -> 
     assert main(["retrain", "--run", str(run), "--mode", "low-spuriosity", "--augment", "none", "--quiet"]) == 0
     _, meta = load_checkpoint(run / "slim_model.pt")
     assert meta["augment"] == "none" and "counterfactuals" not in meta
+
+
+def test_auto_trains_without_where_not_one_image_comes_out_and_asked_for_it_is_one_line(run: Path, monkeypatch,
+                                                                                        capsys) -> None:
+    """Every candidate rejected (no background may fill enough): ``auto`` retrains without them, warned;
+    ``counterfactual`` stops with the one-line error, nothing retrained."""
+    monkeypatch.setattr(counterfactual_module, "MIN_FILLED", 1.01)
+    assert main(["retrain", "--run", str(run), "--mode", "low-spuriosity", "--quiet"]) == 0
+    _, meta = load_checkpoint(run / "slim_model.pt")
+    assert meta["augment"] == "none" and "none after all" in capsys.readouterr().err
+    (run / "slim_model.pt").unlink()
+    assert main(["retrain", "--run", str(run), "--mode", "low-spuriosity", "--augment", "counterfactual",
+                 "--quiet"]) != 0
+    assert "no counterfactual could be made" in capsys.readouterr().err and not (run / "slim_model.pt").exists()
 
 
 def test_head_refit_modes_learn_from_the_counterfactuals_features(run: Path) -> None:

@@ -136,8 +136,9 @@ class RetrainConfig:
                                              "stay natural images)", metavar="P")
     augment: str = option("auto", "counterfactual: add generated images of each class on the other classes' "
                                   "backgrounds (every mode; `counterfactuals --run RUN` makes and lists them); "
-                                  "auto: counterfactual when annotators boxed at least half of every class's "
-                                  "answered images, else none (measured: BENCHMARKS.md)", choices=AUGMENTATIONS)
+                                  "auto: counterfactual wherever a class can have them (its object located in "
+                                  "some image, by a box or attention judged core, and another class's too), "
+                                  "else none (measured: BENCHMARKS.md)", choices=AUGMENTATIONS)
     counterfactual_share: float = option(0.25, "counterfactual images generated per class, as a share of the "
                                                "class's training images", metavar="F")
     editor: str | None = option(None, "generative editor for counterfactuals as module:Class (e.g. a diffusers "

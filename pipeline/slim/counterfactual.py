@@ -78,6 +78,10 @@ DONORS = "cut-located-sure-backgrounds"
 COLUMNS = ("img_filename", "y", "split", "key", "donor", "backgrounds", "filled", "source")
 
 
+class NoCounterfactuals(PipelineError):
+    """Not one counterfactual could be made: an error where they were asked for, ``none`` for ``auto``."""
+
+
 @dataclass(frozen=True)
 class Background:
     """An image of another class and the pixels of it that are background (its likely-spurious region)."""
@@ -382,9 +386,9 @@ def write_counterfactuals(out: Path, plans: Sequence[ClassPlan], image_set: Imag
                         "or the other classes' backgrounds rarely cover them; boxes on a few of its images help)",
                         image_set.class_names[class_plan.y], made_here, class_plan.target)
     if not rows:
-        raise PipelineError("no counterfactual could be made: no class has both an image whose object is located "
-                            "and can be cut out and other classes' located images to lend backgrounds; draw boxes "
-                            "around the object on some images of every class in Label Studio")
+        raise NoCounterfactuals("no counterfactual could be made: no class has both an image whose object is "
+                                "located and can be cut out and other classes' located images to lend backgrounds; "
+                                "draw boxes around the object on some images of every class in Label Studio")
     atomic_write_csv(staging / "metadata.csv", COLUMNS, rows)
     atomic_write_json(staging / "dataset.json", {"class_names": list(image_set.class_names), "image_size": size,
                                                  "editor": editor.name, "counterfactual_of": str(image_set.root)})
@@ -418,14 +422,25 @@ def auto_augmentation(arrays: AttentionArrays, regions: SpuriousRegions, size: i
     return chosen
 
 
-def resolve_augmentation(run: Run, config: RunConfig, arrays: AttentionArrays) -> str:
-    """The augmentation ``retrain`` uses: ``none``/``counterfactual`` as given, ``auto`` by
-    :func:`auto_augmentation` on the run's regions (its propagated verdicts and boxes)."""
-    if config.retrain.augment != "auto":
-        return config.retrain.augment
-    regions = run_regions(run, arrays, propagate_run(run, config)[0].score)
-    size = resolve_image_size(load_dataset(config.data.root, run.manifest_path), config.data.image_size)
-    return auto_augmentation(arrays, regions, size)
+def augmentation(run: Run, config: RunConfig, arrays: AttentionArrays) -> tuple[str, Counterfactuals | None]:
+    """What ``retrain`` adds and the images: ``none``/``counterfactual`` as given, ``auto`` by
+    :func:`auto_augmentation` on the run's regions (its propagated verdicts and boxes), and ``none`` after all
+    where not one image could be made (every donor's cut failed, or no background filled enough)."""
+    requested = config.retrain.augment
+    if requested == "none":
+        return "none", None
+    if requested == "auto":
+        regions = run_regions(run, arrays, propagate_run(run, config)[0].score)
+        size = resolve_image_size(load_dataset(config.data.root, run.manifest_path), config.data.image_size)
+        if auto_augmentation(arrays, regions, size) == "none":
+            return "none", None
+    try:
+        return "counterfactual", load_counterfactuals(run, config)
+    except NoCounterfactuals as error:
+        if requested != "auto":
+            raise
+        log.warning("--augment auto: none after all (%s)", error)
+        return "none", None
 
 
 def generate_run(run: Run, config: RunConfig, force: bool = False) -> Path:

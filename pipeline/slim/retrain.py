@@ -56,7 +56,7 @@ from pipeline.model.networks import (
     save_checkpoint,
 )
 from pipeline.model.train import Resume, fit
-from pipeline.slim.counterfactual import Counterfactuals, load_counterfactuals, resolve_augmentation
+from pipeline.slim.counterfactual import Counterfactuals, augmentation
 from pipeline.slim.propagate import propagate_run
 from pipeline.slim.regions import SpuriousRegions, run_regions
 from pipeline.slim.report import core_accuracy
@@ -406,9 +406,8 @@ def retrain_run(run: Run, config: RunConfig, progress: bool = True) -> dict:
         raise PipelineError(f"unknown --augment {config.retrain.augment!r}; choose {', '.join(AUGMENTATIONS)}")
     model, meta = load_checkpoint(run.require(run.checkpoint_path, "train --data DIR --run RUN"))
     device = resolve_device(config.device)
-    augment = resolve_augmentation(run, config, arrays)
     with distributed.main_first():  # what rank 0 (re)makes, the other ranks then read: manifest, counterfactuals
-        counterfactuals = load_counterfactuals(run, config) if augment == "counterfactual" else None
+        augment, counterfactuals = augmentation(run, config, arrays)
         image_set = load_dataset(config.data.root, run.manifest_path)
     inputs = RetrainInputs(run, config, image_set, arrays, model, meta, device, retrain_resume(run, config, device),
                            progress, counterfactuals)
