@@ -417,8 +417,8 @@ def auto_augmentation(arrays: AttentionArrays, regions: SpuriousRegions, size: i
     chosen = "counterfactual" if makeable else "none"
     log.info("--augment auto: %s (%s)", chosen,
              f"for {', '.join(makeable)}" if makeable else
-             "no class's object is located both in its own images and in another class's: no box, no attention "
-             "judged core; boxes drawn on a few images of every class make them")
+             "no class has both a located object and other classes' located images to lend backgrounds: no box, "
+             "no attention judged core; boxes drawn on a few images of every class make them")
     return chosen
 
 
