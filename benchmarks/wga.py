@@ -332,11 +332,12 @@ def fresh_seed(run: Run, seed: int, noise: float, upweight: float, no_answer_res
     results = {}
     if "slim" in wanted:
         results["slim"] = trained(cell_balanced_weights(labels, cells))
-    if "slim+counterfactual" in wanted:  # counterfactuals: one more cell per class, as retrain_fresh does
-        results["slim+counterfactual"] = (
-            trained(cell_balanced_weights(np.concatenate([labels, counterfactuals.labels]),
-                                          np.concatenate([cells, cells.max() + 1 + counterfactuals.labels])),
-                    counterfactuals) if counterfactuals else trained(cell_balanced_weights(labels, cells)))
+    if "slim+counterfactual" in wanted and counterfactuals:  # one more cell per class, as retrain_fresh does
+        cf_cells = np.concatenate([cells, cells.max() + 1 + counterfactuals.labels])
+        results["slim+counterfactual"] = trained(
+            cell_balanced_weights(np.concatenate([labels, counterfactuals.labels]), cf_cells), counterfactuals)
+    elif "slim+counterfactual" in wanted:  # none could be made: SLIM's model, as --augment auto trains it
+        results["slim+counterfactual"] = results.get("slim") or trained(cell_balanced_weights(labels, cells))
     if "corm" in wanted:
         results["corm"] = corm_row(run, arrays, scores, simulated.boxes, seed, remedy)
     if "corm+counterfactual" in wanted:

@@ -129,9 +129,10 @@ def test_backgrounds_are_located_images_whose_own_cue_the_reference_model_reads_
     score = regions.score.copy()
     score[others] = 0.0  # every class-0 verdict spurious, no box: class 1's donors stay, its backgrounds go
     unlocated = SpuriousRegions(arrays.index, arrays.cam, score, {})
-    assert len(donor_rows(arrays, unlocated, 1, 64)) and not len(background_rows(arrays, unlocated, 1))
+    size = load_dataset(Run(run).load_config().data.root).native_size
+    assert len(donor_rows(arrays, unlocated, 1, size)) and not len(background_rows(arrays, unlocated, 1))
     with caplog.at_level("WARNING", logger="pipeline.slim.counterfactual"):
-        assert not plan(arrays, unlocated, SHARE, load_dataset(Run(run).load_config().data.root).native_size, seed=0)
+        assert not plan(arrays, unlocated, SHARE, size, seed=0)
     assert "none can lend a background without its object" in caplog.text
 
 
