@@ -84,6 +84,7 @@ from pipeline.slim.counterfactual import (
     OBJECT_CUT,
     CompositeEditor,
     Counterfactuals,
+    class_sources,
     plan,
     read_counterfactuals,
     write_counterfactuals,
@@ -242,7 +243,7 @@ def simulated_counterfactuals(run: Run, arrays: AttentionArrays, scores: np.ndar
     folder = run.root / f"counterfactuals-noise{noise:g}-share{share:g}-boxes{len(boxes)}-{cut}-{FILL}-{DONORS}"
     if not (folder / "metadata.csv").exists():
         regions = SpuriousRegions(arrays.index, arrays.cam, scores, boxes)
-        plans = plan(arrays, regions, share, size, seed)
+        plans = plan(arrays, regions, class_sources(arrays, regions, size), share, seed)
         if not plans:
             return None
         write_counterfactuals(folder, plans, image_set, regions, CompositeEditor(), size, object_cut)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 import json
 import math
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -29,6 +30,7 @@ from pipeline.slim.counterfactual import (
     auto_augmentation,
     background_pixels,
     background_rows,
+    class_sources,
     donor_rows,
     generate_run,
     load_editor,
@@ -132,7 +134,7 @@ def test_backgrounds_are_located_images_whose_own_cue_the_reference_model_reads_
     size = load_dataset(Run(run).load_config().data.root).native_size
     assert len(donor_rows(arrays, unlocated, 1, size)) and not len(background_rows(arrays, unlocated, 1))
     with caplog.at_level("WARNING", logger="pipeline.slim.counterfactual"):
-        assert not plan(arrays, unlocated, SHARE, size, seed=0)
+        assert not plan(arrays, unlocated, class_sources(arrays, unlocated, size), SHARE, seed=0)
     assert "none can lend a background without its object" in caplog.text
 
 
@@ -207,7 +209,8 @@ def test_a_class_whose_object_is_located_nowhere_is_left_out_and_the_others_are_
     arrays = AttentionArrays.load(run / "attention.npz")
     regions = run_regions(Run(run), arrays, Propagation.load(run / "propagation.npz").score)
     image_set = load_dataset(config.data.root)
-    *_, last = plan(arrays, regions, SHARE, image_set.native_size, seed=0)  # the fixture's triangles: cut well
+    sources = class_sources(arrays, regions, image_set.native_size)
+    *_, last = plan(arrays, regions, sources, SHARE, seed=0)  # the fixture's triangles: cut well
     made = write_counterfactuals(run / "counterfactuals", [last], image_set, regions, load_editor(None),
                                  image_set.native_size)
     cf = read_counterfactuals(run / "counterfactuals")
@@ -215,16 +218,22 @@ def test_a_class_whose_object_is_located_nowhere_is_left_out_and_the_others_are_
     assert cf.image_set.class_names == image_set.class_names  # labels keep the dataset's class numbering
 
 
-def test_auto_adds_counterfactuals_wherever_a_class_can_have_them(run: Path) -> None:
+def test_auto_adds_counterfactuals_wherever_a_class_can_have_them(run: Path, monkeypatch) -> None:
     """Some class with a located object and another class's located backgrounds: counterfactuals; none
-    anywhere (every verdict spurious, no box): none, rather than an error."""
+    anywhere (every verdict spurious, no box): none, rather than an error. The choice and the generation read
+    the same sources: each class's donors are measured once (a pass over its located images' maps)."""
     arrays = AttentionArrays.load(run / "attention.npz")
     regions = run_regions(Run(run), arrays, Propagation.load(run / "propagation.npz").score)
     size = load_dataset(Run(run).load_config().data.root).native_size
-    assert auto_augmentation(arrays, regions, size) == "counterfactual"  # answers from a CSV, no boxes
+    assert auto_augmentation(arrays, class_sources(arrays, regions, size)) == "counterfactual"  # CSV answers, no boxes
     unlocated = SpuriousRegions(arrays.index, arrays.cam, np.zeros(len(arrays)), {})
-    assert auto_augmentation(arrays, unlocated, size) == "none"
+    assert auto_augmentation(arrays, class_sources(arrays, unlocated, size)) == "none"
+    measured = []
+    monkeypatch.setattr(counterfactual_module, "donor_rows",
+                        lambda *args: measured.append(args[2]) or donor_rows(*args))
+    shutil.rmtree(run / "counterfactuals", ignore_errors=True)  # made anew by this retraining
     assert main(["retrain", "--run", str(run), "--mode", "low-spuriosity", "--quiet"]) == 0  # auto: the default
+    assert sorted(measured) == sorted(arrays.classes.tolist())
     _, meta = load_checkpoint(run / "slim_model.pt")
     assert meta["augment"] == "counterfactual" and meta["counterfactuals"]["images"] > 0
     assert main(["retrain", "--run", str(run), "--mode", "low-spuriosity", "--augment", "none", "--quiet"]) == 0

@@ -31,6 +31,7 @@ import math
 import shutil
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 from typing import Protocol
 
@@ -194,6 +195,27 @@ def background_rows(arrays: AttentionArrays, regions: SpuriousRegions, y: int) -
 
 
 @dataclass(frozen=True)
+class ClassSources:
+    """Where class ``y``'s counterfactuals come from: its donors (:func:`donor_rows`) and the other classes'
+    images that lend backgrounds (:func:`background_rows`); both rows of the attention arrays."""
+
+    y: int
+    donors: np.ndarray
+    backgrounds: np.ndarray
+
+    @property
+    def makeable(self) -> bool:
+        return bool(len(self.donors) and len(self.backgrounds))
+
+
+def class_sources(arrays: AttentionArrays, regions: SpuriousRegions, size: int) -> list[ClassSources]:
+    """Every class's sources, computed once: ``--augment auto``'s choice and :func:`plan` read the same lists
+    (each donor's region is upsampled to ``size`` to be measured, a pass over every located image)."""
+    return [ClassSources(int(y), donor_rows(arrays, regions, y, size), background_rows(arrays, regions, y))
+            for y in arrays.classes]
+
+
+@dataclass(frozen=True)
 class ClassPlan:
     """How many counterfactuals class ``y`` gets, and an endless seeded stream of candidates to make them from."""
 
@@ -202,19 +224,21 @@ class ClassPlan:
     candidates: Iterator[Plan]
 
 
-def candidates(arrays: AttentionArrays, regions: SpuriousRegions, y: int, donors: np.ndarray,
-               backgrounds: np.ndarray, rng: np.random.Generator) -> Iterator[Plan]:
-    """Donors cycled in a seeded random order, each with ``BACKGROUNDS_PER_IMAGE`` random images of
-    ``backgrounds`` (all of them where there are fewer)."""
-    order = rng.permutation(donors)
+def candidates(arrays: AttentionArrays, regions: SpuriousRegions, sources: ClassSources,
+               rng: np.random.Generator) -> Iterator[Plan]:
+    """The class's donors cycled in a seeded random order, each with ``BACKGROUNDS_PER_IMAGE`` random images of
+    its backgrounds (all of them where there are fewer)."""
+    order = rng.permutation(sources.donors)
     for i in itertools.count():
         donor = int(arrays.index[order[i % len(order)]])
-        picks = rng.choice(backgrounds, size=min(BACKGROUNDS_PER_IMAGE, len(backgrounds)), replace=False)
-        yield Plan(int(y), donor, tuple(int(arrays.index[r]) for r in picks),
+        picks = rng.choice(sources.backgrounds, size=min(BACKGROUNDS_PER_IMAGE, len(sources.backgrounds)),
+                           replace=False)
+        yield Plan(sources.y, donor, tuple(int(arrays.index[r]) for r in picks),
                    tuple(bool(f) for f in rng.random(len(picks)) < 0.5), regions.source(donor))
 
 
-def plan(arrays: AttentionArrays, regions: SpuriousRegions, share: float, size: int, seed: int) -> list[ClassPlan]:
+def plan(arrays: AttentionArrays, regions: SpuriousRegions, sources: Sequence[ClassSources], share: float,
+         seed: int) -> list[ClassPlan]:
     """``ceil(share x class size)`` counterfactuals for every class that has a donor and clean backgrounds."""
     if not 0.0 < share <= 1.0:
         raise PipelineError(f"--counterfactual-share must be in (0, 1], got {share}")
@@ -222,20 +246,19 @@ def plan(arrays: AttentionArrays, regions: SpuriousRegions, share: float, size: 
         raise PipelineError("counterfactuals need at least two classes: backgrounds come from the other classes")
     rng = np.random.default_rng(seed)
     plans = []
-    for y in arrays.classes:
-        donors = donor_rows(arrays, regions, y, size)
-        backgrounds = background_rows(arrays, regions, y)
-        if not len(donors):
+    for class_ in sources:
+        name = arrays.class_names[class_.y]
+        if not len(class_.donors):
             log.warning("class %s: no counterfactuals, its object is located in no image (no box, no attention "
-                        "judged core); draw boxes on a few of its images in Label Studio", arrays.class_names[y])
-        elif not len(backgrounds):
+                        "judged core); draw boxes on a few of its images in Label Studio", name)
+        elif not len(class_.backgrounds):
             log.warning("class %s: no counterfactuals, no image of the other classes has its object located (no "
                         "box, no attention judged core), so none can lend a background without its object; draw "
                         "boxes on a few images of %s in Label Studio",
-                        arrays.class_names[y], ", ".join(arrays.class_names[c] for c in arrays.classes if c != y))
+                        name, ", ".join(arrays.class_names[c] for c in arrays.classes if c != class_.y))
         else:
-            plans.append(ClassPlan(int(y), math.ceil(share * len(arrays.for_class(y))),
-                                   candidates(arrays, regions, y, donors, backgrounds, rng)))
+            plans.append(ClassPlan(class_.y, math.ceil(share * len(arrays.for_class(class_.y))),
+                                   candidates(arrays, regions, class_, rng)))
     return plans
 
 
@@ -400,7 +423,7 @@ def write_counterfactuals(out: Path, plans: Sequence[ClassPlan], image_set: Imag
     return len(rows)
 
 
-def auto_augmentation(arrays: AttentionArrays, regions: SpuriousRegions, size: int) -> str:
+def auto_augmentation(arrays: AttentionArrays, sources: Sequence[ClassSources]) -> str:
     """``--augment auto``'s choice: ``counterfactual`` where at least one class can have them (its object located
     in some image, and some other class's in some of theirs: :func:`plan`'s conditions), else ``none``.
 
@@ -412,14 +435,37 @@ def auto_augmentation(arrays: AttentionArrays, regions: SpuriousRegions, size: i
     which let unlocated images lend backgrounds, lost 19 points on one set-seed without boxes; with only located
     ones the worst set-seed is 2.8 below SLIM.
     """
-    makeable = [arrays.class_names[y] for y in arrays.classes
-                if len(donor_rows(arrays, regions, y, size)) and len(background_rows(arrays, regions, y))]
+    makeable = [arrays.class_names[class_.y] for class_ in sources if class_.makeable]
     chosen = "counterfactual" if makeable else "none"
     log.info("--augment auto: %s (%s)", chosen,
              f"for {', '.join(makeable)}" if makeable else
              "no class has both a located object and other classes' located images to lend backgrounds: no box, "
              "no attention judged core; boxes drawn on a few images of every class make them")
     return chosen
+
+
+@dataclass(frozen=True)
+class RunSources:
+    """What a run's counterfactuals are made from, gathered once per ``retrain``: the ``auto`` choice and the
+    generation read the same regions and class sources."""
+
+    arrays: AttentionArrays
+    regions: SpuriousRegions  # from the run's propagated verdicts and stored boxes
+    image_set: ImageSet
+    size: int
+
+    @cached_property
+    def classes(self) -> list[ClassSources]:
+        return class_sources(self.arrays, self.regions, self.size)
+
+
+def gather_sources(run: Run, config: RunConfig, arrays: AttentionArrays | None = None) -> RunSources:
+    """The run's :class:`RunSources` (``arrays`` where the caller has them loaded already)."""
+    if arrays is None:
+        arrays = AttentionArrays.load(run.require(run.attention_path, "embed --run RUN"))
+    regions = run_regions(run, arrays, propagate_run(run, config)[0].score)
+    image_set = load_dataset(config.data.root, run.manifest_path)
+    return RunSources(arrays, regions, image_set, resolve_image_size(image_set, config.data.image_size))
 
 
 def augmentation(run: Run, config: RunConfig, arrays: AttentionArrays) -> tuple[str, Counterfactuals | None]:
@@ -429,13 +475,11 @@ def augmentation(run: Run, config: RunConfig, arrays: AttentionArrays) -> tuple[
     requested = config.retrain.augment
     if requested == "none":
         return "none", None
-    if requested == "auto":
-        regions = run_regions(run, arrays, propagate_run(run, config)[0].score)
-        size = resolve_image_size(load_dataset(config.data.root, run.manifest_path), config.data.image_size)
-        if auto_augmentation(arrays, regions, size) == "none":
-            return "none", None
+    sources = gather_sources(run, config, arrays)
+    if requested == "auto" and auto_augmentation(arrays, sources.classes) == "none":
+        return "none", None
     try:
-        return "counterfactual", load_counterfactuals(run, config)
+        return "counterfactual", load_counterfactuals(run, config, sources)
     except NoCounterfactuals as error:
         if requested != "auto":
             raise
@@ -443,19 +487,19 @@ def augmentation(run: Run, config: RunConfig, arrays: AttentionArrays) -> tuple[
         return "none", None
 
 
-def generate_run(run: Run, config: RunConfig, force: bool = False) -> Path:
-    """The ``counterfactuals`` stage: (re)make ``RUN/counterfactuals`` from the run's regions unless current."""
-    arrays = AttentionArrays.load(run.require(run.attention_path, "embed --run RUN"))
-    scores = propagate_run(run, config)[0].score
-    regions = run_regions(run, arrays, scores)
-    image_set = load_dataset(config.data.root, run.manifest_path)
-    size = resolve_image_size(image_set, config.data.image_size)
-    stamp = counterfactual_stamp(run, regions, config, size)
+def generate_run(run: Run, config: RunConfig, force: bool = False, sources: RunSources | None = None) -> Path:
+    """The ``counterfactuals`` stage: (re)make ``RUN/counterfactuals`` from the run's regions unless current
+    (``sources`` where the caller gathered them already)."""
+    if sources is None:
+        sources = gather_sources(run, config)
+    stamp = counterfactual_stamp(run, sources.regions, config, sources.size)
     if not force and run.is_done(STAGE, stamp, [run.counterfactual_dir / "metadata.csv"]):
         log.info("reusing %s (same regions and settings; --force remakes them)", run.counterfactual_dir)
         return run.counterfactual_dir
-    plans = plan(arrays, regions, config.retrain.counterfactual_share, size, config.retrain.seed)
-    write_counterfactuals(run.counterfactual_dir, plans, image_set, regions, load_editor(config.retrain.editor), size)
+    plans = plan(sources.arrays, sources.regions, sources.classes, config.retrain.counterfactual_share,
+                 config.retrain.seed)
+    write_counterfactuals(run.counterfactual_dir, plans, sources.image_set, sources.regions,
+                          load_editor(config.retrain.editor), sources.size)
     run.mark_done(STAGE, stamp)
     return run.counterfactual_dir
 
@@ -487,9 +531,9 @@ def read_counterfactuals(folder: Path, rejected: set[str] = frozenset()) -> Coun
     return Counterfactuals(image_set, [s for s, _ in kept], [k for _, k in kept], len(keys) - len(kept))
 
 
-def load_counterfactuals(run: Run, config: RunConfig) -> Counterfactuals:
+def load_counterfactuals(run: Run, config: RunConfig, sources: RunSources | None = None) -> Counterfactuals:
     """The run's counterfactuals (made or remade when stale), without the ones annotators rejected."""
-    return read_counterfactuals(generate_run(run, config), rejected_keys(run))
+    return read_counterfactuals(generate_run(run, config, sources=sources), rejected_keys(run))
 
 
 def describe(run: Run) -> dict:
