@@ -92,7 +92,7 @@ def test_team_answers_as_distinct_users_as_often_as_asked(sampled_run: Path, set
     project = push_run(run, settings, annotations_per_task=2, progress=False)["project_id"]
     caplog.set_level(logging.DEBUG)
     counts = simulate_annotator(run, settings, annotators=3, noise=[0.0, 0.0, 1.0], progress=False)
-    assert counts["core"] + counts["spurious"] == 16 and counts["boxes"] == 0
+    assert counts["core"] + counts["spurious"] == 16 and counts["boxes"] == 16  # each boxes, as instructed
 
     answered = answers_in_label_studio(settings, project)
     assert len(answered) == 8 and all(len(users) == 2 == len(set(users)) for users in answered.values())
@@ -131,10 +131,10 @@ def test_team_answers_as_distinct_users_as_often_as_asked(sampled_run: Path, set
     assert accuracy[contrary] < 0.5 < min(accuracy[careful], accuracy[steady]), accuracy
 
 
-def test_boxes_are_drawn_from_the_masks_when_asked(sampled_run: Path, settings: Settings) -> None:
+def test_boxes_are_drawn_from_the_masks_as_the_instructions_ask(sampled_run: Path, settings: Settings) -> None:
     run = Run(sampled_run)
     push_run(run, settings, progress=False)
-    counts = simulate_annotator(run, settings, box_share=1.0, progress=False)
+    counts = simulate_annotator(run, settings, progress=False)
     assert counts["boxes"] == 8
     pull_run(run, settings)
     image_set = load_dataset(run.load_config().data.root)

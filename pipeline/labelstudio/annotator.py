@@ -13,8 +13,9 @@ K distinct Label Studio users (``sim-annotator-1@slim.local``, ...; ``--team`` n
 through a token of its own, wrong at its own ``--noise`` rate and working at its own pace. The team gives each
 task what the project still asks for — a task wanting N answers (``push --annotations-per-task N``; Label Studio's per-task overlap)
 gets them from up to N distinct members, never two from one — dealt by ``--seed`` so that members get equal
-shares. ``--box-share`` of the answers also draw the object's bounding box (the true mask's, each side moved by
-``--box-jitter``) with the config's rectangle tool, as a person marking the object would.
+shares. Like the instructions ask, every answer also draws the object's bounding box (the true mask's, each side
+moved by ``--box-jitter``) with the config's rectangle tool; ``--box-share`` draws it on only that fraction (0: an
+annotator who skips the box). The counterfactual checks have no box.
 
 The team's logins are secrets: ``RUN/label-studio/team.json`` (mode 0600) keeps each member's user id, password
 and token per server, and no log line shows them. A re-run reuses them; a member that exists on the server
@@ -88,8 +89,9 @@ class AnnotatorOptions:
     team: str = option(TEAM, "with --annotators above 1: the team's name; its members are NAME-1@"
                              f"{TEAM_DOMAIN}, NAME-2@..., and another name makes other users", metavar="NAME")
     seed: int = option(0, "seed of the noise, lead times, boxes and who answers what")
-    box_share: float = option(0.0, "fraction of answers that also draw the object's bounding box (from its true "
-                                   "mask) with the config's rectangle tool", metavar="F")
+    box_share: float = option(1.0, "fraction of answers that also draw the object's bounding box (from its true "
+                                   "mask) with the config's rectangle tool, as the instructions ask (attention "
+                                   "tasks only: the checks have no box)", metavar="F")
     box_jitter: float = option(0.0, "how far a drawn box's sides stray: the standard deviation of each side's "
                                     "shift as a fraction of the box's width or height (0.1: a tenth)", metavar="F")
     checks: bool = option(False, "answer the counterfactual check tasks of push-checks instead: yes while at "
@@ -459,7 +461,7 @@ def noise_per_annotator(noise: float | Sequence[float], annotators: int) -> list
 
 
 def simulate_annotator(run: Run, settings: Settings, noise: float | Sequence[float] = 0.0, seed: int = 0,
-                       checks: bool = False, annotators: int = 1, box_share: float = 0.0, box_jitter: float = 0.0,
+                       checks: bool = False, annotators: int = 1, box_share: float = 1.0, box_jitter: float = 0.0,
                        team: str = TEAM, progress: bool = True) -> dict[str, int]:
     """Answer the open tasks of the run's project (with ``checks``: of its check project) as one annotator, or
     as a team of ``annotators`` Label Studio users; counts by answer (and ``flipped``, ``boxes``)."""
@@ -470,8 +472,6 @@ def simulate_annotator(run: Run, settings: Settings, noise: float | Sequence[flo
         raise PipelineError(f"--box-jitter must be at least 0, got {box_jitter:g}")
     if not TEAM_NAME.match(team):
         raise PipelineError(f"--team must be lower-case letters, digits, '.', '_' or '-' (at most 41), got {team!r}")
-    if checks and box_share > 0:
-        raise PipelineError("--box-share draws boxes on the attention tasks; the checks of --checks have no box")
     image_set = masked_dataset(run)
     answerer = (check_answerer if checks else attention_answerer)(run, image_set)
     store = AnnotationStore(run.labels_path)
