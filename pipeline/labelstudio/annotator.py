@@ -13,7 +13,7 @@ K distinct Label Studio users (``sim-annotator-1@slim.local``, ...; ``--team`` n
 through a token of its own, wrong at its own ``--noise`` rate and working at its own pace. The team gives each
 task what the project still asks for — a task wanting N answers (``push --annotations-per-task N``; Label Studio's per-task overlap)
 gets them from up to N distinct members, never two from one — dealt by ``--seed`` so that members get equal
-shares. Like the instructions ask, every answer also draws the object's bounding box (the true mask's, each side
+shares. As the instructions ask, every answer also draws the object's bounding box (the true mask's, each side
 moved by ``--box-jitter``) with the config's rectangle tool; ``--box-share`` draws it on only that fraction (0: an
 annotator who skips the box). The counterfactual checks have no box.
 
