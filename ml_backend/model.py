@@ -270,7 +270,10 @@ class SlimAttentionBackend:
                                                           self._users_for(annotation)))
             self._schedule(self._repropagate)
         elif event == "ANNOTATIONS_DELETED":
-            ids = [a.get("id") for a in data.get("annotations") or [] if isinstance(a, dict)]
+            deleted = data.get("annotations") or []
+            if not isinstance(deleted, list):
+                raise BadRequest(f"{event} needs an 'annotations' list")
+            ids = [a.get("id") for a in deleted if isinstance(a, dict)]
             self.store.delete_annotations(int(i) for i in ids if isinstance(i, int))
             self._schedule(self._repropagate)
         elif event == "START_TRAINING":

@@ -259,6 +259,13 @@ def test_fuzzed_bodies_never_cause_a_server_error(client, path: str, body) -> No
     assert response.status_code < 500, response.get_data(as_text=True)
 
 
+def test_a_deletion_without_an_annotations_list_is_a_bad_request(client) -> None:
+    """Found by the fuzzing above: ``"annotations": true`` was iterated and answered 500."""
+    for annotations in (True, 3, {"id": 1}, "1"):
+        response = client.post("/webhook", json={"action": "ANNOTATIONS_DELETED", "annotations": annotations})
+        assert response.status_code == 400 and "needs an 'annotations' list" in response.get_json()["error"]
+
+
 def test_oversized_images_and_bodies_are_refused(client, monkeypatch) -> None:
     import ml_backend.model
 
