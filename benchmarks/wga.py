@@ -29,7 +29,9 @@ Two more rows are the other works' remedies, fed by the same simulated answers:
 and, with ``--augment counterfactual``'s images (composite editor, from the same answers and boxes; none
 rejected, as no one checks them here):
 
-* ``slim+counterfactual``: SLIM's cell weights with the counterfactuals as one more cell of their class;
+* ``slim+counterfactual``: SLIM's cell weights with the counterfactuals as one more cell of their class, the
+  dataset's draws corrupted as corm's are where ``--corrupt`` says (``auto``, the default: as ``retrain`` does,
+  whenever counterfactuals are added; ``no`` gives the row as measured before ``--corrupt`` existed);
 * ``corm+counterfactual``: corm with the counterfactuals drawn uncorrupted beside the training images.
 
 The simulated annotator also draws the mask's bounding box on ``--box-share`` of the images it answers (default
@@ -65,7 +67,7 @@ from runs import attention_run
 from sklearn.metrics.cluster import contingency_matrix
 
 from pipeline.core.attention_arrays import AttentionArrays
-from pipeline.core.config import CORRUPTIONS, RetrainConfig, RunConfig, SampleConfig
+from pipeline.core.config import CORRUPT_CHOICES, CORRUPTIONS, RetrainConfig, RunConfig, SampleConfig
 from pipeline.core.data import TEST, load_dataset, load_mask
 from pipeline.core.io import atomic_write_json
 from pipeline.core.run import Run
@@ -75,7 +77,7 @@ from pipeline.labelstudio.annotator import decide, mask_box
 from pipeline.model.attention import compute_attention
 from pipeline.model.cam import make_extractor
 from pipeline.model.evaluate import evaluate_splits, group_metrics
-from pipeline.model.loaders import make_loader, seed_everything
+from pipeline.model.loaders import Corruption, make_loader, seed_everything
 from pipeline.model.networks import load_checkpoint
 from pipeline.slim.clustering import elbow_clusters
 from pipeline.slim.counterfactual import (
@@ -94,6 +96,7 @@ from pipeline.slim.propagate import Answers, propagate
 from pipeline.slim.regions import SpuriousRegions
 from pipeline.slim.report import core_accuracy
 from pipeline.slim.retrain import (
+    corrupts,
     fresh_model,
     last_layer_head,
     retrain_corm,
@@ -315,9 +318,13 @@ def fresh_seed(run: Run, seed: int, noise: float, upweight: float, no_answer_res
     labels = arrays.y
 
     def trained(weights: np.ndarray, counterfactuals: Counterfactuals | None = None) -> dict:
+        """A fresh model under ``weights``, corrupted as ``retrain --corrupt`` would (SLIM's rows)."""
+        corruption = (Corruption(SpuriousRegions(arrays.index, arrays.cam, scores, simulated.boxes),
+                                 remedy.corruption, remedy.corrupt_share("fresh"))
+                      if corrupts("fresh", remedy.corrupt, "counterfactual" if counterfactuals else "none") else None)
         seed_everything(seed)
         fresh, _ = fresh_model(config, image_set, len(arrays.class_names), ids, weights, torch.device("cpu"),
-                               meta["image_size"], False, counterfactuals=counterfactuals)
+                               meta["image_size"], False, corruption=corruption, counterfactuals=counterfactuals)
         return {**evaluate_on_test(fresh, run, None, "fresh"), "core_acc": core_accuracy_on_test(fresh, run)}
 
     simulated = simulated_answers(run, arrays, noise, seed, box_share)
@@ -499,8 +506,10 @@ def main() -> None:
                         help="curation variants; the first is reported as 'slim'")
     parser.add_argument("--corruption", choices=CORRUPTIONS, default=RetrainConfig.corruption,
                         help="corm row: how the likely-spurious region is corrupted")
-    parser.add_argument("--corrupt-probability", type=float, default=RetrainConfig.corrupt_probability,
-                        help="corm row: share of the training draws corrupted")
+    parser.add_argument("--corrupt-probability", type=float, default=None,
+                        help="corm row and --corrupt: share of the training draws corrupted")
+    parser.add_argument("--corrupt", choices=CORRUPT_CHOICES, default=RetrainConfig.corrupt,
+                        help="SLIM's rows: corrupt the draws as retrain --corrupt does (auto: with counterfactuals)")
     parser.add_argument("--counterfactual-share", type=float, default=RetrainConfig.counterfactual_share,
                         help="+counterfactual rows: images generated per class, as a share of the class")
     parser.add_argument("--box-share", type=float, default=1.0,
@@ -517,9 +526,11 @@ def main() -> None:
     parser.add_argument("--out", default="bench-out/wga.json", help="JSON result file (rewritten after every seed)")
     args = parser.parse_args()
     remedy = RetrainConfig(corruption=args.corruption, corrupt_probability=args.corrupt_probability,
-                           counterfactual_share=args.counterfactual_share)
+                           counterfactual_share=args.counterfactual_share, corrupt=args.corrupt)
     result = {"mode": args.mode, "seeds": args.seeds, "box_share": args.box_share, "corm": {"corruption": remedy.corruption,
-              "corrupt_probability": remedy.corrupt_probability},
+              "corrupt_probability": remedy.corrupt_share("corm")},
+              "added_corrupt_probability": remedy.corrupt_share("fresh"),
+              "corrupt": remedy.corrupt,
               "counterfactual_share": remedy.counterfactual_share, "object_cut": not args.no_object_cut,
               "by_variant": {}}
     per_seed: dict[str, dict[str, list]] = {v: {str(n): [] for n in args.noise} for v in args.synth}

@@ -16,6 +16,7 @@ from scipy import ndimage
 
 from pipeline.cli import main
 from pipeline.core.attention_arrays import AttentionArrays
+from pipeline.core.config import ADDED_CORRUPT_PROBABILITY, CORM_CORRUPT_PROBABILITY, RetrainConfig
 from pipeline.core.data import load_dataset, load_rgb
 from pipeline.core.errors import PipelineError
 from pipeline.core.run import Run
@@ -295,3 +296,52 @@ def test_training_modes_draw_the_counterfactuals_uncorrupted(run: Path, monkeypa
     assert corruption is not None and image_set.root == cf.image_set.root and len(samples) == len(cf)
     arrays = AttentionArrays.load(run / "attention.npz")
     assert draws == len(arrays) + len(cf)  # one epoch: as many draws as images, counterfactuals included
+
+
+def test_corrupting_follows_the_counterfactuals_unless_told_and_only_where_images_are_trained_on() -> None:
+    assert retrain_module.corrupts("fresh", "auto", "counterfactual")
+    assert not retrain_module.corrupts("fresh", "auto", "none")
+    assert retrain_module.corrupts("full", "yes", "none") and not retrain_module.corrupts("fresh", "no", "counterfactual")
+    assert not retrain_module.corrupts("corm", "yes", "none")  # corm corrupts on its own, whatever --corrupt says
+    assert not retrain_module.corrupts("last-layer", "auto", "counterfactual")  # frozen features: nothing to corrupt
+    with pytest.raises(PipelineError, match="--corrupt yes needs a mode that trains on images"):
+        retrain_module.corrupts("low-spuriosity", "yes", "counterfactual")
+    unset, given = RetrainConfig(), RetrainConfig(corrupt_probability=0.75)
+    assert unset.corrupt_share("corm") == CORM_CORRUPT_PROBABILITY  # each its measured default, unless given
+    assert unset.corrupt_share("fresh") == unset.corrupt_share("full") == ADDED_CORRUPT_PROBABILITY
+    assert given.corrupt_share("corm") == given.corrupt_share("fresh") == 0.75
+
+
+def test_fresh_with_counterfactuals_corrupts_its_draws_as_corm_does(run: Path, monkeypatch, capsys) -> None:
+    """``--corrupt auto`` (the default) with the counterfactuals ``--augment auto`` adds: the dataset's draws are
+    corrupted in the rule's region, the counterfactuals drawn as made; the report keeps it as a row of its own.
+    ``--corrupt no`` trains the same draws natural; ``yes`` on a head refit is a one-line error."""
+    seen = []
+
+    def recording_make_loader(*args, **kwargs):  # the real loader; the test keeps what retrain asked for
+        seen.append(kwargs.get("corruption"))
+        return make_loader(*args, **kwargs)
+
+    monkeypatch.setattr(retrain_module, "make_loader", recording_make_loader)
+    assert main(["retrain", "--run", str(run), "--mode", "fresh", "--quiet"]) == 0
+    corruption = seen[0]
+    arrays = AttentionArrays.load(run / "attention.npz")
+    regions = run_regions(Run(run), arrays, Propagation.load(run / "propagation.npz").score)
+    assert corruption.kind == "noise" and corruption.probability == ADDED_CORRUPT_PROBABILITY
+    for image_id in arrays.index[:5]:
+        assert np.array_equal(corruption.region(int(image_id), 32), regions(int(image_id), 32))
+    _, meta = load_checkpoint(run / "slim_model.pt")
+    assert meta["augment"] == "counterfactual" and meta["corruption"] == "noise"
+    assert sum(meta["regions"].values()) == len(arrays)
+    assert main(["report", "--run", str(run), "--quiet"]) == 0
+    assert "fresh+counterfactual+corrupted" in json.loads((run / "metrics.json").read_text())["modes"]
+    assert f"{ADDED_CORRUPT_PROBABILITY:.0%} of the draws corrupted by noise" in (run / "report.html").read_text()
+
+    seen.clear()
+    assert main(["retrain", "--run", str(run), "--mode", "fresh", "--corrupt", "no", "--quiet"]) == 0
+    _, meta = load_checkpoint(run / "slim_model.pt")
+    assert seen[0] is None and meta["augment"] == "counterfactual" and "corruption" not in meta
+    capsys.readouterr()
+    assert main(["retrain", "--run", str(run), "--mode", "last-layer", "--corrupt", "yes", "--quiet"]) != 0
+    error = capsys.readouterr().err.strip()
+    assert error.count("\n") == 0 and "--corrupt yes needs a mode that trains on images" in error

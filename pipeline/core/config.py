@@ -23,6 +23,11 @@ PRECISIONS = ("auto", "fp32", "bf16")
 RETRAIN_MODES = ("last-layer", "full", "fresh", "corm", "low-spuriosity")
 CORRUPTIONS = ("noise", "blur")
 AUGMENTATIONS = ("auto", "none", "counterfactual")
+CORRUPT_CHOICES = ("auto", "yes", "no")
+CORM_CORRUPT_PROBABILITY = 0.5  # corm: half the draws corrupted, half natural (what its benchmark rows used)
+# --corrupt on top of the balancing: attention judged spurious holds about half the object, so corrupting half the
+# draws erased the object too often (core accuracy fell on one set); a quarter kept it (BENCHMARKS.md)
+ADDED_CORRUPT_PROBABILITY = 0.25
 CURATION_VARIANTS = ("attention", "published")
 CONSENSUS_METHODS = ("dawid-skene", "mace", "glad", "majority")  # pipeline.slim.consensus says what each does
 DEVICES = ("auto", "cpu", "cuda")
@@ -130,10 +135,15 @@ class RetrainConfig:
     epochs: int = option(20, "full mode: passes over the (class-balanced) subset (fresh and corm use the "
                              "reference's)")
     lr: float = option(0.001, "full mode: learning rate (fresh and corm use the reference's)")
-    corruption: str = option("noise", "corm mode: replace the likely-spurious region by Gaussian noise, or blur "
-                                      "it", choices=CORRUPTIONS)
-    corrupt_probability: float = option(0.5, "corm mode: share of training draws that are corrupted (the others "
-                                             "stay natural images)", metavar="P")
+    corruption: str = option("noise", "corm mode and --corrupt: replace the likely-spurious region by Gaussian "
+                                      "noise, or blur it", choices=CORRUPTIONS)
+    corrupt_probability: float | None = option(None, "corm mode and --corrupt: share of training draws that are "
+                                                    "corrupted, the others natural (default: 0.5 in corm mode, "
+                                                    "0.25 with --corrupt; measured: BENCHMARKS.md)", metavar="P")
+    corrupt: str = option("auto", "fresh and full modes: also corrupt each draw's likely-spurious region as corm "
+                                  "does (Core Risk Minimization on top of the balancing): yes, no, or auto: "
+                                  "wherever counterfactuals are added (measured: BENCHMARKS.md)",
+                          choices=CORRUPT_CHOICES)
     augment: str = option("auto", "counterfactual: add generated images of each class on the other classes' "
                                   "backgrounds (every mode; `counterfactuals --run RUN` makes and lists them); "
                                   "auto: counterfactual wherever a class can have them (its object located in "
@@ -146,6 +156,13 @@ class RetrainConfig:
                                       "composite the class's core region onto other classes' backgrounds",
                                 metavar="MODULE:CLASS")
     seed: int = option(0, "seed of the retraining's sampling and initialisation")
+
+    def corrupt_share(self, mode: str) -> float:
+        """The share of draws corrupted in ``mode``: ``corrupt_probability`` as given, else the mode's measured
+        default (corm's own recipe, or the lighter one added to a balanced retraining)."""
+        if self.corrupt_probability is not None:
+            return self.corrupt_probability
+        return CORM_CORRUPT_PROBABILITY if mode == "corm" else ADDED_CORRUPT_PROBABILITY
 
 
 @dataclass

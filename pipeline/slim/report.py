@@ -104,12 +104,10 @@ def report_run(run: Run, config: RunConfig) -> dict:
     ranking = spuriosity(train, propagation.score, val_arrays["erm"], seed=config.curate.seed)
     gaps = {name: bias_gaps(ranking, val_arrays["erm"], arrays.pred, train.class_names)
             for name, arrays in val_arrays.items()}
-    mode = models["slim"][1].get("mode")
-    metrics["slim"]["mode"] = mode
-    if models["slim"][1].get("augment", "none") != "none":  # each augmented mode is a row of its own
-        mode = f"{mode}+{models['slim'][1]['augment']}"
+    metrics["slim"]["mode"] = models["slim"][1].get("mode")
     # each retraining mode's last report, so modes tried on one run can be compared side by side
-    metrics["modes"] = {**metrics.get("modes", {}), mode: mode_summary(metrics["slim"], gaps["slim"])}
+    metrics["modes"] = {**metrics.get("modes", {}),
+                        mode_row(models["slim"][1]): mode_summary(metrics["slim"], gaps["slim"])}
     metrics["annotated"] = annotated_images(run, propagation)
     metrics["annotated_fraction"] = metrics["annotated"] / len(train)
     metrics["spuriosity"] = gaps
@@ -120,6 +118,17 @@ def report_run(run: Run, config: RunConfig) -> dict:
           f"{erm['mean_acc']:.1%} -> {slim['mean_acc']:.1%} ({slim['mode']}, {metrics['annotated']} images "
           f"annotated = {metrics['annotated_fraction']:.1%}); {run.report_path}")
     return metrics
+
+
+def mode_row(meta: dict) -> str:
+    """A retrained model's row in the modes table: its mode, and what was added to its draws (counterfactuals,
+    ``--corrupt``), since each is a retraining of its own to compare."""
+    row = meta.get("mode")
+    if meta.get("augment", "none") != "none":
+        row = f"{row}+{meta['augment']}"
+    if "corruption" in meta and meta.get("mode") != "corm":
+        row = f"{row}+corrupted"
+    return row
 
 
 def mode_summary(slim: dict, gaps: dict[str, dict]) -> dict:
@@ -166,12 +175,17 @@ def _maps(train: AttentionArrays, propagation: Propagation) -> str:
     return _png(figure)
 
 
+def _corrupted(slim: dict) -> str:
+    """How a retraining's draws were corrupted (corm, ``--corrupt``) and where the regions came from."""
+    return (f"the likely-spurious region of {slim.get('corrupt_probability', 0):.0%} of the draws corrupted by "
+            f"{slim.get('corruption', '?')} (regions from "
+            f"{', '.join(f'{k}: {v}' for k, v in slim.get('regions', {}).items())})")
+
+
 TRAINED_ON = {  # mode -> what its retrained model saw, from the details retrain recorded
     "fresh": lambda s: f"a new model on all {s.get('images', '?')} training images, balanced over "
                        f"{s.get('cells', '?')} cells",
-    "corm": lambda s: f"a new model on all {s.get('images', '?')} training images, the likely-spurious region "
-                      f"of {s.get('corrupt_probability', 0):.0%} of the draws corrupted by {s.get('corruption', '?')} "
-                      f"(regions from {', '.join(f'{k}: {v}' for k, v in s.get('regions', {}).items())})",
+    "corm": lambda s: f"a new model on all {s.get('images', '?')} training images, {_corrupted(s)}",
     "low-spuriosity": lambda s: f"the head refit on the {s.get('share', 0):.0%} least spurious images of each class "
                                 f"({s.get('images', '?')} images; share chosen on validation worst-class accuracy)",
 }
@@ -182,6 +196,8 @@ def _trained_on(slim: dict) -> str:
     counterfactuals added to it."""
     recipe = TRAINED_ON.get(slim.get("mode"))
     seen = recipe(slim) if recipe else f"curated subset {slim.get('subset_size', '?')} images"
+    if "corruption" in slim and slim.get("mode") != "corm":  # --corrupt on a mode that draws natural images
+        seen += f", {_corrupted(slim)}"
     if "counterfactuals" in slim:
         made = slim["counterfactuals"]
         seen += (f", plus {made['images']} counterfactual images ({made['rejected']} rejected by annotators "
