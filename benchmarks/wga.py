@@ -35,7 +35,8 @@ rejected, as no one checks them here):
 * ``corm+counterfactual``: corm with the counterfactuals drawn uncorrupted beside the training images.
 
 The simulated annotator also draws the mask's bounding box on ``--box-share`` of the images it answers (default
-all: the label config's optional box); only corm and the counterfactual rows use boxes. ``--synth`` runs the
+all: the label config's optional box), each side off by ``--box-jitter`` of the box's size (default 0: exact);
+only corm and the counterfactual rows use boxes. ``--synth`` runs the
 datasets of the harder family (``synth --variant``), each with every seed; the JSON is rewritten after every
 seed, seeds outermost, so an interrupted run keeps whole seeds of every variant.
 
@@ -131,22 +132,33 @@ def build(work: Path, seed: int, variant: str = "default") -> Run:
 
 
 @dataclass(frozen=True)
+class BoxDrawing:
+    """How the simulated annotator draws the optional box: on ``share`` of its answers, each side off the mask's
+    edge by a normal draw of ``jitter`` times the box's size (``mask_box``, as ``simulate-annotator --box-jitter``
+    draws it), so the remedies that use boxes are measured with a hand's imprecision as well as with exact ones."""
+
+    share: float = 0.0
+    jitter: float = 0.0
+
+
+@dataclass(frozen=True)
 class SimulatedAnswers:
     """The simulated annotator's verdicts and, on a share of the answered images, a box around the object."""
 
     answers: Answers
     boxes: dict[int, list[dict]]
+    box_iou: float | None  # drawn boxes against the masks' exact boxes, mean (None: no box drawn)
 
 
 def simulated_answers(run: Run, arrays: AttentionArrays, noise: float, seed: int,
-                      box_share: float = 0.0, sample: SampleConfig | None = None) -> SimulatedAnswers:
+                      drawing: BoxDrawing = BoxDrawing(), sample: SampleConfig | None = None) -> SimulatedAnswers:
     """SLIM's sample (the run's, 2 % per class, or ``sample``) answered by the mask rule, ``noise`` of the answers
-    flipped; ``box_share`` of the answered images also get the mask's bounding box, as an annotator drawing the
-    optional box would."""
+    flipped; ``drawing.share`` of the answered images also get a box around the object, as an annotator drawing
+    the optional box would."""
     config = run.load_config()
     image_set = load_dataset(config.data.root)
     size = config.data.image_size or image_set.native_size
-    labels, boxes = {}, {}
+    labels, boxes, ious = {}, {}, []
     for row, _, _ in select(arrays, sample or config.sample, exclude=set()):
         image_id = int(arrays.index[row])
         mask = load_mask(image_set.root / image_set.samples[image_id].mask_filename, size)
@@ -154,9 +166,19 @@ def simulated_answers(run: Run, arrays: AttentionArrays, noise: float, seed: int
         if np.random.default_rng([seed, image_id]).random() < noise:
             choice = "spurious" if choice == "core" else "core"
         labels[image_id] = CORE if choice == "core" else SPURIOUS
-        if mask.any() and np.random.default_rng([seed, image_id, 1]).random() < box_share:
-            boxes[image_id] = [mask_box(mask)]
-    return SimulatedAnswers(Answers(labels), boxes)
+        box_rng = np.random.default_rng([seed, image_id, 1])  # its own stream: boxes never change the answers
+        if mask.any() and box_rng.random() < drawing.share:
+            boxes[image_id] = [mask_box(mask, drawing.jitter, box_rng)]
+            ious.append(box_iou(boxes[image_id][0], mask_box(mask)))
+    return SimulatedAnswers(Answers(labels), boxes, float(np.mean(ious)) if ious else None)
+
+
+def box_iou(a: dict, b: dict) -> float:
+    """Intersection over union of two Label Studio rectangles (percent units): how far a drawn box strays."""
+    width = min(a["x"] + a["width"], b["x"] + b["width"]) - max(a["x"], b["x"])
+    height = min(a["y"] + a["height"], b["y"] + b["height"]) - max(a["y"], b["y"])
+    inter = max(width, 0.0) * max(height, 0.0)
+    return inter / (a["width"] * a["height"] + b["width"] * b["height"] - inter)
 
 
 def reweighted_model(model, arrays: AttentionArrays, weights: np.ndarray, mode: str, config: RunConfig,
@@ -233,9 +255,9 @@ def corm_row(run: Run, arrays: AttentionArrays, scores: np.ndarray, boxes: dict[
 
 def simulated_counterfactuals(run: Run, arrays: AttentionArrays, scores: np.ndarray, boxes: dict[int, list[dict]],
                               noise: float, seed: int, share: float,
-                              object_cut: bool = True) -> Counterfactuals | None:
+                              object_cut: bool = True, box_jitter: float = 0.0) -> Counterfactuals | None:
     """``retrain --augment counterfactual``'s images (composite editor) from the simulated answers' regions,
-    kept beside the run per noise level, share and cut; none rejected (no verification in the benchmark).
+    kept beside the run per noise level, share, boxes and cut; none rejected (no verification in the benchmark).
     ``object_cut=False`` keeps each donor's whole located region: the comparison the cut was measured by.
     ``None`` where no class can have any (nothing located): the +counterfactual rows then train without, as
     ``--augment auto`` would."""
@@ -243,7 +265,8 @@ def simulated_counterfactuals(run: Run, arrays: AttentionArrays, scores: np.ndar
     image_set = load_dataset(config.data.root)
     size = load_checkpoint(run.checkpoint_path)[1]["image_size"]
     cut = OBJECT_CUT if object_cut else "uncut"
-    folder = run.root / f"counterfactuals-noise{noise:g}-share{share:g}-boxes{len(boxes)}-{cut}-{FILL}-{DONORS}"
+    drawn = f"boxes{len(boxes)}" + (f"-jitter{box_jitter:g}" if box_jitter else "")  # exact boxes: older folders
+    folder = run.root / f"counterfactuals-noise{noise:g}-share{share:g}-{drawn}-{cut}-{FILL}-{DONORS}"
     if not (folder / "metadata.csv").exists():
         regions = SpuriousRegions(arrays.index, arrays.cam, scores, boxes)
         plans = plan(arrays, regions, class_sources(arrays, regions, size), share, seed)
@@ -300,8 +323,8 @@ def summarise(results: dict) -> dict:
 
 
 def fresh_seed(run: Run, seed: int, noise: float, upweight: float, no_answer_results: dict,
-               only: set[str] | None = None, remedy: RetrainConfig | None = None, box_share: float = 0.0,
-               object_cut: bool = True) -> dict:
+               only: set[str] | None = None, remedy: RetrainConfig | None = None,
+               drawing: BoxDrawing = BoxDrawing(), object_cut: bool = True) -> dict:
     """``--mode fresh``: each method trains a new model with the reference recipe under its own weights.
 
     ``slim`` balances the cells of the space the answers point at; ``slim-no-answers`` the label-free cells
@@ -327,7 +350,7 @@ def fresh_seed(run: Run, seed: int, noise: float, upweight: float, no_answer_res
                                meta["image_size"], False, corruption=corruption, counterfactuals=counterfactuals)
         return {**evaluate_on_test(fresh, run, None, "fresh"), "core_acc": core_accuracy_on_test(fresh, run)}
 
-    simulated = simulated_answers(run, arrays, noise, seed, box_share)
+    simulated = simulated_answers(run, arrays, noise, seed, drawing)
     answers = simulated.answers
     scores, _ = propagate(arrays, answers)
     shortcut = spurious_space_cells(arrays, scores, seed)
@@ -335,7 +358,7 @@ def fresh_seed(run: Run, seed: int, noise: float, upweight: float, no_answer_res
     remedy = remedy or RetrainConfig()
     wanted = set(ANSWER_ROWS) if only is None else only
     counterfactuals = (simulated_counterfactuals(run, arrays, scores, simulated.boxes, noise, seed,
-                                                 remedy.counterfactual_share, object_cut)
+                                                 remedy.counterfactual_share, object_cut, drawing.jitter)
                        if wanted & {"slim+counterfactual", "corm+counterfactual"} else None)
     results = {}
     if "slim" in wanted:
@@ -362,6 +385,7 @@ def fresh_seed(run: Run, seed: int, noise: float, upweight: float, no_answer_res
     summary["cell_purity"] = {"slim": cell_purity(cells, groups)}
     summary["stages"] = {**stage_accuracy(arrays, answers, scores),
                          "minority_isolated": minority_isolation(arrays, cells, groups)}
+    summary["box_iou"] = simulated.box_iou
     summary["counterfactuals"] = len(counterfactuals) if counterfactuals else 0
     summary["annotated"] = len(answers.labels)
     summary["annotated_fraction"] = len(answers.labels) / len(labels)
@@ -475,6 +499,9 @@ def aggregate(per_seed: list[dict]) -> dict:
     if all("stages" in s for s in per_seed):
         out["stages"] = {key: statistics.mean(s["stages"][key] for s in per_seed)
                          for key in ("answer_accuracy", "propagation_accuracy")}
+    drawn = [s["box_iou"] for s in per_seed if s.get("box_iou") is not None]
+    if drawn:
+        out["box_iou"] = statistics.mean(drawn)
     out["annotated_fraction"] = statistics.mean(s["annotated_fraction"] for s in per_seed)
     out["cell_purity"] = {name: statistics.mean(s["cell_purity"][name] for s in per_seed)
                           for name in per_seed[0]["cell_purity"]}
@@ -515,6 +542,9 @@ def main() -> None:
     parser.add_argument("--box-share", type=float, default=1.0,
                         help="fresh mode: share of answered images the simulated annotator also boxes (corm and "
                              "counterfactual rows use the boxes; the others ignore them)")
+    parser.add_argument("--box-jitter", type=float, default=0.0,
+                        help="fresh mode: each side of a drawn box strays by a normal draw of this share of the "
+                             "box's size (0: the mask's exact box), as simulate-annotator --box-jitter")
     parser.add_argument("--no-object-cut", action="store_true",
                         help="+counterfactual rows: keep each donor's whole located region (box or high-CAM region) "
                              "instead of GrabCut's object: the comparison the cut was measured by")
@@ -527,7 +557,8 @@ def main() -> None:
     args = parser.parse_args()
     remedy = RetrainConfig(corruption=args.corruption, corrupt_probability=args.corrupt_probability,
                            counterfactual_share=args.counterfactual_share, corrupt=args.corrupt)
-    result = {"mode": args.mode, "seeds": args.seeds, "box_share": args.box_share, "corm": {"corruption": remedy.corruption,
+    result = {"mode": args.mode, "seeds": args.seeds, "box_share": args.box_share,
+              "box_jitter": args.box_jitter, "corm": {"corruption": remedy.corruption,
               "corrupt_probability": remedy.corrupt_share("corm")},
               "added_corrupt_probability": remedy.corrupt_share("fresh"),
               "corrupt": remedy.corrupt,
@@ -540,8 +571,9 @@ def main() -> None:
             for noise in args.noise:
                 per_seed[variant][str(noise)].append(
                     fresh_seed(run, seed, noise, args.jtt_upweight, no_answer_results,
-                               set(args.only) if args.only else None, remedy, args.box_share,
-                               not args.no_object_cut) if args.mode == "fresh"
+                               set(args.only) if args.only else None, remedy,
+                               BoxDrawing(args.box_share, args.box_jitter), not args.no_object_cut)
+                    if args.mode == "fresh"
                     else one_seed(run, seed, args.mode, noise, args.jtt_upweight, args.subset_size, args.variants))
                 result["by_variant"][variant] = {"by_noise": {n: {**aggregate(rows), "per_seed": rows}
                                                               for n, rows in per_seed[variant].items() if rows}}
