@@ -261,8 +261,8 @@ def test_fuzzed_bodies_never_cause_a_server_error(client, path: str, body) -> No
 
 def test_a_deletion_without_an_annotations_list_is_a_bad_request(client) -> None:
     """Found by the fuzzing above: ``"annotations": true`` was iterated and answered 500."""
-    for annotations in (True, 3, {"id": 1}, "1"):
-        response = client.post("/webhook", json={"action": "ANNOTATIONS_DELETED", "annotations": annotations})
+    for not_a_list in (True, 3, {"id": 1}, "1"):
+        response = client.post("/webhook", json={"action": "ANNOTATIONS_DELETED", "annotations": not_a_list})
         assert response.status_code == 400 and "needs an 'annotations' list" in response.get_json()["error"]
 
 
