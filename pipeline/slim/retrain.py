@@ -29,6 +29,7 @@ import logging
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import cached_property
 
 import numpy as np
 import torch
@@ -317,14 +318,16 @@ class RetrainInputs:
     def size(self) -> int:
         return self.meta["image_size"]
 
+    @cached_property
     def scores(self) -> np.ndarray:
-        """The propagated ``P(core)`` of every training image (re-propagated when stale, by rank 0 first)."""
+        """The propagated ``P(core)`` of every training image (re-propagated when stale, by rank 0 first); once
+        per retraining, as reading it consolidates the answers and records their agreement again."""
         with distributed.main_first():
             return propagate_run(self.run, self.config)[0].score
 
     def regions(self) -> SpuriousRegions:
         """Each training image's likely-spurious region, from its box or its attention map and verdict."""
-        return run_regions(self.run, self.arrays, self.scores())
+        return run_regions(self.run, self.arrays, self.scores)
 
     def corruption(self) -> tuple[Corruption | None, Resume, dict]:
         """``--corrupt``'s corruption (``None`` unless asked for), the resume key (which then depends on the
@@ -349,7 +352,7 @@ class RetrainInputs:
 
 
 def _fresh(inputs: RetrainInputs) -> tuple[Classifier, dict]:
-    scores = inputs.scores()
+    scores = inputs.scores
     corruption, resume, corrupted = inputs.corruption()
     seed_everything(inputs.config.retrain.seed)
     model, details = retrain_fresh(inputs.arrays, scores, inputs.config, inputs.image_set, inputs.device,
@@ -387,7 +390,7 @@ def _corm(inputs: RetrainInputs) -> tuple[Classifier, dict]:
 
 def _low_spuriosity(inputs: RetrainInputs) -> tuple[Classifier, dict]:
     config = inputs.config
-    spurious = spuriosity(inputs.arrays, inputs.scores(), seed=config.curate.seed)
+    spurious = spuriosity(inputs.arrays, inputs.scores, seed=config.curate.seed)
     val = validation_attention(inputs.model, inputs.image_set, inputs.size, config, inputs.device)
     extra = inputs.frozen_counterfactuals()
     seed_everything(config.retrain.seed)
