@@ -44,7 +44,7 @@ from pipeline.slim.counterfactual import (
 from pipeline.slim.propagate import Propagation
 from pipeline.slim.regions import SpuriousRegions, run_regions
 
-SHARE = 0.25  # the default share of each class generated
+SHARE = RetrainConfig.counterfactual_share  # the default share of each class generated
 
 
 @pytest.fixture()

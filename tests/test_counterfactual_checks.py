@@ -15,6 +15,7 @@ from PIL import Image
 from test_labelstudio import digest
 
 from pipeline.cli import main
+from pipeline.core.config import RetrainConfig
 from pipeline.core.data import load_dataset, load_mask, load_rgb
 from pipeline.core.run import Run
 from pipeline.core.store import AnnotationStore
@@ -116,7 +117,8 @@ def test_a_no_is_pulled_and_leaves_training_until_it_is_edited_to_yes(generated:
 def test_after_a_regeneration_only_new_keys_are_pushed(generated: Path, settings: Settings) -> None:
     first = push_checks(Run(generated), settings, progress=False)
     before = set(check_tasks(generated))
-    assert main(["counterfactuals", "--run", str(generated), "--counterfactual-share", "0.5", "--quiet"]) == 0
+    regenerated = str(2 * RetrainConfig.counterfactual_share)  # more images than the default made: new keys
+    assert main(["counterfactuals", "--run", str(generated), "--counterfactual-share", regenerated, "--quiet"]) == 0
     sample = {r["key"] for r in sample_rows(manifest(generated), None, 0)}
     again = push_checks(Run(generated), settings, progress=False)
     assert again["project_id"] == first["project_id"]

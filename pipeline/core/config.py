@@ -28,6 +28,9 @@ CORM_CORRUPT_PROBABILITY = 0.5  # corm: half the draws corrupted, half natural (
 # --corrupt on top of the balancing: attention judged spurious holds about half the object, so corrupting half the
 # draws erased the object too often (core accuracy fell on one set); a quarter kept it (BENCHMARKS.md)
 ADDED_CORRUPT_PROBABILITY = 0.25
+# counterfactuals per class as a share of its images: half led a quarter on the family mean, most on the set a class
+# attends partly on the object and partly off it, and took nothing from the others (BENCHMARKS.md, fifteenth session)
+COUNTERFACTUAL_SHARE = 0.5
 CURATION_VARIANTS = ("attention", "published")
 CONSENSUS_METHODS = ("dawid-skene", "mace", "glad", "majority")  # pipeline.slim.consensus says what each does
 DEVICES = ("auto", "cpu", "cuda")
@@ -149,8 +152,9 @@ class RetrainConfig:
                                   "auto: counterfactual wherever a class can have them (its object located in "
                                   "some image, by a box or attention judged core, and another class's too), "
                                   "else none (measured: BENCHMARKS.md)", choices=AUGMENTATIONS)
-    counterfactual_share: float = option(0.25, "counterfactual images generated per class, as a share of the "
-                                               "class's training images", metavar="F")
+    counterfactual_share: float = option(COUNTERFACTUAL_SHARE, "counterfactual images generated per class, as a "
+                                                               "share of the class's training images (measured: "
+                                                               "BENCHMARKS.md)", metavar="F")
     editor: str | None = option(None, "generative editor for counterfactuals as module:Class (e.g. a diffusers "
                                       "inpainting pipeline from local weights; docs/counterfactuals.md); default: "
                                       "composite the class's core region onto other classes' backgrounds",
