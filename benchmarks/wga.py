@@ -29,10 +29,16 @@ Two more rows are the other works' remedies, fed by the same simulated answers:
 and, with ``--augment counterfactual``'s images (composite editor, from the same answers and boxes; none
 rejected, as no one checks them here):
 
-* ``slim+counterfactual``: SLIM's cell weights with the counterfactuals as one more cell of their class, the
-  dataset's draws corrupted as corm's are where ``--corrupt`` says (``auto``, the default: as ``retrain`` does,
-  whenever counterfactuals are added; ``no`` gives the row as measured before ``--corrupt`` existed);
-* ``corm+counterfactual``: corm with the counterfactuals drawn uncorrupted beside the training images.
+* ``slim+counterfactual``: in ``fresh`` mode SLIM's cell weights with the counterfactuals as one more cell of
+  their class; in ``last-layer`` / ``full`` SLIM's curated subset with the counterfactuals, class-balanced, as
+  ``retrain --augment counterfactual`` trains them there. ``fresh`` and ``full`` corrupt the dataset's draws as
+  corm does where ``--corrupt`` says (``auto``, the default: as ``retrain`` does, whenever counterfactuals are
+  added; ``no`` gives the row as measured before ``--corrupt`` existed);
+* ``corm+counterfactual`` (``fresh`` only): corm with the counterfactuals drawn uncorrupted beside the training
+  images;
+* ``low-spuriosity+counterfactual``: low-spuriosity with the counterfactuals' frozen features beside every
+  share's images, as ``retrain --mode low-spuriosity --augment counterfactual`` fits them (``--augment auto``
+  adds none in the head-refit modes; this row and ``last-layer``'s ``slim+counterfactual`` say why).
 
 The simulated annotator also draws the mask's bounding box on ``--box-share`` of the images it answers (default
 all: the label config's optional box), each side off by ``--box-jitter`` of the box's size (default 0: exact);
@@ -40,7 +46,8 @@ only corm and the counterfactual rows use boxes. ``--synth`` runs the
 datasets of the harder family (``synth --variant``), each with every seed; the JSON is rewritten after every
 seed, seeds outermost, so an interrupted run keeps whole seeds of every variant.
 
-``--only corm low-spuriosity`` trains just the named rows (and ERM), to add them to a table measured before.
+``--only corm low-spuriosity`` trains just the named rows (and ERM), to add them to a table measured before; a
+row the mode does not have is refused.
 
 It also records how pure SLIM's curated cells are with respect to the true groups (evaluation only): the
 share of curated images that belong to their cell's most common group.
@@ -97,8 +104,10 @@ from pipeline.slim.propagate import Answers, propagate
 from pipeline.slim.regions import SpuriousRegions
 from pipeline.slim.report import core_accuracy
 from pipeline.slim.retrain import (
+    FrozenImages,
     corrupts,
     fresh_model,
+    frozen_attention,
     last_layer_head,
     retrain_corm,
     retrain_full,
@@ -113,9 +122,14 @@ from pipeline.slim.weights import cell_balanced_weights, class_normalised, spuri
 ALL_IMAGES_EPOCHS = 5  # full mode over all 2,400 images: ~2.5x the gradient steps of 20 passes over 240
 
 METHODS = ("erm", "slim", "slim-published", "slim-no-answers", "random", "jtt", "oracle", "oracle-all", "corm",
-           "low-spuriosity", "slim+counterfactual", "corm+counterfactual")
-ANSWER_ROWS = ("slim", "corm", "low-spuriosity", "slim+counterfactual", "corm+counterfactual")  # --only's choices
+           "low-spuriosity", "slim+counterfactual", "corm+counterfactual", "low-spuriosity+counterfactual")
+ANSWER_ROWS = ("slim", "corm", "low-spuriosity", "slim+counterfactual", "corm+counterfactual",
+               "low-spuriosity+counterfactual")  # the fresh-mode rows that use the answers
+COUNTERFACTUAL_ROWS = ("slim+counterfactual", "corm+counterfactual", "low-spuriosity+counterfactual")
 NO_ANSWER_ROWS = ("slim-no-answers", "random", "jtt", "oracle")  # fresh mode: trained once per seed, all noises
+SUBSET_MODE_ROWS = ("slim", "slim-published", "random", "jtt", "oracle", "oracle-all", "low-spuriosity",
+                    "slim+counterfactual", "low-spuriosity+counterfactual")  # what last-layer and full retrain (corm and the label-free cells: fresh)
+FRESH_ROWS = (*ANSWER_ROWS, *NO_ANSWER_ROWS)
 WGA_MODES = ("last-layer", "full", "fresh")  # the retrainings every method of a table shares
 SUMMARY_KEYS = ("worst_group_acc", "mean_acc", "avg_acc")
 
@@ -227,16 +241,28 @@ def evaluate_on_test(model, run: Run, test_features: np.ndarray | None, mode: st
 
 
 def low_spuriosity_row(model, run: Run, arrays: AttentionArrays, scores: np.ndarray, test_features: np.ndarray,
-                       seed: int) -> dict:
-    """``low-spuriosity``: the head refit on each class's least spurious share (chosen on val worst class)."""
+                       seed: int, counterfactuals: Counterfactuals | None = None) -> dict:
+    """``low-spuriosity``: the head refit on each class's least spurious share (chosen on val worst class), with
+    the counterfactuals' frozen features beside every share's images where given."""
     config = run.load_config()
     image_set = load_dataset(config.data.root)
     size = load_checkpoint(run.checkpoint_path)[1]["image_size"]
     val = validation_attention(model, image_set, size, config, torch.device("cpu"))
+    extra = frozen_images(model, run, counterfactuals)
     seed_everything(seed)
     retrained, details = retrain_low_spuriosity(model, arrays, spuriosity(arrays, scores, seed=seed), val.features,
-                                                val.y, seed)
+                                                val.y, seed, extra)
     return {**evaluate_on_test(retrained, run, test_features, "last-layer"), "share": details["share"]}
+
+
+def frozen_images(model, run: Run, counterfactuals: Counterfactuals | None) -> FrozenImages | None:
+    """The counterfactuals as the ERM model's frozen features, as the head-refit modes of ``retrain`` see them."""
+    if not counterfactuals:
+        return None
+    size = load_checkpoint(run.checkpoint_path)[1]["image_size"]
+    frozen = frozen_attention(model, counterfactuals.image_set, counterfactuals.samples, size, run.load_config(),
+                              torch.device("cpu"))
+    return FrozenImages(frozen.features, frozen.y)
 
 
 def corm_row(run: Run, arrays: AttentionArrays, scores: np.ndarray, boxes: dict[int, list[dict]], seed: int,
@@ -342,9 +368,7 @@ def fresh_seed(run: Run, seed: int, noise: float, upweight: float, no_answer_res
 
     def trained(weights: np.ndarray, counterfactuals: Counterfactuals | None = None) -> dict:
         """A fresh model under ``weights``, corrupted as ``retrain --corrupt`` would (SLIM's rows)."""
-        corruption = (Corruption(SpuriousRegions(arrays.index, arrays.cam, scores, simulated.boxes),
-                                 remedy.corruption, remedy.corrupt_share("fresh"))
-                      if corrupts("fresh", remedy.corrupt, "counterfactual" if counterfactuals else "none") else None)
+        corruption = added_corruption("fresh", remedy, arrays, scores, simulated.boxes, counterfactuals)
         seed_everything(seed)
         fresh, _ = fresh_model(config, image_set, len(arrays.class_names), ids, weights, torch.device("cpu"),
                                meta["image_size"], False, corruption=corruption, counterfactuals=counterfactuals)
@@ -359,7 +383,7 @@ def fresh_seed(run: Run, seed: int, noise: float, upweight: float, no_answer_res
     wanted = set(ANSWER_ROWS) if only is None else only
     counterfactuals = (simulated_counterfactuals(run, arrays, scores, simulated.boxes, noise, seed,
                                                  remedy.counterfactual_share, object_cut, drawing.jitter)
-                       if wanted & {"slim+counterfactual", "corm+counterfactual"} else None)
+                       if wanted & set(COUNTERFACTUAL_ROWS) else None)
     results = {}
     if "slim" in wanted:
         results["slim"] = trained(cell_balanced_weights(labels, cells))
@@ -375,6 +399,10 @@ def fresh_seed(run: Run, seed: int, noise: float, upweight: float, no_answer_res
         results["corm+counterfactual"] = corm_row(run, arrays, scores, simulated.boxes, seed, remedy, counterfactuals)
     if "low-spuriosity" in wanted:
         results["low-spuriosity"] = low_spuriosity_row(model, run, arrays, scores, erm_test_features(run, model), seed)
+    if "low-spuriosity+counterfactual" in wanted:
+        results["low-spuriosity+counterfactual"] = low_spuriosity_row(model, run, arrays, scores,
+                                                                      erm_test_features(run, model), seed,
+                                                                      counterfactuals)
     if "erm" not in no_answer_results:
         no_answer_results["erm"] = {**evaluate_on_test(model, run, None, "fresh"),
                                     "core_acc": core_accuracy_on_test(model, run)}
@@ -391,6 +419,15 @@ def fresh_seed(run: Run, seed: int, noise: float, upweight: float, no_answer_res
     summary["annotated_fraction"] = len(answers.labels) / len(labels)
     summary["subset_size"] = len(labels)
     return summary
+
+
+def added_corruption(mode: str, remedy: RetrainConfig, arrays: AttentionArrays, scores: np.ndarray,
+                     boxes: dict[int, list[dict]], counterfactuals: Counterfactuals | None) -> Corruption | None:
+    """The corruption ``retrain --mode MODE --corrupt`` adds to SLIM's draws (``None`` where it adds none)."""
+    if not corrupts(mode, remedy.corrupt, "counterfactual" if counterfactuals else "none"):
+        return None
+    return Corruption(SpuriousRegions(arrays.index, arrays.cam, scores, boxes), remedy.corruption,
+                      remedy.corrupt_share(mode))
 
 
 def no_answer_weights(name: str, arrays: AttentionArrays, cells: np.ndarray, groups: np.ndarray, seed: int,
@@ -427,28 +464,39 @@ def erm_test_features(run: Run, model) -> np.ndarray:
 
 
 def one_seed(run: Run, seed: int, mode: str, noise: float, upweight: float, subset_size: int | None,
-             variants: list[str]) -> dict:
+             variants: list[str], only: set[str] | None = None, remedy: RetrainConfig | None = None,
+             drawing: BoxDrawing = BoxDrawing(), object_cut: bool = True) -> dict:
+    """``--mode last-layer`` / ``full``: each row retrains the ERM model (its head on frozen features, or all of
+    it) on its own subset of ``subset_size`` images, or all images reweighted (``jtt``, ``oracle-all``).
+
+    ``slim+counterfactual`` adds the counterfactuals to SLIM's subset as ``retrain --augment counterfactual``
+    does in these modes (class-balanced draws over both; ``full`` also corrupts the subset's draws where
+    ``--corrupt`` says). ``only``: just these rows (and ERM).
+    """
+    remedy = remedy or RetrainConfig()
+    wanted = set(SUBSET_MODE_ROWS) if only is None else only
     config: RunConfig = run.load_config()
     arrays = AttentionArrays.load(run.require(run.attention_path, "embed"))
     model, meta = load_checkpoint(run.checkpoint_path)
     image_set = load_dataset(config.data.root)
-    samples = image_set.split(TEST)
-    loader = make_loader(image_set, samples, meta["image_size"], 256, 0)
-    test = compute_attention(make_extractor(model, "gradcam"), loader, torch.device("cpu"), 0.8,
-                             meta["image_size"], progress=False)
-    test_features = test.features  # loader order is the split's order, as group_metrics expects
+    test_features = erm_test_features(run, model)
     size = subset_size or default_subset_size(len(arrays), len(arrays.class_names))
     rng = np.random.default_rng(seed)
     groups = np.array([image_set.group_of(image_set.samples[int(i)]) for i in arrays.index])
-
-    def retrain(rows: np.ndarray):
-        if mode == "last-layer":
-            return retrain_last_layer(model, arrays.features[rows], arrays.y[rows], seed)[0]
-        ids = [int(arrays.index[r]) for r in rows]
-        return retrain_full(model, config, image_set, ids, torch.device("cpu"), meta["image_size"], False)[0]
-
-    answers = simulated_answers(run, arrays, noise, seed).answers
+    simulated = simulated_answers(run, arrays, noise, seed, drawing)
+    answers = simulated.answers
     scores, _ = propagate(arrays, answers)
+
+    def retrain(rows: np.ndarray, counterfactuals: Counterfactuals | None = None):
+        if mode == "last-layer":
+            features, labels = FrozenImages(arrays.features[rows], arrays.y[rows]).joined(
+                frozen_images(model, run, counterfactuals))
+            return retrain_last_layer(model, features, labels, seed)[0]
+        ids = [int(arrays.index[r]) for r in rows]
+        corruption = added_corruption(mode, remedy, arrays, scores, simulated.boxes, counterfactuals)
+        return retrain_full(model, config, image_set, ids, torch.device("cpu"), meta["image_size"], False,
+                            counterfactuals=counterfactuals, corruption=corruption)[0]
+
     curated = {("slim" if v == variants[0] else f"slim-{v}"): curate(arrays, scores, size, seed, v) for v in variants}
     subsets = {
         **{name: np.array([p.row for p in picks]) for name, picks in curated.items()},
@@ -458,16 +506,30 @@ def one_seed(run: Run, seed: int, mode: str, noise: float, upweight: float, subs
     }
     results = {"erm": evaluate_on_test(model, run, test_features, "last-layer")}
     for name, rows in subsets.items():
-        results[name] = evaluate_on_test(retrain(rows), run, test_features, mode)
+        if name in wanted:
+            results[name] = evaluate_on_test(retrain(rows), run, test_features, mode)
+    counterfactuals = (simulated_counterfactuals(run, arrays, scores, simulated.boxes, noise, seed,
+                                                 remedy.counterfactual_share, object_cut, drawing.jitter)
+                       if wanted & set(COUNTERFACTUAL_ROWS) else None)
+    if "slim+counterfactual" in wanted:
+        results["slim+counterfactual"] = evaluate_on_test(retrain(subsets["slim"], counterfactuals), run,
+                                                          test_features, mode)
     errors = np.where(arrays.pred != arrays.y, upweight, 1.0)
     group_balanced = 1.0 / np.bincount(groups)[groups]
     for name, weights in (("jtt", errors), ("oracle-all", group_balanced)):
-        results[name] = evaluate_on_test(reweighted_model(model, arrays, weights, mode, config, meta),
-                                         run, test_features, mode)
-    results["low-spuriosity"] = low_spuriosity_row(model, run, arrays, scores, test_features, seed)
+        if name in wanted:
+            results[name] = evaluate_on_test(reweighted_model(model, arrays, weights, mode, config, meta),
+                                             run, test_features, mode)
+    if "low-spuriosity" in wanted:
+        results["low-spuriosity"] = low_spuriosity_row(model, run, arrays, scores, test_features, seed)
+    if "low-spuriosity+counterfactual" in wanted:
+        results["low-spuriosity+counterfactual"] = low_spuriosity_row(model, run, arrays, scores, test_features,
+                                                                      seed, counterfactuals)
     summary = summarise(results)
     summary["cell_purity"] = {name: cell_purity([(int(arrays.y[p.row]), *p.cell) for p in picks],
                                                 groups[[p.row for p in picks]]) for name, picks in curated.items()}
+    summary["box_iou"] = simulated.box_iou
+    summary["counterfactuals"] = len(counterfactuals) if counterfactuals else 0
     summary["annotated"] = len(answers.labels)
     summary["annotated_fraction"] = len(answers.labels) / len(arrays)
     summary["subset_size"] = size
@@ -540,21 +602,25 @@ def main() -> None:
     parser.add_argument("--counterfactual-share", type=float, default=RetrainConfig.counterfactual_share,
                         help="+counterfactual rows: images generated per class, as a share of the class")
     parser.add_argument("--box-share", type=float, default=1.0,
-                        help="fresh mode: share of answered images the simulated annotator also boxes (corm and "
+                        help="share of answered images the simulated annotator also boxes (corm and "
                              "counterfactual rows use the boxes; the others ignore them)")
     parser.add_argument("--box-jitter", type=float, default=0.0,
-                        help="fresh mode: each side of a drawn box strays by a normal draw of this share of the "
+                        help="each side of a drawn box strays by a normal draw of this share of the "
                              "box's size (0: the mask's exact box), as simulate-annotator --box-jitter")
     parser.add_argument("--no-object-cut", action="store_true",
                         help="+counterfactual rows: keep each donor's whole located region (box or high-CAM region) "
                              "instead of GrabCut's object: the comparison the cut was measured by")
-    parser.add_argument("--only", nargs="+", choices=(*ANSWER_ROWS, *NO_ANSWER_ROWS), default=None,
-                        help="fresh mode: train only these rows (and ERM), e.g. to add the remedies to a table")
+    parser.add_argument("--only", nargs="+", choices=sorted({*FRESH_ROWS, *SUBSET_MODE_ROWS}), default=None,
+                        help="train only these rows (and ERM), e.g. to add the remedies to a table")
     parser.add_argument("--synth", nargs="+", default=["default"], choices=list(VARIANTS),
                         help="datasets: synth variants of the family, each with every seed")
     parser.add_argument("--work", default="bench-out/wga", help="datasets and runs go here")
     parser.add_argument("--out", default="bench-out/wga.json", help="JSON result file (rewritten after every seed)")
     args = parser.parse_args()
+    rows = FRESH_ROWS if args.mode == "fresh" else SUBSET_MODE_ROWS
+    if args.only and set(args.only) - set(rows):
+        parser.error(f"--mode {args.mode} has no row {', '.join(sorted(set(args.only) - set(rows)))}; "
+                     f"its rows are {', '.join(rows)}")
     remedy = RetrainConfig(corruption=args.corruption, corrupt_probability=args.corrupt_probability,
                            counterfactual_share=args.counterfactual_share, corrupt=args.corrupt)
     result = {"mode": args.mode, "seeds": args.seeds, "box_share": args.box_share,
@@ -568,13 +634,14 @@ def main() -> None:
     for seed in args.seeds:  # seeds outermost: an interrupted run has whole seeds of every variant
         for variant in args.synth:
             run, no_answer_results = build(Path(args.work), seed, variant), {}
+            only, drawing = (set(args.only) if args.only else None), BoxDrawing(args.box_share, args.box_jitter)
             for noise in args.noise:
                 per_seed[variant][str(noise)].append(
-                    fresh_seed(run, seed, noise, args.jtt_upweight, no_answer_results,
-                               set(args.only) if args.only else None, remedy,
-                               BoxDrawing(args.box_share, args.box_jitter), not args.no_object_cut)
+                    fresh_seed(run, seed, noise, args.jtt_upweight, no_answer_results, only, remedy, drawing,
+                               not args.no_object_cut)
                     if args.mode == "fresh"
-                    else one_seed(run, seed, args.mode, noise, args.jtt_upweight, args.subset_size, args.variants))
+                    else one_seed(run, seed, args.mode, noise, args.jtt_upweight, args.subset_size, args.variants,
+                                  only, remedy, drawing, not args.no_object_cut))
                 result["by_variant"][variant] = {"by_noise": {n: {**aggregate(rows), "per_seed": rows}
                                                               for n, rows in per_seed[variant].items() if rows}}
             atomic_write_json(Path(args.out), result)

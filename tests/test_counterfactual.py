@@ -219,10 +219,12 @@ def test_a_class_whose_object_is_located_nowhere_is_left_out_and_the_others_are_
     assert cf.image_set.class_names == image_set.class_names  # labels keep the dataset's class numbering
 
 
-def test_auto_adds_counterfactuals_wherever_a_class_can_have_them(run: Path, monkeypatch) -> None:
+def test_auto_adds_counterfactuals_wherever_a_class_can_have_them(run: Path, monkeypatch, capsys) -> None:
     """Some class with a located object and another class's located backgrounds: counterfactuals; none
     anywhere (every verdict spurious, no box): none, rather than an error. The choice and the generation read
-    the same sources: each class's donors are measured once (a pass over its located images' maps)."""
+    the same sources: each class's donors are measured once (a pass over its located images' maps). The modes
+    that train on the curated subset get none from ``auto`` (they were measured to lose accuracy with them) and
+    a warning when asked for them."""
     arrays = AttentionArrays.load(run / "attention.npz")
     regions = run_regions(Run(run), arrays, Propagation.load(run / "propagation.npz").score)
     size = load_dataset(Run(run).load_config().data.root).native_size
@@ -240,6 +242,16 @@ def test_auto_adds_counterfactuals_wherever_a_class_can_have_them(run: Path, mon
     assert main(["retrain", "--run", str(run), "--mode", "low-spuriosity", "--augment", "none", "--quiet"]) == 0
     _, meta = load_checkpoint(run / "slim_model.pt")
     assert meta["augment"] == "none" and "counterfactuals" not in meta
+    assert main(["curate", "--run", str(run), "--subset-size", "40", "--quiet"]) == 0
+    for mode in ("last-layer", "full"):
+        assert main(["retrain", "--run", str(run), "--mode", mode, "--epochs", "1", "--quiet"]) == 0
+        _, meta = load_checkpoint(run / "slim_model.pt")
+        assert meta["mode"] == mode and meta["augment"] == "none" and "counterfactuals" not in meta
+    assert "lowered worst-group accuracy" not in capsys.readouterr().err  # auto chose: nothing to warn of
+    assert main(["retrain", "--run", str(run), "--mode", "last-layer", "--augment", "counterfactual", "--quiet"]) == 0
+    _, meta = load_checkpoint(run / "slim_model.pt")
+    assert meta["augment"] == "counterfactual" and meta["counterfactuals"]["images"] > 0  # asked for: trained with
+    assert "lowered worst-group accuracy" in capsys.readouterr().err
 
 
 def test_auto_trains_without_where_not_one_image_comes_out_and_asked_for_it_is_one_line(run: Path, monkeypatch,

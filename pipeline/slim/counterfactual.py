@@ -41,7 +41,7 @@ from PIL import Image
 from scipy import ndimage
 
 from pipeline.core.attention_arrays import AttentionArrays
-from pipeline.core.config import RunConfig, fingerprint
+from pipeline.core.config import AUTO_COUNTERFACTUAL_MODES, RunConfig, fingerprint
 from pipeline.core.data import TRAIN, ImageSet, Sample, load_dataset, load_rgb, resolve_image_size
 from pipeline.core.errors import PipelineError
 from pipeline.core.io import atomic_write_bytes, atomic_write_csv, atomic_write_json
@@ -471,10 +471,24 @@ def gather_sources(run: Run, config: RunConfig, arrays: AttentionArrays | None =
 def augmentation(run: Run, config: RunConfig, arrays: AttentionArrays) -> tuple[str, Counterfactuals | None]:
     """What ``retrain`` adds and the images: ``none``/``counterfactual`` as given, ``auto`` by
     :func:`auto_augmentation` on the run's regions (its propagated verdicts and boxes), and ``none`` after all
-    where not one image could be made (every donor's cut failed, or no background filled enough)."""
-    requested = config.retrain.augment
+    where not one image could be made (every donor's cut failed, or no background filled enough).
+
+    ``auto`` adds them only in ``AUTO_COUNTERFACTUAL_MODES``. Why: measured over the synthetic family
+    (BENCHMARKS.md, "Counterfactuals in the other modes"), they help where the model learns from every image
+    (``fresh``, ``corm``) or from a share of them chosen on validation (``low-spuriosity``), and cost worst-group
+    and mean accuracy where it learns from the curated subset (``last-layer``, ``full``), which they outnumber
+    five to one.
+    """
+    requested, mode = config.retrain.augment, config.retrain.mode
     if requested == "none":
         return "none", None
+    if mode not in AUTO_COUNTERFACTUAL_MODES:
+        if requested == "auto":
+            log.info("--augment auto: none (in --mode %s counterfactuals were measured to lower worst-group "
+                     "accuracy; they help in %s)", mode, " and ".join(AUTO_COUNTERFACTUAL_MODES))
+            return "none", None
+        log.warning("--augment counterfactual with --mode %s: on the synthetic family this lowered worst-group "
+                    "accuracy (BENCHMARKS.md, \"Counterfactuals in the other modes\"); they help in %s", mode, " and ".join(AUTO_COUNTERFACTUAL_MODES))
     sources = gather_sources(run, config, arrays)
     if requested == "auto" and auto_augmentation(arrays, sources.classes) == "none":
         return "none", None
