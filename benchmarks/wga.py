@@ -37,8 +37,9 @@ rejected, as no one checks them here):
 * ``corm+counterfactual`` (``fresh`` only): corm with the counterfactuals drawn uncorrupted beside the training
   images;
 * ``low-spuriosity+counterfactual``: low-spuriosity with the counterfactuals' frozen features beside every
-  share's images, as ``retrain --mode low-spuriosity --augment counterfactual`` fits them (``--augment auto``
-  adds none in the head-refit modes; this row and ``last-layer``'s ``slim+counterfactual`` say why).
+  share's images, as ``retrain --mode low-spuriosity`` fits them (``--augment auto`` adds them there and in
+  ``fresh`` and ``corm``, none in ``last-layer`` and ``full``: this row and those modes' ``slim+counterfactual``
+  are why).
 
 The simulated annotator also draws the mask's bounding box on ``--box-share`` of the images it answers (default
 all: the label config's optional box), each side off by ``--box-jitter`` of the box's size (default 0: exact);
@@ -59,6 +60,8 @@ fraction and the gap closed ``(slim - erm) / (oracle - erm)``, and prints a mark
     python benchmarks/wga.py --seeds 0 1 2 --mode fresh --noise 0 --only corm low-spuriosity --out bench-out/wga-corm.json
     python benchmarks/wga.py --mode fresh --noise 0 --synth default glyphs minority --only slim slim+counterfactual \
         corm corm+counterfactual low-spuriosity jtt oracle --out bench-out/family.json
+    python benchmarks/wga.py --mode last-layer --noise 0 --synth default mixed --only slim slim+counterfactual \
+        low-spuriosity low-spuriosity+counterfactual --out bench-out/counterfactuals-last-layer.json
 """
 
 from __future__ import annotations
@@ -127,8 +130,9 @@ ANSWER_ROWS = ("slim", "corm", "low-spuriosity", "slim+counterfactual", "corm+co
                "low-spuriosity+counterfactual")  # the fresh-mode rows that use the answers
 COUNTERFACTUAL_ROWS = ("slim+counterfactual", "corm+counterfactual", "low-spuriosity+counterfactual")
 NO_ANSWER_ROWS = ("slim-no-answers", "random", "jtt", "oracle")  # fresh mode: trained once per seed, all noises
+# what last-layer and full retrain (corm and the label-free cells are fresh mode's only)
 SUBSET_MODE_ROWS = ("slim", "slim-published", "random", "jtt", "oracle", "oracle-all", "low-spuriosity",
-                    "slim+counterfactual", "low-spuriosity+counterfactual")  # what last-layer and full retrain (corm and the label-free cells: fresh)
+                    "slim+counterfactual", "low-spuriosity+counterfactual")
 FRESH_ROWS = (*ANSWER_ROWS, *NO_ANSWER_ROWS)
 WGA_MODES = ("last-layer", "full", "fresh")  # the retrainings every method of a table shares
 SUMMARY_KEYS = ("worst_group_acc", "mean_acc", "avg_acc")
