@@ -483,12 +483,13 @@ def augmentation(run: Run, config: RunConfig, arrays: AttentionArrays) -> tuple[
     if requested == "none":
         return "none", None
     if mode not in AUTO_COUNTERFACTUAL_MODES:
+        helped = ", ".join(AUTO_COUNTERFACTUAL_MODES)
         if requested == "auto":
             log.info("--augment auto: none (in --mode %s counterfactuals were measured to lower worst-group "
-                     "accuracy; they help in %s)", mode, " and ".join(AUTO_COUNTERFACTUAL_MODES))
+                     "accuracy; they help in %s)", mode, helped)
             return "none", None
         log.warning("--augment counterfactual with --mode %s: on the synthetic family this lowered worst-group "
-                    "accuracy (BENCHMARKS.md, \"Counterfactuals in the other modes\"); they help in %s", mode, " and ".join(AUTO_COUNTERFACTUAL_MODES))
+                    "accuracy (BENCHMARKS.md, \"Counterfactuals in the other modes\"); they help in %s", mode, helped)
     sources = gather_sources(run, config, arrays)
     if requested == "auto" and auto_augmentation(arrays, sources.classes) == "none":
         return "none", None
