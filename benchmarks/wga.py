@@ -244,19 +244,22 @@ def evaluate_on_test(model, run: Run, test_features: np.ndarray | None, mode: st
     return evaluate_splits(model, image_set, size, config, torch.device("cpu"), progress=False)["test"]
 
 
-def low_spuriosity_row(model, run: Run, arrays: AttentionArrays, scores: np.ndarray, test_features: np.ndarray,
-                       seed: int, counterfactuals: Counterfactuals | None = None) -> dict:
-    """``low-spuriosity``: the head refit on each class's least spurious share (chosen on val worst class), with
-    the counterfactuals' frozen features beside every share's images where given."""
+def low_spuriosity_rows(model, run: Run, arrays: AttentionArrays, scores: np.ndarray, test_features: np.ndarray,
+                        seed: int, wanted: set[str], extra: FrozenImages | None) -> dict:
+    """The ``low-spuriosity`` rows in ``wanted``: the head refit on each class's least spurious share (chosen on
+    val worst class), and with the counterfactuals' frozen features (``extra``) beside every share's images."""
     config = run.load_config()
     image_set = load_dataset(config.data.root)
     size = load_checkpoint(run.checkpoint_path)[1]["image_size"]
     val = validation_attention(model, image_set, size, config, torch.device("cpu"))
-    extra = frozen_images(model, run, counterfactuals)
-    seed_everything(seed)
-    retrained, details = retrain_low_spuriosity(model, arrays, spuriosity(arrays, scores, seed=seed), val.features,
-                                                val.y, seed, extra)
-    return {**evaluate_on_test(retrained, run, test_features, "last-layer"), "share": details["share"]}
+    spurious = spuriosity(arrays, scores, seed=seed)
+    rows = {}
+    for name, added in (("low-spuriosity", None), ("low-spuriosity+counterfactual", extra)):
+        if name in wanted:
+            seed_everything(seed)
+            retrained, details = retrain_low_spuriosity(model, arrays, spurious, val.features, val.y, seed, added)
+            rows[name] = {**evaluate_on_test(retrained, run, test_features, "last-layer"), "share": details["share"]}
+    return rows
 
 
 def frozen_images(model, run: Run, counterfactuals: Counterfactuals | None) -> FrozenImages | None:
@@ -401,12 +404,10 @@ def fresh_seed(run: Run, seed: int, noise: float, upweight: float, no_answer_res
         results["corm"] = corm_row(run, arrays, scores, simulated.boxes, seed, remedy)
     if "corm+counterfactual" in wanted:
         results["corm+counterfactual"] = corm_row(run, arrays, scores, simulated.boxes, seed, remedy, counterfactuals)
-    if "low-spuriosity" in wanted:
-        results["low-spuriosity"] = low_spuriosity_row(model, run, arrays, scores, erm_test_features(run, model), seed)
-    if "low-spuriosity+counterfactual" in wanted:
-        results["low-spuriosity+counterfactual"] = low_spuriosity_row(model, run, arrays, scores,
-                                                                      erm_test_features(run, model), seed,
-                                                                      counterfactuals)
+    if wanted & {"low-spuriosity", "low-spuriosity+counterfactual"}:
+        extra = frozen_images(model, run, counterfactuals) if "low-spuriosity+counterfactual" in wanted else None
+        results.update(low_spuriosity_rows(model, run, arrays, scores, erm_test_features(run, model), seed, wanted,
+                                           extra))
     if "erm" not in no_answer_results:
         no_answer_results["erm"] = {**evaluate_on_test(model, run, None, "fresh"),
                                     "core_acc": core_accuracy_on_test(model, run)}
@@ -491,10 +492,12 @@ def one_seed(run: Run, seed: int, mode: str, noise: float, upweight: float, subs
     answers = simulated.answers
     scores, _ = propagate(arrays, answers)
 
-    def retrain(rows: np.ndarray, counterfactuals: Counterfactuals | None = None):
+    def retrain(rows: np.ndarray, counterfactuals: Counterfactuals | None = None,
+                extra: FrozenImages | None = None):
+        """``rows`` retrained by ``mode``: the head on their frozen features and ``extra``'s (the counterfactuals'),
+        or the whole model on their images and ``counterfactuals``."""
         if mode == "last-layer":
-            features, labels = FrozenImages(arrays.features[rows], arrays.y[rows]).joined(
-                frozen_images(model, run, counterfactuals))
+            features, labels = FrozenImages(arrays.features[rows], arrays.y[rows]).joined(extra)
             return retrain_last_layer(model, features, labels, seed)[0]
         ids = [int(arrays.index[r]) for r in rows]
         corruption = added_corruption(mode, remedy, arrays, scores, simulated.boxes, counterfactuals)
@@ -515,8 +518,10 @@ def one_seed(run: Run, seed: int, mode: str, noise: float, upweight: float, subs
     counterfactuals = (simulated_counterfactuals(run, arrays, scores, simulated.boxes, noise, seed,
                                                  remedy.counterfactual_share, object_cut, drawing.jitter)
                        if wanted & set(COUNTERFACTUAL_ROWS) else None)
+    head_refits = "low-spuriosity+counterfactual" in wanted or (mode == "last-layer" and "slim+counterfactual" in wanted)
+    extra = frozen_images(model, run, counterfactuals) if head_refits else None  # one pass, whichever rows use it
     if "slim+counterfactual" in wanted:
-        results["slim+counterfactual"] = evaluate_on_test(retrain(subsets["slim"], counterfactuals), run,
+        results["slim+counterfactual"] = evaluate_on_test(retrain(subsets["slim"], counterfactuals, extra), run,
                                                           test_features, mode)
     errors = np.where(arrays.pred != arrays.y, upweight, 1.0)
     group_balanced = 1.0 / np.bincount(groups)[groups]
@@ -524,11 +529,7 @@ def one_seed(run: Run, seed: int, mode: str, noise: float, upweight: float, subs
         if name in wanted:
             results[name] = evaluate_on_test(reweighted_model(model, arrays, weights, mode, config, meta),
                                              run, test_features, mode)
-    if "low-spuriosity" in wanted:
-        results["low-spuriosity"] = low_spuriosity_row(model, run, arrays, scores, test_features, seed)
-    if "low-spuriosity+counterfactual" in wanted:
-        results["low-spuriosity+counterfactual"] = low_spuriosity_row(model, run, arrays, scores, test_features,
-                                                                      seed, counterfactuals)
+    results.update(low_spuriosity_rows(model, run, arrays, scores, test_features, seed, wanted, extra))
     summary = summarise(results)
     summary["cell_purity"] = {name: cell_purity([(int(arrays.y[p.row]), *p.cell) for p in picks],
                                                 groups[[p.row for p in picks]]) for name, picks in curated.items()}

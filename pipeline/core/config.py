@@ -154,9 +154,10 @@ class RetrainConfig:
                           choices=CORRUPT_CHOICES)
     augment: str = option("auto", "counterfactual: add generated images of each class on the other classes' "
                                   "backgrounds (every mode; `counterfactuals --run RUN` makes and lists them); "
-                                  "auto: counterfactual wherever a class can have them (its object located in "
-                                  "some image, by a box or attention judged core, and another class's too), "
-                                  "else none (measured: BENCHMARKS.md)", choices=AUGMENTATIONS)
+                                  "auto: counterfactual in fresh, corm and low-spuriosity wherever a class can "
+                                  "have them (its object located in some image, by a box or attention judged "
+                                  "core, and another class's too), else none (measured: BENCHMARKS.md)",
+                          choices=AUGMENTATIONS)
     counterfactual_share: float = option(COUNTERFACTUAL_SHARE, "counterfactual images generated per class, as a "
                                                                "share of the class's training images (measured: "
                                                                "BENCHMARKS.md)", metavar="F")
